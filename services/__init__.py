@@ -1,0 +1,1 @@
+"""The suite's services (jobs, costs, publisher) and the runtime they share."""

@@ -1,0 +1,108 @@
+"""A job and the rules of its life, independent of gRPC and SQL."""
+
+import enum
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from services.runtime.errors import FailedPrecondition, InvalidArgument
+
+
+class JobStatus(enum.StrEnum):
+    PENDING = "PENDING"
+    PROCESSING = "PROCESSING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+    @property
+    def stage(self) -> int:
+        return {JobStatus.PENDING: 0, JobStatus.PROCESSING: 1}.get(self, 2)
+
+
+TERMINAL_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+# The fields UpdateJob may change, as named in its update_mask.
+UPDATABLE_FIELDS = ("status", "progress", "message", "data", "result", "error")
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    job_id: uuid.UUID
+    profile_id: str
+    kind: str
+    status: JobStatus
+    progress: int
+    message: str
+    data: dict[str, Any]
+    result: dict[str, Any]
+    error: str
+    create_time: datetime
+    update_time: datetime
+    version: int
+
+    @property
+    def etag(self) -> str:
+        return str(self.version)
+
+
+@dataclass(frozen=True, slots=True)
+class JobFilter:
+    """ListJobs filters; empty means no restriction."""
+
+    statuses: tuple[JobStatus, ...] = ()
+    kind: str = ""
+    create_time_start: datetime | None = None
+    create_time_end: datetime | None = None
+
+    def as_key(self) -> list[Any]:
+        """A stable, JSON-friendly form, so a page token can name the filters it was made for."""
+        return [
+            sorted(self.statuses),
+            self.kind,
+            self.create_time_start and self.create_time_start.isoformat(),
+            self.create_time_end and self.create_time_end.isoformat(),
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class JobChanges:
+    """The new values of the fields named by an update mask."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.values) - set(UPDATABLE_FIELDS)
+        if unknown:
+            raise InvalidArgument(
+                f"update_mask names fields that cannot be updated: {', '.join(sorted(unknown))}; "
+                f"allowed: {', '.join(UPDATABLE_FIELDS)}"
+            )
+        progress = self.values.get("progress")
+        if progress is not None and not 0 <= progress <= 100:
+            raise InvalidArgument(f"progress must be between 0 and 100, got {progress}")
+
+    def apply_to(self, job: Job) -> dict[str, Any]:
+        """The job's mutable fields after the change, checked against its life rules."""
+        if "status" in self.values:
+            check_transition(job.status, self.values["status"])
+        elif job.status.is_terminal and "progress" in self.values:
+            raise FailedPrecondition(f"job is {job.status}; its progress can no longer change")
+        current = {name: getattr(job, name) for name in UPDATABLE_FIELDS}
+        return current | self.values
+
+
+def check_transition(current: JobStatus, new: JobStatus) -> None:
+    """Status only moves forward; CANCELLED is reachable from any non-terminal state."""
+    if new == current:
+        return
+    if current.is_terminal:
+        raise FailedPrecondition(f"job is already {current}; its status can no longer change")
+    if new == JobStatus.CANCELLED or new.stage > current.stage:
+        return
+    raise FailedPrecondition(f"status cannot move from {current} back to {new}")

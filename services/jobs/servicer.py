@@ -1,0 +1,190 @@
+"""jobs.v1.JobService: validates requests and converts between messages and the model."""
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+from google.protobuf import empty_pb2, json_format, struct_pb2, timestamp_pb2
+from grpc.aio import ServicerContext
+from jobs.v1 import jobs_pb2, jobs_pb2_grpc
+
+from services.jobs.model import UPDATABLE_FIELDS, Job, JobChanges, JobFilter, JobStatus
+from services.jobs.store import JobStore
+from services.jobs.watch import JobWatchHub
+from services.runtime.errors import InvalidArgument
+from services.runtime.page_tokens import decode_page_token, encode_page_token
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+MAX_KIND_LENGTH = 100
+MAX_TEXT_LENGTH = 10_000
+MAX_REQUEST_ID_LENGTH = 128
+
+
+def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def _struct(value: dict) -> struct_pb2.Struct:
+    message = struct_pb2.Struct()
+    message.update(value)
+    return message
+
+
+def job_message(job: Job) -> jobs_pb2.Job:
+    return jobs_pb2.Job(
+        job_id=str(job.job_id),
+        profile_id=job.profile_id,
+        kind=job.kind,
+        status=jobs_pb2.JobStatus.Value(job.status),
+        progress=job.progress,
+        message=job.message,
+        data=_struct(job.data),
+        result=_struct(job.result),
+        error=job.error,
+        create_time=_timestamp(job.create_time),
+        update_time=_timestamp(job.update_time),
+        etag=job.etag,
+    )
+
+
+def parse_job_id(value: str, field: str = "job_id") -> uuid.UUID:
+    if not value:
+        raise InvalidArgument(f"{field} is required")
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise InvalidArgument(f"{field} must be a UUID, got {value[:64]!r}") from None
+
+
+def _status(value: int, field: str) -> JobStatus:
+    if value == jobs_pb2.JOB_STATUS_UNSPECIFIED or value not in jobs_pb2.JobStatus.values():
+        raise InvalidArgument(f"{field} must be one of {', '.join(JobStatus)}")
+    return JobStatus(jobs_pb2.JobStatus.Name(value))
+
+
+def _text(value: str, field: str, limit: int = MAX_TEXT_LENGTH) -> str:
+    if len(value) > limit:
+        raise InvalidArgument(f"{field} is longer than {limit} characters")
+    if "\x00" in value:
+        raise InvalidArgument(f"{field} must not contain NUL characters")
+    return value
+
+
+def _dict(message: struct_pb2.Struct, field: str) -> dict:
+    value = json_format.MessageToDict(message)
+    _text(json_format.MessageToJson(message), field, limit=1_000_000)
+    return value
+
+
+def _changes(job: jobs_pb2.Job, paths: list[str]) -> JobChanges:
+    if not paths:
+        raise InvalidArgument(
+            f"update_mask is required; allowed paths: {', '.join(UPDATABLE_FIELDS)}"
+        )
+    values: dict = {}
+    for path in paths:
+        if path == "status":
+            values["status"] = _status(job.status, "job.status")
+        elif path == "progress":
+            values["progress"] = job.progress
+        elif path in ("message", "error"):
+            values[path] = _text(getattr(job, path), f"job.{path}")
+        elif path in ("data", "result"):
+            values[path] = _dict(getattr(job, path), f"job.{path}")
+        else:
+            values[path] = None  # JobChanges names the unknown path
+    return JobChanges(values)
+
+
+def _filter(request: jobs_pb2.ListJobsRequest) -> JobFilter:
+    def time_or_none(field: str) -> datetime | None:
+        if not request.HasField(field):
+            return None
+        return getattr(request, field).ToDatetime(tzinfo=UTC)
+
+    return JobFilter(
+        statuses=tuple(sorted({_status(s, "statuses") for s in request.statuses})),
+        kind=_text(request.kind, "kind", MAX_KIND_LENGTH),
+        create_time_start=time_or_none("create_time_start"),
+        create_time_end=time_or_none("create_time_end"),
+    )
+
+
+def _page_size(requested: int) -> int:
+    if requested < 0:
+        raise InvalidArgument("page_size must not be negative")
+    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+class JobServicer(jobs_pb2_grpc.JobServiceServicer):
+    def __init__(self, store: JobStore, watch_hub: JobWatchHub) -> None:
+        self._store = store
+        self._watch_hub = watch_hub
+
+    async def CreateJob(
+        self, request: jobs_pb2.CreateJobRequest, context: ServicerContext
+    ) -> jobs_pb2.Job:
+        kind = _text(request.job.kind.strip(), "job.kind", MAX_KIND_LENGTH)
+        if not kind:
+            raise InvalidArgument('job.kind is required, for example "video_render"')
+        request_id = _text(request.request_id, "request_id", MAX_REQUEST_ID_LENGTH) or None
+        job = await self._store.create(kind, _dict(request.job.data, "job.data"), request_id)
+        return job_message(job)
+
+    async def GetJob(
+        self, request: jobs_pb2.GetJobRequest, context: ServicerContext
+    ) -> jobs_pb2.Job:
+        return job_message(await self._store.get(parse_job_id(request.job_id)))
+
+    async def UpdateJob(
+        self, request: jobs_pb2.UpdateJobRequest, context: ServicerContext
+    ) -> jobs_pb2.Job:
+        job_id = parse_job_id(request.job.job_id, "job.job_id")
+        changes = _changes(request.job, list(request.update_mask.paths))
+        job = await self._store.update(job_id, changes, request.job.etag or None)
+        return job_message(job)
+
+    async def ListJobs(
+        self, request: jobs_pb2.ListJobsRequest, context: ServicerContext
+    ) -> jobs_pb2.ListJobsResponse:
+        page_size = _page_size(request.page_size)
+        job_filter = _filter(request)
+        after = None
+        if request.page_token:
+            micros, job_id = decode_page_token(request.page_token, job_filter.as_key())
+            try:
+                after = (datetime.fromtimestamp(micros / 1e6, UTC), uuid.UUID(job_id))
+            except (TypeError, ValueError, OverflowError):
+                raise InvalidArgument("page_token is not valid") from None
+        jobs = await self._store.list(job_filter, page_size + 1, after)
+        response = jobs_pb2.ListJobsResponse(jobs=[job_message(j) for j in jobs[:page_size]])
+        if len(jobs) > page_size:
+            last = jobs[page_size - 1]
+            position = [_micros(last.create_time), str(last.job_id)]
+            response.next_page_token = encode_page_token(position, job_filter.as_key())
+        return response
+
+    async def CancelJob(
+        self, request: jobs_pb2.CancelJobRequest, context: ServicerContext
+    ) -> jobs_pb2.Job:
+        return job_message(await self._store.cancel(parse_job_id(request.job_id)))
+
+    async def DeleteJob(
+        self, request: jobs_pb2.DeleteJobRequest, context: ServicerContext
+    ) -> empty_pb2.Empty:
+        await self._store.delete(parse_job_id(request.job_id))
+        return empty_pb2.Empty()
+
+    async def WatchJob(
+        self, request: jobs_pb2.WatchJobRequest, context: ServicerContext
+    ) -> AsyncIterator[jobs_pb2.Job]:
+        async for job in self._watch_hub.watch(parse_job_id(request.job_id)):
+            yield job_message(job)
+
+
+def _micros(value: datetime) -> int:
+    delta = value - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds

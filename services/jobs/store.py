@@ -1,0 +1,184 @@
+"""SQL for the jobs schema. Every method runs in one tenant-scoped transaction."""
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from services.jobs.model import Job, JobChanges, JobFilter, JobStatus
+from services.runtime.call_context import require_profile_id
+from services.runtime.database import TenantScopedPool
+from services.runtime.errors import Conflict, FailedPrecondition, NotFound
+
+_COLUMNS = (
+    "job_id, profile_id, kind, status, progress, message, data, result, error, "
+    "create_time, update_time, version"
+)
+
+
+def _job(row: asyncpg.Record) -> Job:
+    return Job(
+        job_id=row["job_id"],
+        profile_id=row["profile_id"],
+        kind=row["kind"],
+        status=JobStatus(row["status"]),
+        progress=row["progress"],
+        message=row["message"],
+        data=row["data"],
+        result=row["result"],
+        error=row["error"],
+        create_time=row["create_time"],
+        update_time=row["update_time"],
+        version=row["version"],
+    )
+
+
+def _not_found(job_id: uuid.UUID) -> NotFound:
+    return NotFound(f"job {job_id} not found")
+
+
+class JobStore:
+    def __init__(self, pool: TenantScopedPool) -> None:
+        self._pool = pool
+
+    async def create(self, kind: str, data: dict[str, Any], request_id: str | None) -> Job:
+        """Inserts a job; with a request_id already used by this profile, returns that job."""
+        profile_id = require_profile_id()
+        async with self._pool.transaction() as connection:
+            row = await connection.fetchrow(
+                f"""
+                INSERT INTO jobs.jobs (profile_id, request_id, kind, data)
+                VALUES ($1, $2, $3, $4)
+                ON CONFLICT (profile_id, request_id) DO NOTHING
+                RETURNING {_COLUMNS}
+                """,
+                profile_id,
+                request_id,
+                kind,
+                data,
+            )
+            if row is None:
+                row = await connection.fetchrow(
+                    f"SELECT {_COLUMNS} FROM jobs.jobs WHERE profile_id = $1 AND request_id = $2",
+                    profile_id,
+                    request_id,
+                )
+        return _job(row)
+
+    async def get(self, job_id: uuid.UUID) -> Job:
+        async with self._pool.transaction(readonly=True) as connection:
+            row = await connection.fetchrow(
+                f"SELECT {_COLUMNS} FROM jobs.jobs WHERE profile_id = $1 AND job_id = $2",
+                require_profile_id(),
+                job_id,
+            )
+        if row is None:
+            raise _not_found(job_id)
+        return _job(row)
+
+    async def update(self, job_id: uuid.UUID, changes: JobChanges, etag: str | None) -> Job:
+        """Applies the changes atomically; a stale etag raises Conflict."""
+        async with self._pool.transaction() as connection:
+            row = await connection.fetchrow(
+                f"""
+                SELECT {_COLUMNS} FROM jobs.jobs
+                WHERE profile_id = $1 AND job_id = $2 FOR UPDATE
+                """,
+                require_profile_id(),
+                job_id,
+            )
+            if row is None:
+                raise _not_found(job_id)
+            job = _job(row)
+            if etag and etag != job.etag:
+                raise Conflict(
+                    f"job {job_id} changed since it was read (etag {etag}, now {job.etag}); "
+                    "read it again and retry"
+                )
+            return await self._write(connection, job, changes.apply_to(job))
+
+    async def cancel(self, job_id: uuid.UUID) -> Job:
+        """Moves the job to CANCELLED; cancelling a cancelled job changes nothing."""
+        async with self._pool.transaction() as connection:
+            row = await connection.fetchrow(
+                f"""
+                SELECT {_COLUMNS} FROM jobs.jobs
+                WHERE profile_id = $1 AND job_id = $2 FOR UPDATE
+                """,
+                require_profile_id(),
+                job_id,
+            )
+            if row is None:
+                raise _not_found(job_id)
+            job = _job(row)
+            if job.status == JobStatus.CANCELLED:
+                return job
+            if job.status.is_terminal:
+                raise FailedPrecondition(
+                    f"job {job_id} is already {job.status}; it cannot be cancelled"
+                )
+            changes = JobChanges({"status": JobStatus.CANCELLED})
+            return await self._write(connection, job, changes.apply_to(job))
+
+    async def delete(self, job_id: uuid.UUID) -> None:
+        async with self._pool.transaction() as connection:
+            deleted = await connection.fetchval(
+                "DELETE FROM jobs.jobs WHERE profile_id = $1 AND job_id = $2 RETURNING job_id",
+                require_profile_id(),
+                job_id,
+            )
+        if deleted is None:
+            raise _not_found(job_id)
+
+    async def list(
+        self, job_filter: JobFilter, limit: int, after: tuple[datetime, uuid.UUID] | None
+    ) -> list[Job]:
+        """Up to `limit` jobs newest first, strictly after the (create_time, job_id) given."""
+        conditions = ["profile_id = $1"]
+        arguments: list[Any] = [require_profile_id()]
+
+        def bind(value: Any) -> str:
+            arguments.append(value)
+            return f"${len(arguments)}"
+
+        if job_filter.statuses:
+            conditions.append(f"status = ANY({bind([str(s) for s in job_filter.statuses])})")
+        if job_filter.kind:
+            conditions.append(f"kind = {bind(job_filter.kind)}")
+        if job_filter.create_time_start:
+            conditions.append(f"create_time >= {bind(job_filter.create_time_start)}")
+        if job_filter.create_time_end:
+            conditions.append(f"create_time < {bind(job_filter.create_time_end)}")
+        if after:
+            conditions.append(f"(create_time, job_id) < ({bind(after[0])}, {bind(after[1])})")
+        query = f"""
+            SELECT {_COLUMNS} FROM jobs.jobs
+            WHERE {" AND ".join(conditions)}
+            ORDER BY create_time DESC, job_id DESC
+            LIMIT {bind(limit)}
+        """
+        async with self._pool.transaction(readonly=True) as connection:
+            rows = await connection.fetch(query, *arguments)
+        return [_job(row) for row in rows]
+
+    @staticmethod
+    async def _write(connection: asyncpg.Connection, job: Job, values: dict[str, Any]) -> Job:
+        row = await connection.fetchrow(
+            f"""
+            UPDATE jobs.jobs
+            SET status = $3, progress = $4, message = $5, data = $6, result = $7, error = $8,
+                version = version + 1, update_time = clock_timestamp()
+            WHERE profile_id = $1 AND job_id = $2
+            RETURNING {_COLUMNS}
+            """,
+            job.profile_id,
+            job.job_id,
+            str(values["status"]),
+            values["progress"],
+            values["message"],
+            values["data"],
+            values["result"],
+            values["error"],
+        )
+        return _job(row)

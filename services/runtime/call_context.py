@@ -1,0 +1,71 @@
+"""Who a call acts for, held in context variables for the whole of the call.
+
+The server interceptor sets them once per RPC; the database layer, the log formatter and the
+client interceptor read them, so no call site ever passes a profile id around by hand.
+"""
+
+import re
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+from services.runtime.errors import InvalidArgument, Unauthenticated
+
+PROFILE_METADATA_KEY = "x-profile-id"
+PROFILE_ID_RULE = (
+    "1 to 64 characters of letters, digits, '_' or '-', starting with a letter or digit"
+)
+_PROFILE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+_current_profile_id: ContextVar[str | None] = ContextVar("profile_id", default=None)
+_current_deadline: ContextVar[float | None] = ContextVar("deadline", default=None)
+
+
+def validate_profile_id(profile_id: str) -> str:
+    """Returns the id unchanged, or raises InvalidArgument naming the rule it breaks."""
+    if not _PROFILE_ID.fullmatch(profile_id):
+        raise InvalidArgument(f"{PROFILE_METADATA_KEY} must be {PROFILE_ID_RULE}")
+    return profile_id
+
+
+def profile_id_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
+    """The caller's profile id from gRPC metadata, validated."""
+    for key, value in metadata or ():
+        if key == PROFILE_METADATA_KEY:
+            if isinstance(value, bytes):
+                raise InvalidArgument(f"{PROFILE_METADATA_KEY} must be text, not binary")
+            return validate_profile_id(value)
+    raise Unauthenticated(f"{PROFILE_METADATA_KEY} metadata is required")
+
+
+def current_profile_id() -> str | None:
+    """The profile the running call acts for, or None outside a call."""
+    return _current_profile_id.get()
+
+
+def require_profile_id() -> str:
+    """The running call's profile; a programming error to ask outside a call."""
+    profile_id = _current_profile_id.get()
+    if profile_id is None:
+        raise RuntimeError("no profile in scope: this code must run inside a profile's call")
+    return profile_id
+
+
+def remaining_seconds() -> float | None:
+    """Seconds left before the running call's deadline, or None when it has none."""
+    deadline = _current_deadline.get()
+    return None if deadline is None else deadline - time.monotonic()
+
+
+@contextmanager
+def profile_scope(profile_id: str, time_remaining: float | None = None) -> Iterator[None]:
+    """Acts for profile_id (and the call's deadline) until the block ends."""
+    deadline = None if time_remaining is None else time.monotonic() + time_remaining
+    profile_token = _current_profile_id.set(validate_profile_id(profile_id))
+    deadline_token = _current_deadline.set(deadline)
+    try:
+        yield
+    finally:
+        _current_deadline.reset(deadline_token)
+        _current_profile_id.reset(profile_token)

@@ -1,0 +1,87 @@
+"""Tenant-scoped access to a service's own Postgres schema.
+
+Every transaction first runs `set_config('app.profile_id', …, true)` for the calling profile
+and switches to the service's role, which neither owns the tables nor bypasses row-level
+security. A query that forgets its `WHERE profile_id = …` still sees only that profile's rows.
+"""
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import asyncpg
+
+from services.runtime.call_context import require_profile_id
+from services.runtime.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+_SCOPE_SQL = "SELECT set_config('role', $1, true), set_config('app.profile_id', $2, true)"
+
+# Errors that mean "the database cannot be reached now", not "the query is wrong".
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.InterfaceError,
+    asyncpg.AdminShutdownError,
+    TimeoutError,
+)
+
+
+async def _init_connection(connection: asyncpg.Connection) -> None:
+    for json_type in ("json", "jsonb"):
+        await connection.set_type_codec(
+            json_type, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+        )
+
+
+async def create_pool(
+    dsn: str, *, min_size: int = 1, max_size: int = 10, application_name: str = "services"
+) -> asyncpg.Pool:
+    """An asyncpg pool whose connections speak JSON for json and jsonb columns."""
+    return await asyncpg.create_pool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        init=_init_connection,
+        server_settings={"application_name": application_name},
+    )
+
+
+class TenantScopedPool:
+    """Hands out connections inside a transaction scoped to the current call's profile."""
+
+    def __init__(self, pool: asyncpg.Pool, role: str) -> None:
+        self.pool = pool
+        self.role = role
+
+    @asynccontextmanager
+    async def transaction(self, *, readonly: bool = False) -> AsyncIterator[asyncpg.Connection]:
+        """A transaction that sees only the current profile's rows.
+
+        Rolled back on any error or cancellation; connection failures surface as
+        Unavailable so callers get a status they can retry on.
+        """
+        profile_id = require_profile_id()
+        try:
+            async with self.pool.acquire() as connection, connection.transaction(readonly=readonly):
+                await connection.execute(_SCOPE_SQL, self.role, profile_id)
+                yield connection
+        except CONNECTION_ERRORS as error:
+            log.warning("database unavailable: %s", error)
+            raise Unavailable("the database is unavailable; retry shortly") from error
+
+    async def is_reachable(self) -> bool:
+        """True when a connection answers a trivial query."""
+        try:
+            async with self.pool.acquire(timeout=5) as connection:
+                await connection.fetchval("SELECT 1", timeout=5)
+        except CONNECTION_ERRORS:
+            return False
+        return True
+
+    async def close(self) -> None:
+        await self.pool.close()

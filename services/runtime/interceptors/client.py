@@ -1,0 +1,61 @@
+"""The client interceptor for service-to-service calls made while serving a call.
+
+It attaches the current profile's `x-profile-id` and passes on what is left of the incoming
+call's deadline, so a downstream service acts for the same profile and never works past the
+moment the original caller gives up.
+"""
+
+from typing import Any
+
+import grpc
+from grpc.aio import ClientCallDetails
+
+from services.runtime.call_context import (
+    PROFILE_METADATA_KEY,
+    current_profile_id,
+    remaining_seconds,
+)
+
+
+def _with_call_context(details: ClientCallDetails) -> ClientCallDetails:
+    metadata = grpc.aio.Metadata(*(details.metadata or ()))
+    profile_id = current_profile_id()
+    if profile_id is not None and PROFILE_METADATA_KEY not in metadata:
+        metadata.add(PROFILE_METADATA_KEY, profile_id)
+    timeout = details.timeout
+    remaining = remaining_seconds()
+    if remaining is not None:
+        remaining = max(remaining, 0.0)
+        timeout = remaining if timeout is None else min(timeout, remaining)
+    return ClientCallDetails(
+        method=details.method,
+        timeout=timeout,
+        metadata=metadata,
+        credentials=details.credentials,
+        wait_for_ready=details.wait_for_ready,
+    )
+
+
+class ProfileClientInterceptor(
+    grpc.aio.UnaryUnaryClientInterceptor,
+    grpc.aio.UnaryStreamClientInterceptor,
+    grpc.aio.StreamUnaryClientInterceptor,
+    grpc.aio.StreamStreamClientInterceptor,
+):
+    """Install on a channel: `grpc.aio.insecure_channel(target, interceptors=[...])`."""
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_with_call_context(details), request)
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_with_call_context(details), request)
+
+    async def intercept_stream_unary(
+        self, continuation: Any, details: Any, request_iterator: Any
+    ) -> Any:
+        return await continuation(_with_call_context(details), request_iterator)
+
+    async def intercept_stream_stream(
+        self, continuation: Any, details: Any, request_iterator: Any
+    ) -> Any:
+        return await continuation(_with_call_context(details), request_iterator)

@@ -1,0 +1,54 @@
+"""Opaque page tokens for keyset pagination (AIP-158).
+
+A token carries the last row's sort key, the filters it was made for and the profile it was
+made for, under a checksum, so a tampered token or one reused with other filters is refused
+with INVALID_ARGUMENT instead of silently paging the wrong list. It is not a secret: a cursor
+can only move within the caller's own rows.
+"""
+
+import base64
+import hashlib
+import hmac
+import json
+from typing import Any
+
+from services.runtime.call_context import require_profile_id
+from services.runtime.errors import InvalidArgument
+
+_KEY = b"page-token-v1"
+
+
+def _digest(body: bytes) -> bytes:
+    return hmac.new(_KEY, body, hashlib.blake2b).digest()[:12]
+
+
+def _fingerprint(filters: Any) -> str:
+    canonical = json.dumps([require_profile_id(), filters], sort_keys=True, default=str)
+    return hashlib.blake2b(canonical.encode(), digest_size=8).hexdigest()
+
+
+def encode_page_token(position: list[Any], filters: Any) -> str:
+    """A token resuming after `position` (JSON-serialisable sort key) for these filters."""
+    body = json.dumps({"p": position, "f": _fingerprint(filters)}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(_digest(body) + body).decode().rstrip("=")
+
+
+def decode_page_token(token: str, filters: Any) -> list[Any]:
+    """The position a token resumes after; InvalidArgument when it is not one of ours."""
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        mac, body = raw[:12], raw[12:]
+        if not hmac.compare_digest(mac, _digest(body)):
+            raise ValueError("checksum mismatch")
+        decoded = json.loads(body)
+        position, fingerprint = decoded["p"], decoded["f"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise InvalidArgument(
+            "page_token is not valid; pass next_page_token from the previous response unchanged"
+        ) from error
+    if fingerprint != _fingerprint(filters):
+        raise InvalidArgument(
+            "page_token was made for other filters; send the same filters as the first page, "
+            "or start again without a token"
+        )
+    return position

@@ -1,0 +1,222 @@
+"""Server start-up and shutdown, the same for every service.
+
+A service contributes a ServiceDefinition; this module adds what every gRPC service of the
+suite has: the profile interceptor, health (NOT_SERVING while the database is unreachable),
+reflection for grpcurl, message-size and keepalive options, migrations at start-up, and a
+graceful shutdown on SIGTERM or SIGINT in a fixed order.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.runtime.database import CONNECTION_ERRORS, TenantScopedPool, create_pool
+from services.runtime.interceptors.server import Authorizer, ProfileInterceptor, allow_any_caller
+from services.runtime.logs import configure_logging
+from services.runtime.migrations import apply_migrations
+from services.runtime.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ServicersFactory = Callable[
+    [grpc.aio.Server, TenantScopedPool, Settings], AbstractAsyncContextManager[None]
+]
+
+
+@dataclass(frozen=True)
+class ServiceDefinition:
+    """What one service brings; everything else is shared."""
+
+    name: str  # also its Postgres schema
+    grpc_service: str  # full name, for example "jobs.v1.JobService"
+    default_port: int
+    migrations: Path
+    # Registers the servicers on enter; releases what they hold (listeners, clients) on exit.
+    servicers: ServicersFactory
+
+    @property
+    def database_role(self) -> str:
+        """The role queries run as: no ownership, no BYPASSRLS (made by the migrations)."""
+        return f"{self.name}_service"
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        # Clients reconnect, and so re-resolve and spread over new replicas after a scale-up.
+        ("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(settings.shutdown_grace_seconds * 1000)),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+async def connect(settings: Settings, application_name: str) -> asyncpg.Pool:
+    """The pool, retried with backoff while the database is not up yet."""
+    give_up_at = time.monotonic() + settings.db_connect_timeout_seconds
+    delay = 0.2
+    while True:
+        try:
+            return await create_pool(
+                settings.database_url,
+                min_size=settings.db_pool_min_size,
+                max_size=settings.db_pool_max_size,
+                application_name=application_name,
+            )
+        except CONNECTION_ERRORS as error:
+            if time.monotonic() + delay > give_up_at:
+                raise SystemExit(f"cannot reach the database: {error}") from error
+            log.warning("database not reachable yet (%s); retrying in %.1fs", error, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+async def migrate(definition: ServiceDefinition, pool: asyncpg.Pool) -> list[int]:
+    async with pool.acquire() as connection:
+        return await apply_migrations(connection, definition.name, definition.migrations)
+
+
+class RunningService:
+    """A started service; `port` is the bound port (useful when asked for port 0)."""
+
+    def __init__(
+        self,
+        definition: ServiceDefinition,
+        settings: Settings,
+        server: grpc.aio.Server,
+        pool: TenantScopedPool,
+        health_servicer: health.aio.HealthServicer,
+        resources: AsyncExitStack,
+        port: int,
+    ) -> None:
+        self.definition = definition
+        self.settings = settings
+        self.server = server
+        self.pool = pool
+        self.health = health_servicer
+        self.port = port
+        self._resources = resources
+        self._monitor = asyncio.create_task(self._watch_database())
+
+    async def _set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", self.definition.grpc_service):
+            await self.health.set(name, status)
+
+    async def _watch_database(self) -> None:
+        serving = True
+        await self._set_serving(serving)
+        while True:
+            await asyncio.sleep(self.settings.health_check_interval_seconds)
+            reachable = await self.pool.is_reachable()
+            if reachable != serving:
+                serving = reachable
+                log.warning("database %s", "reachable again" if serving else "unreachable")
+                await self._set_serving(serving)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, refuse new calls, let in-flight calls finish within the grace,
+        release the service's resources, close the pool."""
+        grace = self.settings.shutdown_grace_seconds if grace is None else grace
+        self._monitor.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._monitor
+        await self.health.enter_graceful_shutdown()
+        stopping = asyncio.create_task(self.server.stop(grace))
+        # Long-lived streams (WatchJob) end here instead of holding the whole grace period.
+        await self._resources.aclose()
+        await stopping
+        await self.pool.close()
+        log.info("%s stopped", self.definition.name)
+
+
+async def start_service(
+    definition: ServiceDefinition,
+    settings: Settings,
+    authorize: Authorizer = allow_any_caller,
+) -> RunningService:
+    """Connects, migrates (unless disabled), registers everything and starts serving."""
+    raw_pool = await connect(settings, application_name=definition.name)
+    if settings.migrate_on_start:
+        await migrate(definition, raw_pool)
+    pool = TenantScopedPool(raw_pool, definition.database_role)
+    server = grpc.aio.server(
+        interceptors=[ProfileInterceptor(authorize)], options=server_options(settings)
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    resources = AsyncExitStack()
+    await resources.enter_async_context(definition.servicers(server, pool, settings))
+    reflection.enable_server_reflection(
+        [definition.grpc_service, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    await server.start()
+    log.info(
+        "%s serving %s on %s:%d", definition.name, definition.grpc_service, settings.host, port
+    )
+    return RunningService(definition, settings, server, pool, health_servicer, resources, port)
+
+
+async def serve(definition: ServiceDefinition, settings: Settings) -> None:
+    """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    service = await start_service(definition, settings)
+    await stop.wait()
+    log.info("shutting down; in-flight calls have %.1fs", settings.shutdown_grace_seconds)
+    await service.stop()
+
+
+async def migrate_only(definition: ServiceDefinition, settings: Settings) -> None:
+    pool = await connect(settings, application_name=f"{definition.name}-migrate")
+    try:
+        applied = await migrate(definition, pool)
+        log.info("%s: %d migration(s) applied", definition.name, len(applied))
+    finally:
+        await pool.close()
+
+
+def main_for(definition: ServiceDefinition) -> None:
+    """The command line of `python -m services.<name>`: serve, or `migrate` and exit."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m services.{definition.name}",
+        description=f"The {definition.grpc_service} gRPC server. "
+        "Configuration comes from environment variables (see the README).",
+    )
+    parser.add_argument(
+        "command",
+        nargs="?",
+        choices=["serve", "migrate"],
+        default="serve",
+        help="serve (default) or apply the database migrations and exit",
+    )
+    args = parser.parse_args()
+    configure_logging()
+    settings = Settings.from_environment(definition.default_port)
+    if args.command == "migrate":
+        asyncio.run(migrate_only(definition, settings))
+    else:
+        asyncio.run(serve(definition, settings))

@@ -1,0 +1,65 @@
+"""Configuration from environment variables, read once at start-up (see the README's table)."""
+
+import os
+from dataclasses import dataclass
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    try:
+        return default if raw in (None, "") else int(raw)
+    except ValueError:
+        raise SystemExit(f"{name} must be a whole number, got {raw!r}") from None
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    try:
+        return default if raw in (None, "") else float(raw)
+    except ValueError:
+        raise SystemExit(f"{name} must be a number, got {raw!r}") from None
+
+
+def _bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    return default if raw == "" else raw in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str
+    host: str = "[::]"
+    port: int = 50051
+    db_pool_min_size: int = 1
+    db_pool_max_size: int = 10
+    migrate_on_start: bool = True
+    shutdown_grace_seconds: float = 10.0
+    health_check_interval_seconds: float = 5.0
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_connection_age_seconds: float = 300.0
+    db_connect_timeout_seconds: float = 60.0
+
+    @classmethod
+    def from_environment(cls, default_port: int) -> "Settings":
+        database_url = os.environ.get("DATABASE_URL", "")
+        if not database_url:
+            raise SystemExit("DATABASE_URL is required (make run sets it for you)")
+        return cls(
+            database_url=database_url,
+            host=os.environ.get("GRPC_HOST", cls.host),
+            port=_int("GRPC_PORT", default_port),
+            db_pool_min_size=_int("DB_POOL_MIN_SIZE", cls.db_pool_min_size),
+            db_pool_max_size=_int("DB_POOL_MAX_SIZE", cls.db_pool_max_size),
+            migrate_on_start=_bool("MIGRATE_ON_START", cls.migrate_on_start),
+            shutdown_grace_seconds=_float("SHUTDOWN_GRACE_SECONDS", cls.shutdown_grace_seconds),
+            health_check_interval_seconds=_float(
+                "HEALTH_CHECK_INTERVAL_SECONDS", cls.health_check_interval_seconds
+            ),
+            max_message_bytes=_int("GRPC_MAX_MESSAGE_BYTES", cls.max_message_bytes),
+            max_connection_age_seconds=_float(
+                "GRPC_MAX_CONNECTION_AGE_SECONDS", cls.max_connection_age_seconds
+            ),
+            db_connect_timeout_seconds=_float(
+                "DB_CONNECT_TIMEOUT_SECONDS", cls.db_connect_timeout_seconds
+            ),
+        )

@@ -1,0 +1,161 @@
+"""Shared fixtures: a fresh database per test run, services on ephemeral loopback ports, and
+stubs that speak for a profile."""
+
+import asyncio
+import os
+import re
+import secrets
+import signal
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import grpc
+import pytest
+
+from jobs.v1 import jobs_pb2_grpc
+from services.jobs.service import JOBS
+from services.runtime.embedded_postgres import start_embedded_postgres
+from services.runtime.logs import configure_logging
+from services.runtime.server import RunningService, ServiceDefinition, start_service
+from services.runtime.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def with_database(url: str, database: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+@pytest.fixture(scope="session")
+def admin_database_url() -> str:
+    """The server to test against: DATABASE_URL, or an embedded one under .data/."""
+    return os.environ.get("DATABASE_URL") or start_embedded_postgres(REPO / ".data/test-postgres")
+
+
+@pytest.fixture(scope="session")
+async def database_url(admin_database_url: str) -> AsyncIterator[str]:
+    """A database made for this test run and dropped after it."""
+    name = f"test_{secrets.token_hex(6)}"
+    admin = await asyncpg.connect(admin_database_url)
+    await admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield with_database(admin_database_url, name)
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _logging() -> None:
+    configure_logging("INFO")
+
+
+def settings_for(database_url: str, **overrides: object) -> Settings:
+    values: dict = {
+        "database_url": database_url,
+        "host": "127.0.0.1",
+        "port": 0,
+        "health_check_interval_seconds": 0.2,
+        "shutdown_grace_seconds": 5.0,
+    }
+    return Settings(**(values | overrides))
+
+
+@asynccontextmanager
+async def running(definition: ServiceDefinition, settings: Settings) -> AsyncIterator[RunningService]:
+    service = await start_service(definition, settings)
+    try:
+        yield service
+    finally:
+        await service.stop(grace=1)
+
+
+@pytest.fixture(scope="session")
+async def jobs_service(database_url: str) -> AsyncIterator[RunningService]:
+    async with running(JOBS, settings_for(database_url)) as service:
+        yield service
+
+
+@pytest.fixture(scope="session")
+async def jobs_channel(jobs_service: RunningService) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{jobs_service.port}") as channel:
+        yield channel
+
+
+@pytest.fixture(scope="session")
+def jobs_stub(jobs_channel: grpc.aio.Channel) -> jobs_pb2_grpc.JobServiceStub:
+    return jobs_pb2_grpc.JobServiceStub(jobs_channel)
+
+
+def new_profile_id() -> str:
+    return f"store-{uuid.uuid4()}"
+
+
+def as_profile(profile_id: str) -> tuple[tuple[str, str], ...]:
+    return (("x-profile-id", profile_id),)
+
+
+@pytest.fixture
+def profile() -> tuple[tuple[str, str], ...]:
+    """Metadata for a profile of this test's own."""
+    return as_profile(new_profile_id())
+
+
+@dataclass
+class ServerProcess:
+    """A service started as its own process, as an operator would run it."""
+
+    process: asyncio.subprocess.Process
+    port: int
+    output: list[str]
+
+    async def terminate(self) -> int:
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+        return await asyncio.wait_for(self.process.wait(), timeout=30)
+
+
+@asynccontextmanager
+async def server_process(service: str, database_url: str, **env: str) -> AsyncIterator[ServerProcess]:
+    """Runs `python -m services.<service>` on an ephemeral port until the block ends."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        f"services.{service}",
+        env=os.environ
+        | {"DATABASE_URL": database_url, "GRPC_HOST": "127.0.0.1", "GRPC_PORT": "0"}
+        | env,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=REPO,
+    )
+    output: list[str] = []
+    assert process.stderr is not None
+    port = None
+    while port is None:
+        line = (await asyncio.wait_for(process.stderr.readline(), timeout=60)).decode()
+        if not line:
+            raise RuntimeError("server exited before serving:\n" + "".join(output))
+        output.append(line)
+        if match := re.search(r"serving \S+ on 127\.0\.0\.1:(\d+)", line):
+            port = int(match.group(1))
+
+    async def collect() -> None:
+        while line := await process.stderr.readline():
+            output.append(line.decode())
+
+    collector = asyncio.create_task(collect())
+    server = ServerProcess(process, port, output)
+    try:
+        yield server
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+        await collector
