@@ -17,8 +17,8 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import grpc
 import pytest
-
 from jobs.v1 import jobs_pb2_grpc
+
 from services.jobs.service import JOBS
 from services.runtime.embedded_postgres import start_embedded_postgres
 from services.runtime.logs import configure_logging
@@ -69,7 +69,9 @@ def settings_for(database_url: str, **overrides: object) -> Settings:
 
 
 @asynccontextmanager
-async def running(definition: ServiceDefinition, settings: Settings) -> AsyncIterator[RunningService]:
+async def running(
+    definition: ServiceDefinition, settings: Settings
+) -> AsyncIterator[RunningService]:
     service = await start_service(definition, settings)
     try:
         yield service
@@ -123,7 +125,9 @@ class ServerProcess:
 
 
 @asynccontextmanager
-async def server_process(service: str, database_url: str, **env: str) -> AsyncIterator[ServerProcess]:
+async def server_process(
+    service: str, database_url: str, **env: str
+) -> AsyncIterator[ServerProcess]:
     """Runs `python -m services.<service>` on an ephemeral port until the block ends."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,

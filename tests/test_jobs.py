@@ -6,8 +6,8 @@ import uuid
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2, struct_pb2
-
 from jobs.v1 import jobs_pb2
+
 from tests.conftest import as_profile, new_profile_id
 
 Code = grpc.StatusCode
@@ -26,7 +26,9 @@ async def create(stub, profile, kind: str = "video_render", **data: object) -> j
 
 async def update(stub, profile, job: jobs_pb2.Job, *paths: str) -> jobs_pb2.Job:
     mask = field_mask_pb2.FieldMask(paths=list(paths))
-    return await stub.UpdateJob(jobs_pb2.UpdateJobRequest(job=job, update_mask=mask), metadata=profile)
+    return await stub.UpdateJob(
+        jobs_pb2.UpdateJobRequest(job=job, update_mask=mask), metadata=profile
+    )
 
 
 async def expect_status(call, code: grpc.StatusCode) -> str:
@@ -50,7 +52,8 @@ async def test_create_job_returns_a_pending_job_owned_by_the_caller(jobs_stub, p
 async def test_create_job_with_the_same_request_id_returns_the_same_job(jobs_stub, profile):
     request = jobs_pb2.CreateJobRequest(job=jobs_pb2.Job(kind="render"), request_id="req-1")
     first, second = await asyncio.gather(
-        jobs_stub.CreateJob(request, metadata=profile), jobs_stub.CreateJob(request, metadata=profile)
+        jobs_stub.CreateJob(request, metadata=profile),
+        jobs_stub.CreateJob(request, metadata=profile),
     )
     third = await jobs_stub.CreateJob(request, metadata=profile)
     assert first.job_id == second.job_id == third.job_id
@@ -75,7 +78,9 @@ async def test_create_job_without_kind_is_invalid(jobs_stub, profile):
 
 async def test_get_job_returns_what_was_created(jobs_stub, profile):
     created = await create(jobs_stub, profile, n=1)
-    fetched = await jobs_stub.GetJob(jobs_pb2.GetJobRequest(job_id=created.job_id), metadata=profile)
+    fetched = await jobs_stub.GetJob(
+        jobs_pb2.GetJobRequest(job_id=created.job_id), metadata=profile
+    )
     assert fetched == created
 
 
@@ -125,7 +130,9 @@ async def test_update_job_with_matching_etag_succeeds(jobs_stub, profile):
 async def test_update_job_with_progress_out_of_range_is_invalid(jobs_stub, profile, progress):
     job = await create(jobs_stub, profile)
     change = jobs_pb2.Job(job_id=job.job_id, progress=progress)
-    details = await expect_status(update(jobs_stub, profile, change, "progress"), Code.INVALID_ARGUMENT)
+    details = await expect_status(
+        update(jobs_stub, profile, change, "progress"), Code.INVALID_ARGUMENT
+    )
     assert "between 0 and 100" in details
 
 
@@ -152,7 +159,9 @@ async def test_update_job_without_mask_or_with_unknown_path_is_invalid(jobs_stub
 async def test_status_moves_forward(jobs_stub, profile, path, final):
     job = await create(jobs_stub, profile)
     for status in path:
-        job = await update(jobs_stub, profile, jobs_pb2.Job(job_id=job.job_id, status=status), "status")
+        job = await update(
+            jobs_stub, profile, jobs_pb2.Job(job_id=job.job_id, status=status), "status"
+        )
     assert job.status == final
 
 
@@ -168,7 +177,9 @@ async def test_status_moves_forward(jobs_stub, profile, path, final):
 async def test_illegal_status_move_is_a_failed_precondition(jobs_stub, profile, path, illegal):
     job = await create(jobs_stub, profile)
     for status in path:
-        job = await update(jobs_stub, profile, jobs_pb2.Job(job_id=job.job_id, status=status), "status")
+        job = await update(
+            jobs_stub, profile, jobs_pb2.Job(job_id=job.job_id, status=status), "status"
+        )
     change = jobs_pb2.Job(job_id=job.job_id, status=illegal)
     await expect_status(update(jobs_stub, profile, change, "status"), Code.FAILED_PRECONDITION)
     current = await jobs_stub.GetJob(jobs_pb2.GetJobRequest(job_id=job.job_id), metadata=profile)
@@ -177,7 +188,9 @@ async def test_illegal_status_move_is_a_failed_precondition(jobs_stub, profile, 
 
 async def test_result_of_a_completed_job_can_still_be_written(jobs_stub, profile):
     job = await create(jobs_stub, profile)
-    job = await update(jobs_stub, profile, jobs_pb2.Job(job_id=job.job_id, status=jobs_pb2.COMPLETED), "status")
+    job = await update(
+        jobs_stub, profile, jobs_pb2.Job(job_id=job.job_id, status=jobs_pb2.COMPLETED), "status"
+    )
     change = jobs_pb2.Job(job_id=job.job_id, result=_struct(post_ids=["p1"]))
     updated = await update(jobs_stub, profile, change, "result")
     assert list(updated.result["post_ids"]) == ["p1"]
@@ -200,7 +213,9 @@ async def test_cancel_job_cancels_and_is_idempotent(jobs_stub, profile):
 
 async def test_cancel_completed_job_is_a_failed_precondition(jobs_stub, profile):
     job = await create(jobs_stub, profile)
-    await update(jobs_stub, profile, jobs_pb2.Job(job_id=job.job_id, status=jobs_pb2.COMPLETED), "status")
+    await update(
+        jobs_stub, profile, jobs_pb2.Job(job_id=job.job_id, status=jobs_pb2.COMPLETED), "status"
+    )
     await expect_status(
         jobs_stub.CancelJob(jobs_pb2.CancelJobRequest(job_id=job.job_id), metadata=profile),
         Code.FAILED_PRECONDITION,
@@ -211,7 +226,8 @@ async def test_delete_job_removes_it(jobs_stub, profile):
     job = await create(jobs_stub, profile)
     await jobs_stub.DeleteJob(jobs_pb2.DeleteJobRequest(job_id=job.job_id), metadata=profile)
     await expect_status(
-        jobs_stub.GetJob(jobs_pb2.GetJobRequest(job_id=job.job_id), metadata=profile), Code.NOT_FOUND
+        jobs_stub.GetJob(jobs_pb2.GetJobRequest(job_id=job.job_id), metadata=profile),
+        Code.NOT_FOUND,
     )
     await expect_status(
         jobs_stub.DeleteJob(jobs_pb2.DeleteJobRequest(job_id=job.job_id), metadata=profile),
