@@ -6,13 +6,14 @@ import os
 import re
 import secrets
 import signal
+import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import asyncpg
 import grpc
@@ -163,3 +164,49 @@ async def server_process(
             process.kill()
         await process.wait()
         await collector
+
+
+class DisposablePostgres:
+    """A PostgreSQL server of the test's own, which the test may stop and start again.
+
+    pg_ctl runs as a plain child process (through runuser when we are root), never through
+    pgserver's preexec_fn, which is unsafe once gRPC's threads are running.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        import pgserver
+        from pgserver._commands import POSTGRES_BIN_PATH
+
+        self._server = pgserver.get_server(data_dir, cleanup_mode="delete")
+        self.url = self._server.get_uri()
+        user = self._server.system_user
+        self._pg_ctl = [
+            *(["runuser", "-u", user, "--"] if user else []),
+            str(POSTGRES_BIN_PATH / "pg_ctl"),
+            "-D",
+            str(self._server.pgdata),
+            "-w",
+        ]
+        socket_dir = parse_qs(urlsplit(self.url).query)["host"][0]
+        self._start_options = ["-o", '-h ""', "-o", f"-k {socket_dir}", "-l", str(self._server.log)]
+
+    def stop(self) -> None:
+        subprocess.run([*self._pg_ctl, "-m", "fast", "stop"], check=True, capture_output=True)
+
+    def start(self) -> None:
+        subprocess.run(
+            [*self._pg_ctl, *self._start_options, "start"], check=True, capture_output=True
+        )
+
+    def remove(self) -> None:
+        subprocess.run([*self._pg_ctl, "-m", "immediate", "stop"], capture_output=True)
+        self._server.cleanup()
+
+
+@pytest.fixture
+def disposable_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DisposablePostgres]:
+    server = DisposablePostgres(tmp_path_factory.mktemp("postgres"))
+    try:
+        yield server
+    finally:
+        server.remove()

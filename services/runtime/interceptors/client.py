@@ -1,4 +1,4 @@
-"""The client interceptor for service-to-service calls made while serving a call.
+"""The client interceptors for service-to-service calls made while serving a call.
 
 It attaches the current profile's `x-profile-id` and passes on what is left of the incoming
 call's deadline, so a downstream service acts for the same profile and never works past the
@@ -36,26 +36,30 @@ def _with_call_context(details: ClientCallDetails) -> ClientCallDetails:
     )
 
 
-class ProfileClientInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
-    """Install on a channel: `grpc.aio.insecure_channel(target, interceptors=[...])`."""
-
+class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(_with_call_context(details), request)
 
+
+class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(_with_call_context(details), request)
 
-    async def intercept_stream_unary(
-        self, continuation: Any, details: Any, request_iterator: Any
-    ) -> Any:
-        return await continuation(_with_call_context(details), request_iterator)
 
-    async def intercept_stream_stream(
-        self, continuation: Any, details: Any, request_iterator: Any
-    ) -> Any:
-        return await continuation(_with_call_context(details), request_iterator)
+class _StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(_with_call_context(details), requests)
+
+
+class _StreamStream(grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(_with_call_context(details), requests)
+
+
+def profile_client_interceptors() -> list[grpc.aio.ClientInterceptor]:
+    """Interceptors for every call type, to pass as a channel's `interceptors`.
+
+    One object per call type: grpc.aio files an interceptor under the first type it
+    implements only.
+    """
+    return [_UnaryUnary(), _UnaryStream(), _StreamUnary(), _StreamStream()]

@@ -1,0 +1,85 @@
+"""`make run`: every service of the suite on this machine, each as its own process.
+
+Uses DATABASE_URL when set, otherwise an embedded PostgreSQL under `.data/`. Stops all
+services on Ctrl-C or SIGTERM.
+"""
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.runtime.embedded_postgres import start_embedded_postgres
+from services.runtime.logs import configure_logging
+
+log = logging.getLogger("local_suite")
+
+START_TIMEOUT_SECONDS = 60
+
+# (module under services/, gRPC service, port)
+SERVICES = [
+    ("jobs", "jobs.v1.JobService", 50051),
+]
+
+GRPCURL_EXAMPLE = """
+The suite is up. Try it with grpcurl (installed in .venv/bin):
+
+  .venv/bin/grpcurl -plaintext localhost:50051 list
+  .venv/bin/grpcurl -plaintext -H 'x-profile-id: store-1' \\
+      -d '{{"job": {{"kind": "video_render", "data": {{"product": "sku-1"}}}}}}' \\
+      localhost:50051 jobs.v1.JobService/CreateJob
+  .venv/bin/grpcurl -plaintext -H 'x-profile-id: store-1' -d '{{}}' \\
+      localhost:50051 jobs.v1.JobService/ListJobs
+
+Database: {database}
+Press Ctrl-C to stop.
+"""
+
+
+async def _wait_until_serving(port: int) -> None:
+    async with grpc.aio.insecure_channel(f"localhost:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        request = health_pb2.HealthCheckRequest()
+        reply = await stub.Check(request, wait_for_ready=True, timeout=START_TIMEOUT_SECONDS)
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            raise RuntimeError(f"service on port {port} is not serving")
+
+
+async def main() -> int:
+    configure_logging()
+    database_url = os.environ.get("DATABASE_URL") or start_embedded_postgres()
+    environment = os.environ | {"DATABASE_URL": database_url}
+    processes = []
+    for module, _, port in SERVICES:
+        env = environment | {"GRPC_PORT": str(port)}
+        processes.append(
+            await asyncio.create_subprocess_exec(
+                sys.executable, "-m", f"services.{module}", env=env
+            )
+        )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    exited = [asyncio.create_task(process.wait()) for process in processes]
+    try:
+        await asyncio.gather(*(_wait_until_serving(port) for _, _, port in SERVICES))
+        shown = database_url if "DATABASE_URL" in os.environ else "embedded PostgreSQL in .data/"
+        print(GRPCURL_EXAMPLE.format(database=shown), flush=True)
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait([stopped, *exited], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for process in processes:
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+        await asyncio.gather(*(process.wait() for process in processes))
+    failed = [p.returncode for p in processes if p.returncode not in (0, -signal.SIGTERM)]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

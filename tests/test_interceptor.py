@@ -1,0 +1,134 @@
+"""The shared server and client interceptors, seen from a real client over loopback."""
+
+import logging
+import uuid
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from jobs.v1 import jobs_pb2, jobs_pb2_grpc
+
+from services.runtime.call_context import profile_scope
+from services.runtime.interceptors import profile_client_interceptors
+from services.runtime.logs import LOG_FORMAT
+from tests.conftest import as_profile, new_profile_id
+
+Code = grpc.StatusCode
+MALFORMED_PROFILE_IDS = ["", "-starts-with-dash", "has space", "x" * 65, "semi;colon", "dot.ted"]
+
+
+async def _status_of_get(stub, metadata) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.GetJob(jobs_pb2.GetJobRequest(job_id=str(uuid.uuid4())), metadata=metadata)
+    return raised.value
+
+
+async def _status_of_watch(stub, metadata) -> grpc.aio.AioRpcError:
+    call = stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=str(uuid.uuid4())), metadata=metadata)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        async for _ in call:
+            pass
+    return raised.value
+
+
+@pytest.mark.parametrize("call", [_status_of_get, _status_of_watch], ids=["unary", "streaming"])
+async def test_call_without_profile_is_unauthenticated(jobs_stub, call):
+    error = await call(jobs_stub, ())
+    assert error.code() == Code.UNAUTHENTICATED
+    assert error.details() == "x-profile-id metadata is required"
+
+
+@pytest.mark.parametrize("call", [_status_of_get, _status_of_watch], ids=["unary", "streaming"])
+@pytest.mark.parametrize("profile_id", MALFORMED_PROFILE_IDS)
+async def test_malformed_profile_is_invalid_and_names_the_rule(jobs_stub, call, profile_id):
+    error = await call(jobs_stub, as_profile(profile_id))
+    assert error.code() == Code.INVALID_ARGUMENT
+    assert "1 to 64 characters" in error.details()
+
+
+@pytest.mark.parametrize("profile_id", ["a", "0", "Store_1-x", "x" * 64, str(uuid.uuid4())])
+async def test_valid_profile_ids_are_accepted(jobs_stub, profile_id):
+    error = await _status_of_get(jobs_stub, as_profile(profile_id))
+    assert error.code() == Code.NOT_FOUND
+
+
+async def test_health_needs_no_profile(jobs_channel):
+    reply = await health_pb2_grpc.HealthStub(jobs_channel).Check(
+        health_pb2.HealthCheckRequest(service="jobs.v1.JobService")
+    )
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_reflection_needs_no_profile(jobs_channel):
+    stub = reflection_pb2_grpc.ServerReflectionStub(jobs_channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    async for reply in stub.ServerReflectionInfo(iter([request])):
+        names = {service.name for service in reply.list_services_response.service}
+        assert "jobs.v1.JobService" in names
+        break
+
+
+def _formatted(records: list[logging.LogRecord]) -> list[str]:
+    formatter = logging.Formatter(LOG_FORMAT)
+    return [formatter.format(record) for record in records]
+
+
+async def test_log_lines_during_a_call_carry_the_profile_prefix(jobs_stub, caplog):
+    profile_id = new_profile_id()
+    caplog.set_level(logging.INFO)
+    logging.getLogger("test").info("outside any call")
+    await _status_of_get(jobs_stub, as_profile(profile_id))
+    lines = _formatted(caplog.records)
+    access = [line for line in lines if "/jobs.v1.JobService/GetJob NOT_FOUND" in line]
+    assert len(access) == 1
+    assert f"[Profile {profile_id}] /jobs.v1.JobService/GetJob NOT_FOUND" in access[0]
+    assert access[0].endswith("ms")
+    outside = [line for line in lines if "outside any call" in line]
+    assert "[Profile" not in outside[0]
+
+
+async def test_rejected_call_is_logged_without_a_profile(jobs_stub, caplog):
+    caplog.set_level(logging.INFO)
+    await _status_of_get(jobs_stub, ())
+    lines = [line for line in _formatted(caplog.records) if "UNAUTHENTICATED" in line]
+    assert lines
+    assert "[Profile" not in lines[0]
+
+
+async def test_access_log_holds_no_message_body(jobs_stub, caplog):
+    caplog.set_level(logging.DEBUG)
+    profile = as_profile(new_profile_id())
+    secret = "body-marker-8c1f"
+    request = jobs_pb2.CreateJobRequest(job=jobs_pb2.Job(kind="render", message=secret))
+    request.job.data.update({"api_key": secret})
+    await jobs_stub.CreateJob(request, metadata=profile)
+    assert all(secret not in line for line in _formatted(caplog.records))
+
+
+async def test_client_interceptor_sends_the_current_profile(jobs_service):
+    profile_id = new_profile_id()
+    target = f"127.0.0.1:{jobs_service.port}"
+    interceptors = profile_client_interceptors()
+    async with grpc.aio.insecure_channel(target, interceptors=interceptors) as channel:
+        stub = jobs_pb2_grpc.JobServiceStub(channel)
+        with profile_scope(profile_id):
+            job = await stub.CreateJob(jobs_pb2.CreateJobRequest(job=jobs_pb2.Job(kind="k")))
+    assert job.profile_id == profile_id
+
+
+async def test_client_interceptor_passes_on_the_remaining_deadline(jobs_service):
+    profile_id = new_profile_id()
+    target = f"127.0.0.1:{jobs_service.port}"
+    async with grpc.aio.insecure_channel(
+        target, interceptors=profile_client_interceptors()
+    ) as channel:
+        stub = jobs_pb2_grpc.JobServiceStub(channel)
+        with profile_scope(profile_id, time_remaining=30):
+            job = await stub.CreateJob(jobs_pb2.CreateJobRequest(job=jobs_pb2.Job(kind="k")))
+        with profile_scope(profile_id, time_remaining=0.3):
+            call = stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job.job_id))
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                async for _ in call:
+                    pass
+    assert raised.value.code() == Code.DEADLINE_EXCEEDED
