@@ -5,7 +5,6 @@ services on Ctrl-C or SIGTERM.
 """
 
 import asyncio
-import logging
 import os
 import signal
 import sys
@@ -15,8 +14,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.runtime.embedded_postgres import start_embedded_postgres
 from services.runtime.logs import configure_logging
-
-log = logging.getLogger("local_suite")
 
 START_TIMEOUT_SECONDS = 60
 
