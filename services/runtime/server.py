@@ -9,8 +9,10 @@ graceful shutdown on SIGTERM or SIGINT in a fixed order.
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
+import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
@@ -27,6 +29,7 @@ from services.runtime.interceptors.server import Authorizer, ProfileInterceptor,
 from services.runtime.logs import configure_logging
 from services.runtime.migrations import apply_migrations
 from services.runtime.settings import Settings
+from services.runtime.workers import run_workers
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +66,9 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         # Clients reconnect, and so re-resolve and spread over new replicas after a scale-up.
         ("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)),
         ("grpc.max_connection_age_grace_ms", int(settings.shutdown_grace_seconds * 1000)),
-        ("grpc.so_reuseport", 0),
+        # Several worker processes share one port only when asked to (GRPC_WORKERS > 1);
+        # otherwise a second server on a taken port fails loudly instead of splitting traffic.
+        ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
     ]
 
 
@@ -213,10 +218,20 @@ def main_for(definition: ServiceDefinition) -> None:
         default="serve",
         help="serve (default) or apply the database migrations and exit",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="server processes sharing the port (SO_REUSEPORT); default GRPC_WORKERS or 1",
+    )
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     configure_logging()
     settings = Settings.from_environment(definition.default_port)
+    if args.workers is not None:
+        settings = dataclasses.replace(settings, workers=args.workers)
     if args.command == "migrate":
         asyncio.run(migrate_only(definition, settings))
+    elif settings.workers > 1 and not args.worker:
+        sys.exit(asyncio.run(run_workers(definition.name, settings)))
     else:
         asyncio.run(serve(definition, settings))

@@ -38,6 +38,7 @@ class Settings:
     max_message_bytes: int = 4 * 1024 * 1024
     max_connection_age_seconds: float = 300.0
     db_connect_timeout_seconds: float = 60.0
+    workers: int = 1
 
     @classmethod
     def from_environment(cls, default_port: int) -> "Settings":
@@ -62,4 +63,5 @@ class Settings:
             db_connect_timeout_seconds=_float(
                 "DB_CONNECT_TIMEOUT_SECONDS", cls.db_connect_timeout_seconds
             ),
+            workers=_int("GRPC_WORKERS", cls.workers),
         )
