@@ -58,14 +58,29 @@ def remaining_seconds() -> float | None:
     return None if deadline is None else deadline - time.monotonic()
 
 
+class CallScope:
+    """The current call's profile and deadline, set until `close()`.
+
+    The server interceptor opens one per RPC; `profile_scope` is the same as a `with` block.
+    """
+
+    __slots__ = ("_deadline_token", "_profile_token")
+
+    def __init__(self, profile_id: str, time_remaining: float | None = None) -> None:
+        deadline = None if time_remaining is None else time.monotonic() + time_remaining
+        self._profile_token = _current_profile_id.set(validate_profile_id(profile_id))
+        self._deadline_token = _current_deadline.set(deadline)
+
+    def close(self) -> None:
+        _current_deadline.reset(self._deadline_token)
+        _current_profile_id.reset(self._profile_token)
+
+
 @contextmanager
 def profile_scope(profile_id: str, time_remaining: float | None = None) -> Iterator[None]:
     """Acts for profile_id (and the call's deadline) until the block ends."""
-    deadline = None if time_remaining is None else time.monotonic() + time_remaining
-    profile_token = _current_profile_id.set(validate_profile_id(profile_id))
-    deadline_token = _current_deadline.set(deadline)
+    scope = CallScope(profile_id, time_remaining)
     try:
         yield
     finally:
-        _current_deadline.reset(deadline_token)
-        _current_profile_id.reset(profile_token)
+        scope.close()

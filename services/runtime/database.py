@@ -5,6 +5,7 @@ and switches to the service's role, which neither owns the tables nor bypasses r
 security. A query that forgets its `WHERE profile_id = …` still sees only that profile's rows.
 """
 
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -17,7 +18,13 @@ from services.runtime.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
-_SCOPE_SQL = "SELECT set_config('role', $1, true), set_config('app.profile_id', $2, true)"
+
+def _literal(value: str) -> str:
+    """A SQL string literal. Only ever given a validated profile id or a role name."""
+    if "\x00" in value:
+        raise ValueError("NUL in a SQL literal")
+    return "'" + value.replace("'", "''") + "'"
+
 
 # Errors that mean "the database cannot be reached now", not "the query is wrong".
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -38,6 +45,11 @@ async def _init_connection(connection: asyncpg.Connection) -> None:
         )
 
 
+async def _keep_session(connection: asyncpg.Connection) -> None:
+    """Release without asyncpg's default reset query: nothing here changes session state
+    (scoping is transaction-local), so that round trip would buy nothing."""
+
+
 async def create_pool(
     dsn: str, *, min_size: int = 1, max_size: int = 10, application_name: str = "services"
 ) -> asyncpg.Pool:
@@ -47,6 +59,7 @@ async def create_pool(
         min_size=min_size,
         max_size=max_size,
         init=_init_connection,
+        reset=_keep_session,
         server_settings={"application_name": application_name},
     )
 
@@ -57,6 +70,7 @@ class TenantScopedPool:
     def __init__(self, pool: asyncpg.Pool, role: str) -> None:
         self.pool = pool
         self.role = role
+        self._role_literal = _literal(role)
 
     @asynccontextmanager
     async def transaction(self, *, readonly: bool = False) -> AsyncIterator[asyncpg.Connection]:
@@ -65,11 +79,23 @@ class TenantScopedPool:
         Rolled back on any error or cancellation; connection failures surface as
         Unavailable so callers get a status they can retry on.
         """
-        profile_id = require_profile_id()
+        # BEGIN and the scoping go in one round trip; a transaction costs three in all.
+        begin = (
+            f"BEGIN{' READ ONLY' if readonly else ''}; "
+            f"SELECT set_config('role', {self._role_literal}, true), "
+            f"set_config('app.profile_id', {_literal(require_profile_id())}, true)"
+        )
         try:
-            async with self.pool.acquire() as connection, connection.transaction(readonly=readonly):
-                await connection.execute(_SCOPE_SQL, self.role, profile_id)
-                yield connection
+            async with self.pool.acquire() as connection:
+                await connection.execute(begin)
+                try:
+                    yield connection
+                except BaseException:
+                    if not connection.is_closed():
+                        with contextlib.suppress(Exception):
+                            await connection.execute("ROLLBACK")
+                    raise
+                await connection.execute("COMMIT")
         except CONNECTION_ERRORS as error:
             log.warning("database unavailable: %s", error)
             raise Unavailable("the database is unavailable; retry shortly") from error

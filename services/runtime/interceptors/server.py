@@ -8,15 +8,14 @@ reflection are exempt so that probes and `grpcurl list` need no profile.
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 from grpc.aio import ServicerContext
 
 from services.runtime import errors
-from services.runtime.call_context import profile_id_from_metadata, profile_scope
+from services.runtime.call_context import CallScope, profile_id_from_metadata
 
 access_log = logging.getLogger("services.access")
 log = logging.getLogger(__name__)
@@ -62,6 +61,8 @@ class ProfileInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, authorize: Authorizer = allow_any_caller) -> None:
         self._authorize = authorize
+        # Wrapping costs more than a lookup; handlers are fixed once a server starts.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -70,73 +71,102 @@ class ProfileInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
         if handler is None or method.startswith(EXEMPT_SERVICE_PREFIXES):
             return handler
-        return _wrap_handler(handler, lambda context: self._serve_call(context, method))
+        wrapped = _wrap_handler(handler, _CallPipeline(method, self._authorize))
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
-    @asynccontextmanager
-    async def _serve_call(self, context: ServicerContext, method: str) -> AsyncIterator[None]:
-        started = time.perf_counter()
+
+class _CallPipeline:
+    """What happens around one method's handler on every call."""
+
+    __slots__ = ("_authorize", "method")
+
+    def __init__(self, method: str, authorize: Authorizer) -> None:
+        self.method = method
+        self._authorize = authorize
+
+    async def enter(self, context: ServicerContext, started: float) -> CallScope:
+        """The call's scope, or an abort (logged) when the caller is refused."""
         try:
             profile_id = profile_id_from_metadata(context.invocation_metadata())
-            await self._authorize(profile_id, context, method)
+            await self._authorize(profile_id, context, self.method)
         except errors.DomainError as error:
             code = status_code_for(error)
-            _log_access(method, code, started)
+            self.log_access(code, started)
             await context.abort(code, str(error))
-        with profile_scope(profile_id, context.time_remaining()):
-            code = grpc.StatusCode.OK
-            try:
-                yield
-            except errors.DomainError as error:
-                code = status_code_for(error)
-                await context.abort(code, str(error))
-            except grpc.aio.AbortError:
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            except (asyncio.CancelledError, GeneratorExit):
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except Exception:
-                code = grpc.StatusCode.INTERNAL
-                log.exception("%s failed", method)
-                await context.abort(code, "internal error; the server log has the details")
-            finally:
-                _log_access(method, code, started)
+        return CallScope(profile_id, context.time_remaining())
+
+    def outcome(
+        self, context: ServicerContext, error: BaseException
+    ) -> tuple[grpc.StatusCode, str | None]:
+        """The status a failed call ends with, and the message to abort with where the error
+        is one this pipeline answers (None: let gRPC finish the call as it is)."""
+        if isinstance(error, grpc.aio.AbortError):
+            return context.code() or grpc.StatusCode.UNKNOWN, None
+        if isinstance(error, asyncio.CancelledError | GeneratorExit):
+            return grpc.StatusCode.CANCELLED, None
+        if isinstance(error, errors.DomainError):
+            return status_code_for(error), str(error)
+        if isinstance(error, Exception):
+            log.error("%s failed", self.method, exc_info=error)
+            return grpc.StatusCode.INTERNAL, "internal error; see the server log"
+        return grpc.StatusCode.UNKNOWN, None
+
+    def log_access(self, code: grpc.StatusCode, started: float) -> None:
+        """One line per RPC: method, status and duration; never a message body."""
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        access_log.info("%s %s %.1fms", self.method, code.name, elapsed_ms)
 
 
-def _log_access(method: str, code: grpc.StatusCode, started: float) -> None:
-    """One line per RPC: method, status and duration; never a message body."""
-    elapsed_ms = (time.perf_counter() - started) * 1000
-    access_log.info("%s %s %.1fms", method, code.name, elapsed_ms)
-
-
-Behavior = Callable[..., Any]
-CallScope = Callable[[ServicerContext], Any]
-
-
-def _wrap_handler(handler: grpc.RpcMethodHandler, scope: CallScope) -> grpc.RpcMethodHandler:
-    """The same handler, each call run inside `scope(context)`; the call type is kept."""
+def _wrap_handler(handler: grpc.RpcMethodHandler, call: _CallPipeline) -> grpc.RpcMethodHandler:
+    """The same handler run inside the call pipeline; the call type is kept."""
     if handler.response_streaming:
-        inner = handler.unary_stream or handler.stream_stream
+        inner_stream = handler.unary_stream or handler.stream_stream
 
         async def streaming(request_or_iterator: Any, context: ServicerContext) -> Any:
-            async with scope(context):
-                async for response in inner(request_or_iterator, context):
+            started = time.perf_counter()
+            scope = await call.enter(context, started)
+            code = grpc.StatusCode.OK
+            try:
+                async for response in inner_stream(request_or_iterator, context):
                     yield response
+            except BaseException as error:
+                code, message = call.outcome(context, error)
+                if message is None:
+                    raise
+                await context.abort(code, message)
+            finally:
+                call.log_access(code, started)
+                scope.close()
 
-        behavior: Behavior = streaming
+        behavior: Any = streaming
         factory = (
             grpc.unary_stream_rpc_method_handler
             if handler.unary_stream
             else grpc.stream_stream_rpc_method_handler
         )
     else:
-        inner = handler.unary_unary or handler.stream_unary
+        inner_unary = handler.unary_unary or handler.stream_unary
 
         async def unary(request_or_iterator: Any, context: ServicerContext) -> Any:
-            async with scope(context):
-                return await inner(request_or_iterator, context)
+            started = time.perf_counter()
+            scope = await call.enter(context, started)
+            code = grpc.StatusCode.OK
+            try:
+                return await inner_unary(request_or_iterator, context)
+            except BaseException as error:
+                code, message = call.outcome(context, error)
+                if message is None:
+                    raise
+                await context.abort(code, message)
+            finally:
+                call.log_access(code, started)
+                scope.close()
 
         behavior = unary
         factory = (

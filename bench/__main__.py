@@ -1,0 +1,320 @@
+"""`python -m bench [--quick] [--json PATH]`: every operation against its ceilings.
+
+Ceilings, measured in the same run and interleaved with the suite round by round:
+  grpc       a no-op grpc.aio unary handler, no interceptor, no database;
+  grpc+icpt  the same handler behind the profile interceptor;
+  db         the suite's own store call (its SQL, tenant scoping included) straight through
+             asyncpg, at the same concurrency.
+The suite's ratio is to the combined ceiling 1 / (1/grpc + 1/db).
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from google.protobuf import field_mask_pb2
+from jobs.v1 import jobs_pb2
+
+from bench.environment import Suite, bench_database, start_suite
+from bench.load import Sample, drive, median_rate, merged
+from bench.noop_server import METHOD
+from services.jobs.model import JobChanges, JobFilter
+from services.jobs.store import JobStore
+from services.runtime.call_context import profile_scope
+from services.runtime.page_tokens import encode_page_token
+
+Call = Callable[[], Awaitable[object]]
+
+
+@dataclass
+class Operation:
+    name: str
+    profile: str
+    suite: Call
+    db: Call | None = None
+    suite_samples: list[Sample] = field(default_factory=list)
+    db_samples: list[Sample] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Options:
+    quick: bool
+    seconds: float
+    rounds: int
+    concurrency: int
+    big_profile_jobs: int
+    other_profiles: int
+    jobs_per_other_profile: int
+    watchers: int
+    watch_updates: int
+    json_path: str | None
+
+
+def parse_options(argv: list[str]) -> Options:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few seconds, small data (CI)")
+    parser.add_argument("--json", dest="json_path", help="also write the results here as JSON")
+    parser.add_argument("--seconds", type=float, help="length of one measurement")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds per operation")
+    parser.add_argument("--concurrency", type=int, default=16, help="calls in flight")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    return Options(
+        quick=quick,
+        seconds=args.seconds or (0.3 if quick else 3.0),
+        rounds=args.rounds or (1 if quick else 3),
+        concurrency=args.concurrency,
+        big_profile_jobs=2_000 if quick else 1_000_000,
+        other_profiles=500,
+        jobs_per_other_profile=2 if quick else 100,
+        watchers=50 if quick else 1_000,
+        watch_updates=3 if quick else 20,
+        json_path=args.json_path,
+    )
+
+
+def _row(name: str, sample: Sample, ceiling: float | None, ceiling_name: str) -> dict:
+    return {
+        "operation": name,
+        "per_second": round(sample.per_second, 1),
+        "p50_ms": round(sample.percentile(0.5), 2),
+        "p99_ms": round(sample.percentile(0.99), 2),
+        "ceiling": ceiling_name,
+        "ceiling_per_second": None if ceiling is None else round(ceiling, 1),
+        "ratio": None if not ceiling else round(sample.per_second / ceiling, 3),
+    }
+
+
+async def _jobs_operations(suite: Suite, options: Options) -> list[Operation]:
+    store = JobStore(suite.store_pool)
+    stub = suite.jobs_stub
+    writer, big = "bench-writer", "bench-big"
+    writer_md, big_md = (("x-profile-id", writer),), (("x-profile-id", big),)
+    with profile_scope(writer):
+        owned = [(await store.create("render", {}, None)).job_id for _ in range(1000)]
+    async with suite.store_pool.pool.acquire() as connection:
+        sampled = await connection.fetch(
+            "SELECT job_id FROM jobs.jobs WHERE profile_id = $1 LIMIT 1000", big
+        )
+        deep = await connection.fetchrow(
+            "SELECT create_time, job_id FROM jobs.jobs WHERE profile_id = $1 "
+            "ORDER BY create_time DESC, job_id DESC OFFSET $2 LIMIT 1",
+            big,
+            int(options.big_profile_jobs * 0.9),
+        )
+    big_ids = [row["job_id"] for row in sampled]
+    position = (deep["create_time"], deep["job_id"])
+    with profile_scope(big):
+        micros = int(position[0].timestamp() * 1_000_000)
+        deep_token = encode_page_token([micros, str(position[1])], JobFilter().as_key())
+
+    create = jobs_pb2.CreateJobRequest(job=jobs_pb2.Job(kind="render"))
+    create.job.data.update({"product": "sku-1"})
+    mask = field_mask_pb2.FieldMask(paths=["progress"])
+
+    def update_request() -> jobs_pb2.UpdateJobRequest:
+        job = jobs_pb2.Job(job_id=str(random.choice(owned)), progress=random.randint(0, 100))
+        return jobs_pb2.UpdateJobRequest(job=job, update_mask=mask)
+
+    return [
+        Operation(
+            "CreateJob",
+            writer,
+            lambda: stub.CreateJob(create, metadata=writer_md),
+            lambda: store.create("render", {"product": "sku-1"}, None),
+        ),
+        Operation(
+            "GetJob",
+            big,
+            lambda: stub.GetJob(
+                jobs_pb2.GetJobRequest(job_id=str(random.choice(big_ids))), metadata=big_md
+            ),
+            lambda: store.get(random.choice(big_ids)),
+        ),
+        Operation(
+            "UpdateJob",
+            writer,
+            lambda: stub.UpdateJob(update_request(), metadata=writer_md),
+            lambda: store.update(
+                random.choice(owned), JobChanges({"progress": random.randint(0, 100)}), None
+            ),
+        ),
+        Operation(
+            "ListJobs first page",
+            big,
+            lambda: stub.ListJobs(jobs_pb2.ListJobsRequest(page_size=50), metadata=big_md),
+            lambda: store.list(JobFilter(), 51, None),
+        ),
+        Operation(
+            "ListJobs deep page",
+            big,
+            lambda: stub.ListJobs(
+                jobs_pb2.ListJobsRequest(page_size=50, page_token=deep_token), metadata=big_md
+            ),
+            lambda: store.list(JobFilter(), 51, position),
+        ),
+    ]
+
+
+async def _watch_fan_out(suite: Suite, options: Options) -> Sample:
+    """N watchers of one job; each update's delivery latency to every watcher."""
+    profile = (("x-profile-id", "bench-watch"),)
+    stub = suite.jobs_stub
+    job = await stub.CreateJob(
+        jobs_pb2.CreateJobRequest(job=jobs_pb2.Job(kind="w")), metadata=profile
+    )
+    sent_at: dict[int, float] = {}
+    latencies: list[float] = []
+    all_delivered = asyncio.Event()
+    pending = 0
+
+    async def watcher(channel_stub: object) -> None:
+        nonlocal pending
+        call = channel_stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job.job_id), metadata=profile)
+        async for update in call:
+            if update.progress in sent_at:
+                latencies.append((time.perf_counter() - sent_at[update.progress]) * 1000)
+                pending -= 1
+                if pending == 0:
+                    all_delivered.set()
+
+    stubs = suite.jobs_stubs
+    watchers = [
+        asyncio.create_task(watcher(stubs[i % len(stubs)])) for i in range(options.watchers)
+    ]
+    await asyncio.sleep(1.0)  # let every stream open and send its first message
+    started = time.perf_counter()
+    mask = field_mask_pb2.FieldMask(paths=["progress"])
+    for progress in range(1, options.watch_updates + 1):
+        all_delivered.clear()
+        pending = options.watchers
+        sent_at[progress] = time.perf_counter()
+        await stub.UpdateJob(
+            jobs_pb2.UpdateJobRequest(
+                job=jobs_pb2.Job(job_id=job.job_id, progress=progress), update_mask=mask
+            ),
+            metadata=profile,
+        )
+        await asyncio.wait_for(all_delivered.wait(), 30)
+    elapsed = time.perf_counter() - started
+    for task in watchers:
+        task.cancel()
+    return Sample(len(latencies), elapsed, latencies)
+
+
+async def _measure(suite: Suite, options: Options) -> dict:
+    noop, noop_icpt = [], []
+    payload = b"x" * 64
+    noop_call = suite.noop_channel.unary_unary(METHOD)
+    icpt_call = suite.noop_interceptor_channel.unary_unary(METHOD)
+    md = (("x-profile-id", "bench-noop"),)
+    operations = await _jobs_operations(suite, options)
+    run = {"concurrency": options.concurrency, "seconds": options.seconds}
+    for _ in range(options.rounds):
+        noop.append(await drive(lambda: noop_call(payload), **run))
+        noop_icpt.append(await drive(lambda: icpt_call(payload, metadata=md), **run))
+        for operation in operations:
+            if operation.db is not None:
+                with profile_scope(operation.profile):
+                    operation.db_samples.append(await drive(operation.db, **run))
+            operation.suite_samples.append(await drive(operation.suite, **run))
+    grpc_rate = median_rate(noop)
+    rows = [
+        _row("no-op gRPC", merged(noop), None, ""),
+        _row("no-op gRPC + interceptor", merged(noop_icpt), grpc_rate, "grpc"),
+    ]
+    for operation in operations:
+        db_rate = median_rate(operation.db_samples)
+        combined = 1 / (1 / grpc_rate + 1 / db_rate)
+        rows.append(_row(f"{operation.name} (db only)", merged(operation.db_samples), None, ""))
+        suite_sample = merged(operation.suite_samples)
+        row = _row(operation.name, suite_sample, combined, "1/(1/grpc+1/db)")
+        row["per_second"] = round(median_rate(operation.suite_samples), 1)
+        row["ratio"] = round(row["per_second"] / combined, 3)
+        rows.append(row)
+    watch = await _watch_fan_out(suite, options)
+    watch_row = _row(f"WatchJob fan-out ({options.watchers} watchers)", watch, None, "")
+    watch_row["per_second"] = round(watch.per_second, 1)
+    rows.append(watch_row)
+    return {"rows": rows}
+
+
+def _random_get(stubs: list, ids: list[str], metadata: tuple) -> Call:
+    def get() -> Awaitable[object]:
+        request = jobs_pb2.GetJobRequest(job_id=random.choice(ids))
+        return random.choice(stubs).GetJob(request, metadata=metadata)
+
+    return get
+
+
+async def _measure_workers(options: Options, database_url: str) -> list[dict]:
+    rows = []
+    for workers in (1, 2):
+        async with start_suite(database_url, workers=workers, noop=False) as suite:
+            big_md = (("x-profile-id", "bench-big"),)
+            async with suite.store_pool.pool.acquire() as connection:
+                ids = [
+                    str(r["job_id"])
+                    for r in await connection.fetch(
+                        "SELECT job_id FROM jobs.jobs WHERE profile_id = 'bench-big' LIMIT 500"
+                    )
+                ]
+            get = _random_get(suite.jobs_stubs, ids, big_md)
+            samples = [
+                await drive(get, concurrency=options.concurrency * 2, seconds=options.seconds)
+                for _ in range(options.rounds)
+            ]
+            row = _row(
+                f"GetJob, {workers} worker(s), {len(suite.jobs_stubs)} connections",
+                merged(samples),
+                None,
+                "",
+            )
+            row["per_second"] = round(median_rate(samples), 1)
+            rows.append(row)
+    return rows
+
+
+def _print_table(rows: list[dict]) -> None:
+    header = (
+        f"{'operation':<44} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'ceiling/s':>10} {'ratio':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        ceiling = "" if row["ceiling_per_second"] is None else f"{row['ceiling_per_second']:.0f}"
+        ratio = "" if row["ratio"] is None else f"{row['ratio']:.2f}"
+        print(
+            f"{row['operation']:<44} {row['per_second']:>9.0f} {row['p50_ms']:>8.2f} "
+            f"{row['p99_ms']:>8.2f} {ceiling:>10} {ratio:>6}"
+        )
+
+
+async def run(options: Options) -> dict:
+    async with bench_database(options) as database_url:
+        async with start_suite(database_url, workers=1, noop=True) as suite:
+            results = await _measure(suite, options)
+        results["rows"] += await _measure_workers(options, database_url)
+    return results
+
+
+def main(argv: list[str]) -> int:
+    options = parse_options(argv)
+    results = asyncio.run(run(options))
+    results["options"] = options.__dict__
+    results["cpu_count"] = os.cpu_count()
+    _print_table(results["rows"])
+    if options.json_path:
+        with open(options.json_path, "w") as out:
+            json.dump(results, out, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

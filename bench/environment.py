@@ -1,0 +1,174 @@
+"""What the benchmark runs against: a scratch database with seeded data, the Jobs server and
+the no-op servers as their own processes, and client channels to them."""
+
+import asyncio
+import os
+import secrets
+import signal
+import socket
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from jobs.v1 import jobs_pb2_grpc
+
+from services.jobs.service import JOBS
+from services.runtime.database import TenantScopedPool, create_pool
+from services.runtime.embedded_postgres import start_embedded_postgres
+from services.runtime.migrations import apply_migrations
+
+CONNECTIONS = 4
+POOL_SIZE = 10  # the server's default DB_POOL_MAX_SIZE, so the db ceiling is like for like
+
+
+def _with_database(url: str, name: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+@asynccontextmanager
+async def bench_database(options: Any) -> AsyncIterator[str]:
+    """A database of its own on DATABASE_URL (or an embedded server), migrated and seeded:
+    one profile with `big_profile_jobs` jobs among `other_profiles` other profiles."""
+    admin_url = os.environ.get("DATABASE_URL") or start_embedded_postgres(
+        Path(".data/bench-postgres")
+    )
+    name = f"bench_{secrets.token_hex(4)}"
+    admin = await asyncpg.connect(admin_url)
+    await admin.execute(f"CREATE DATABASE {name}")
+    url = _with_database(admin_url, name)
+    try:
+        connection = await asyncpg.connect(url)
+        try:
+            await apply_migrations(connection, JOBS.name, JOBS.migrations)
+            print(f"seeding {options.big_profile_jobs:,} jobs ...", file=sys.stderr, flush=True)
+            await connection.execute(
+                """
+                INSERT INTO jobs.jobs (profile_id, kind, create_time, update_time)
+                SELECT 'bench-big', 'render', t, t
+                FROM (SELECT now() - g * interval '1 millisecond' AS t
+                      FROM generate_series(1, $1) AS g) AS times
+                """,
+                options.big_profile_jobs,
+            )
+            await connection.execute(
+                """
+                INSERT INTO jobs.jobs (profile_id, kind, create_time, update_time)
+                SELECT 'bench-other-' || (g % $1::int), 'render', now() - g * interval '1 ms',
+                       now() - g * interval '1 ms'
+                FROM generate_series(1, $1::int * $2::int) AS g
+                """,
+                options.other_profiles,
+                options.jobs_per_other_profile,
+            )
+            await connection.execute("VACUUM ANALYZE jobs.jobs")
+        finally:
+            await connection.close()
+        yield url
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class Suite:
+    jobs_stubs: list[jobs_pb2_grpc.JobServiceStub]
+    noop_channel: grpc.aio.Channel | None
+    noop_interceptor_channel: grpc.aio.Channel | None
+    store_pool: TenantScopedPool
+
+    @property
+    def jobs_stub(self) -> jobs_pb2_grpc.JobServiceStub:
+        return self.jobs_stubs[0]
+
+
+async def _process(stack: AsyncExitStack, log_dir: Path, name: str, *args: str, **env: str):
+    log = open(log_dir / f"{name}.log", "w")  # noqa: SIM115, ASYNC230 - once, before load
+    stack.callback(log.close)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, *args, env=os.environ | env, stdout=log, stderr=log
+    )
+
+    async def stop() -> None:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), 20)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+    stack.push_async_callback(stop)
+    return process
+
+
+async def _channel(stack: AsyncExitStack, port: int) -> grpc.aio.Channel:
+    # A local subchannel pool gives each channel its own TCP connection.
+    channel = grpc.aio.insecure_channel(
+        f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
+    )
+    stack.push_async_callback(channel.close)
+    return channel
+
+
+async def _serving(channel: grpc.aio.Channel) -> None:
+    stub = health_pb2_grpc.HealthStub(channel)
+    reply = await stub.Check(health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=60)
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        raise RuntimeError("the Jobs server did not become SERVING")
+
+
+@asynccontextmanager
+async def start_suite(database_url: str, *, workers: int, noop: bool) -> AsyncIterator[Suite]:
+    async with AsyncExitStack() as stack:
+        log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
+        jobs_port = _free_port()
+        await _process(
+            stack,
+            log_dir,
+            "jobs",
+            "-m",
+            "services.jobs",
+            DATABASE_URL=database_url,
+            GRPC_HOST="127.0.0.1",
+            GRPC_PORT=str(jobs_port),
+            GRPC_WORKERS=str(workers),
+            MIGRATE_ON_START="false",
+            DB_POOL_MAX_SIZE=str(POOL_SIZE),
+        )
+        channels = [await _channel(stack, jobs_port) for _ in range(CONNECTIONS)]
+        await asyncio.gather(*(_serving(channel) for channel in channels))
+        noop_channels: list[grpc.aio.Channel | None] = [None, None]
+        if noop:
+            for index, flags in enumerate(([], ["--interceptor"])):
+                port = _free_port()
+                await _process(
+                    stack, log_dir, f"noop{index}", "-m", "bench.noop_server", str(port), *flags
+                )
+                channel = await _channel(stack, port)
+                await channel.unary_unary("/bench.Noop/Call")(
+                    b"", metadata=(("x-profile-id", "ready"),), wait_for_ready=True, timeout=60
+                )
+                noop_channels[index] = channel
+        raw_pool = await create_pool(database_url, min_size=POOL_SIZE, max_size=POOL_SIZE)
+        stack.push_async_callback(raw_pool.close)
+        yield Suite(
+            jobs_stubs=[jobs_pb2_grpc.JobServiceStub(channel) for channel in channels],
+            noop_channel=noop_channels[0],
+            noop_interceptor_channel=noop_channels[1],
+            store_pool=TenantScopedPool(raw_pool, JOBS.database_role),
+        )
