@@ -4,13 +4,17 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: run test lint format proto migrate clean
+.PHONY: run test lint format proto migrate bench clean
 
 run: $(VENV)/.installed
 	$(BIN)/python -m services.runtime.local_suite
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The figures: `make bench` (minutes, 1,000,000 jobs); `make bench BENCH_ARGS=--quick` (seconds).
+bench: $(VENV)/.installed
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

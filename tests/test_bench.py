@@ -1,0 +1,39 @@
+"""`make bench` runs end to end (its quick mode); the figures themselves come from full runs."""
+
+import asyncio
+import json
+import os
+import sys
+
+from tests.conftest import REPO
+
+
+async def test_quick_benchmark_reports_every_operation(admin_database_url, tmp_path):
+    report = tmp_path / "bench.json"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench",
+        "--quick",
+        "--json",
+        str(report),
+        cwd=REPO,
+        env=os.environ | {"DATABASE_URL": admin_database_url},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), timeout=240)
+    assert process.returncode == 0, output.decode()[-3000:]
+    rows = {row["operation"]: row for row in json.loads(report.read_text())["rows"]}
+    for name in (
+        "no-op gRPC + interceptor",
+        "CreateJob",
+        "GetJob",
+        "UpdateJob",
+        "ListJobs first page",
+        "ListJobs deep page",
+    ):
+        assert rows[name]["per_second"] > 0
+        assert rows[name]["ratio"] > 0
+    assert any(name.startswith("WatchJob fan-out") for name in rows)
+    assert any(name.startswith("GetJob, 2 worker(s)") for name in rows)
