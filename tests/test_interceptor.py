@@ -9,8 +9,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from jobs.v1 import jobs_pb2, jobs_pb2_grpc
 
+from services.runtime import errors
 from services.runtime.call_context import profile_scope
-from services.runtime.interceptors import profile_client_interceptors
+from services.runtime.interceptors import ProfileInterceptor, profile_client_interceptors
 from services.runtime.logs import LOG_FORMAT
 from tests.conftest import as_profile, new_profile_id
 
@@ -132,3 +133,65 @@ async def test_client_interceptor_passes_on_the_remaining_deadline(jobs_service)
                 async for _ in call:
                     pass
     assert raised.value.code() == Code.DEADLINE_EXCEEDED
+
+
+async def _serve_raising(error: BaseException):
+    """A server whose one handler raises `error`, behind the shared interceptor."""
+
+    async def handler(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        raise error
+
+    server = grpc.aio.server(interceptors=[ProfileInterceptor()])
+    server.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "test.Raising", {"Call": grpc.unary_unary_rpc_method_handler(handler)}
+            )
+        ]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (errors.NotFound("job x not found"), Code.NOT_FOUND),
+        (errors.Conflict("etag mismatch"), Code.ABORTED),
+        (errors.FailedPrecondition("job is done"), Code.FAILED_PRECONDITION),
+        (errors.ResourceExhausted("slow down"), Code.RESOURCE_EXHAUSTED),
+        (errors.Unavailable("database down"), Code.UNAVAILABLE),
+        (errors.PermissionDenied("not yours"), Code.PERMISSION_DENIED),
+    ],
+)
+async def test_domain_errors_become_their_status_codes(error, code):
+    server, port = await _serve_raising(error)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await channel.unary_unary("/test.Raising/Call")(b"", metadata=as_profile("p"))
+    finally:
+        await server.stop(None)
+    assert raised.value.code() == code
+    assert raised.value.details() == str(error)
+
+
+async def test_unexpected_exception_is_internal_and_logged_without_details(caplog):
+    server, port = await _serve_raising(RuntimeError("secret internals"))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await channel.unary_unary("/test.Raising/Call")(b"", metadata=as_profile("p"))
+    finally:
+        await server.stop(None)
+    assert raised.value.code() == Code.INTERNAL
+    assert "secret internals" not in raised.value.details()
+    assert any(record.exc_info for record in caplog.records if "failed" in record.message)
+
+
+async def test_message_above_the_size_limit_is_refused(jobs_stub, profile):
+    request = jobs_pb2.CreateJobRequest(job=jobs_pb2.Job(kind="k", message="x" * 5_000_000))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await jobs_stub.CreateJob(request, metadata=profile)
+    assert raised.value.code() == Code.RESOURCE_EXHAUSTED

@@ -233,3 +233,19 @@ async def test_delete_job_removes_it(jobs_stub, profile):
         jobs_stub.DeleteJob(jobs_pb2.DeleteJobRequest(job_id=job.job_id), metadata=profile),
         Code.NOT_FOUND,
     )
+
+
+async def test_oversized_data_is_invalid_and_nothing_is_stored(jobs_stub, profile):
+    request = jobs_pb2.CreateJobRequest(job=jobs_pb2.Job(kind="k"))
+    request.job.data.update({"blob": "x" * 1_100_000})
+    details = await expect_status(
+        jobs_stub.CreateJob(request, metadata=profile), Code.INVALID_ARGUMENT
+    )
+    assert "job.data is larger than" in details
+    listed = await jobs_stub.ListJobs(jobs_pb2.ListJobsRequest(), metadata=profile)
+    assert list(listed.jobs) == []
+
+
+async def test_nul_character_in_text_is_invalid(jobs_stub, profile):
+    request = jobs_pb2.CreateJobRequest(job=jobs_pb2.Job(kind="render\x00"))
+    await expect_status(jobs_stub.CreateJob(request, metadata=profile), Code.INVALID_ARGUMENT)

@@ -19,6 +19,7 @@ MAX_PAGE_SIZE = 500
 MAX_KIND_LENGTH = 100
 MAX_TEXT_LENGTH = 10_000
 MAX_REQUEST_ID_LENGTH = 128
+MAX_STRUCT_BYTES = 1_000_000
 
 
 def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
@@ -74,9 +75,9 @@ def _text(value: str, field: str, limit: int = MAX_TEXT_LENGTH) -> str:
 
 
 def _dict(message: struct_pb2.Struct, field: str) -> dict:
-    value = json_format.MessageToDict(message)
-    _text(json_format.MessageToJson(message), field, limit=1_000_000)
-    return value
+    if message.ByteSize() > MAX_STRUCT_BYTES:
+        raise InvalidArgument(f"{field} is larger than {MAX_STRUCT_BYTES} bytes")
+    return json_format.MessageToDict(message)
 
 
 def _changes(job: jobs_pb2.Job, paths: list[str]) -> JobChanges:
