@@ -142,6 +142,7 @@ class FakePostiz:
         self.hang_after_accepting_posts = False
         self._release.set()
         self._release = asyncio.Event()
+        self.hanging = asyncio.Event()
 
     # Plumbing
 

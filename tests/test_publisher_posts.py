@@ -184,3 +184,21 @@ async def test_create_post_without_request_id_is_invalid(publisher_stub, postiz_
         publisher_stub.CreatePost(request, metadata=postiz_profile.metadata),
         Code.INVALID_ARGUMENT,
     )
+
+
+async def test_retry_while_an_abandoned_attempt_may_still_be_in_flight_is_aborted(
+    publisher_stub, fake_postiz, postiz_profile
+):
+    request = post_request(postiz_profile)
+    fake_postiz.hang_after_accepting_posts = True
+    try:
+        call = publisher_stub.CreatePost(request, metadata=postiz_profile.metadata)
+        await fake_postiz.hanging.wait()
+        call.cancel()
+        details = await expect_status(
+            publisher_stub.CreatePost(request, metadata=postiz_profile.metadata), Code.ABORTED
+        )
+    finally:
+        fake_postiz.release_hanging_posts()
+    assert "same request_id" in details
+    assert len(postiz_profile.organization.live_posts) == 1
