@@ -21,6 +21,9 @@ from services.runtime.errors import (
 )
 from services.runtime.interceptors import ProfileClientInterceptor
 
+# The caller's own deadline, passed on by the interceptor, shortens this.
+CALL_TIMEOUT_SECONDS = 30.0
+
 _ERRORS: dict[grpc.StatusCode, type[DomainError]] = {
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
@@ -61,7 +64,9 @@ class JobsClient:
 
     async def get_job(self, job_id: str) -> JobSnapshot:
         try:
-            job = await self._stub.GetJob(jobs_pb2.GetJobRequest(job_id=job_id), timeout=30)
+            job = await self._stub.GetJob(
+                jobs_pb2.GetJobRequest(job_id=job_id), timeout=CALL_TIMEOUT_SECONDS
+            )
         except grpc.aio.AioRpcError as error:
             raise _domain_error(error) from None
         return _snapshot(job)
@@ -74,7 +79,7 @@ class JobsClient:
             job=job, update_mask=field_mask_pb2.FieldMask(paths=["result"])
         )
         try:
-            updated = await self._stub.UpdateJob(request, timeout=30)
+            updated = await self._stub.UpdateJob(request, timeout=CALL_TIMEOUT_SECONDS)
         except grpc.aio.AioRpcError as error:
             raise _domain_error(error) from None
         return _snapshot(updated)

@@ -232,8 +232,9 @@ def new_draft(
     )
 
 
-def normalised_base_url(base_url: str) -> str:
-    """The Postiz public API root, checked: http(s), a host, nothing after the path."""
+def normalised_base_url(base_url: str, allowed_hosts: frozenset[str] = frozenset()) -> str:
+    """The Postiz public API root, checked: http(s), a host (one of allowed_hosts, unless that
+    is empty), nothing after the path."""
     parts = urlsplit(base_url.strip())
     if (
         parts.scheme not in ("http", "https")
@@ -246,5 +247,10 @@ def normalised_base_url(base_url: str) -> str:
         raise InvalidArgument(
             "base_url must be the Postiz public API root, for example "
             "https://api.postiz.com/public/v1 or https://postiz.example.com/api/public/v1"
+        )
+    if allowed_hosts and parts.hostname not in allowed_hosts:
+        raise InvalidArgument(
+            f"base_url host {parts.hostname!r} is not an allowed Postiz host; allowed: "
+            f"{', '.join(sorted(allowed_hosts))}"
         )
     return urlunsplit(parts._replace(path=parts.path.rstrip("/")))

@@ -17,7 +17,12 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
+from tenacity import (
+    AsyncRetrying,
+    before_sleep_log,
+    retry_if_exception_type,
+    stop_after_attempt,
+)
 from tenacity.wait import wait_random_exponential
 
 from services.publisher.model import (
@@ -222,6 +227,7 @@ class PostizClient:
             stop=stop_after_attempt(self._get_attempts),
             wait=wait_random_exponential(multiplier=self._retry_base_seconds, max=10),
             retry=retry_if_exception_type(Unavailable),
+            before_sleep=before_sleep_log(log, logging.WARNING),
             reraise=True,
         ):
             with attempt:

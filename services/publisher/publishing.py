@@ -1,6 +1,7 @@
 """What the Publisher does, over its store, Postiz and the Jobs service; no gRPC, no SQL."""
 
 import logging
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -51,12 +52,14 @@ class Publisher:
         cipher: ApiKeyCipher,
         jobs: JobsClient,
         policy: PostingPolicy,
+        allowed_hosts: frozenset[str] = frozenset(),
     ) -> None:
         self._store = store
         self._postiz = postiz
         self._cipher = cipher
         self._jobs = jobs
         self._policy = policy
+        self._allowed_hosts = allowed_hosts
 
     # Credentials
 
@@ -65,7 +68,7 @@ class Publisher:
         api_key = api_key.strip()
         if not api_key:
             raise InvalidArgument("api_key is required: Postiz → Settings → Public API")
-        account = PostizAccount(normalised_base_url(base_url), api_key)
+        account = PostizAccount(normalised_base_url(base_url, self._allowed_hosts), api_key)
         await self._postiz.check_connected(account)
         key_id, ciphertext = self._cipher.encrypt(require_profile_id(), api_key)
         stored = await self._store.set_credentials(
@@ -107,7 +110,7 @@ class Publisher:
     async def list_integrations(self) -> list[Integration]:
         return await self._postiz.list_integrations(await self._account())
 
-    async def upload(self, upload: MediaUpload, chunks: Any) -> Media:
+    async def upload(self, upload: MediaUpload, chunks: AsyncIterator[bytes]) -> Media:
         return await self._postiz.upload(await self._account(), upload, chunks)
 
     async def upload_from_url(self, url: str) -> Media:

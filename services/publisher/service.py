@@ -39,7 +39,12 @@ def publisher_definition(config: PublisherSettings | None = None) -> ServiceDefi
             reconcile_grace_seconds=own.reconcile_grace_seconds,
         )
         publisher = Publisher(
-            PublisherStore(pool), postiz, ApiKeyCipher(own.encryption_keys), jobs, policy
+            PublisherStore(pool),
+            postiz,
+            ApiKeyCipher(own.encryption_keys),
+            jobs,
+            policy,
+            own.postiz_allowed_hosts,
         )
         publisher_pb2_grpc.add_PublisherServiceServicer_to_server(
             PublisherServicer(publisher), server

@@ -5,6 +5,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 from google.protobuf import empty_pb2, json_format, struct_pb2, timestamp_pb2
+from google.protobuf.message import Message
 from grpc.aio import ServicerContext
 from publisher.v1 import publisher_pb2, publisher_pb2_grpc
 
@@ -30,8 +31,8 @@ def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
     return stamp
 
 
-def _time_or_none(message: object, field: str) -> datetime | None:
-    if not message.HasField(field):  # type: ignore[attr-defined]
+def _time_or_none(message: Message, field: str) -> datetime | None:
+    if not message.HasField(field):
         return None
     return getattr(message, field).ToDatetime(tzinfo=UTC)
 

@@ -8,6 +8,8 @@
 - `POSTIZ_RETRY_BASE_SECONDS` (0.5): base of the exponential backoff, full jitter.
 - `PUBLISHER_RECONCILE_GRACE_SECONDS` (60): how long after an attempt of unknown outcome
   Postiz is searched for the post it may have made.
+- `POSTIZ_ALLOWED_HOSTS` (empty: any): comma-separated hosts a profile's base_url may name,
+  so that a profile cannot point the service at internal addresses.
 - `JOBS_TARGET` (`localhost:50051`): the Jobs service, for PublishJob.
 """
 
@@ -51,6 +53,7 @@ class PublisherSettings:
     postiz_retry_base_seconds: float = 0.5
     reconcile_grace_seconds: float = 60.0
     jobs_target: str = "localhost:50051"
+    postiz_allowed_hosts: frozenset[str] = frozenset()
 
     def __repr__(self) -> str:
         return f"PublisherSettings(keys={list(self.encryption_keys)}, jobs={self.jobs_target})"
@@ -73,4 +76,9 @@ class PublisherSettings:
                 "PUBLISHER_RECONCILE_GRACE_SECONDS", cls.reconcile_grace_seconds
             ),
             jobs_target=os.environ.get("JOBS_TARGET", cls.jobs_target),
+            postiz_allowed_hosts=frozenset(
+                host.strip().lower()
+                for host in os.environ.get("POSTIZ_ALLOWED_HOSTS", "").split(",")
+                if host.strip()
+            ),
         )
