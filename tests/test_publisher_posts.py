@@ -1,6 +1,7 @@
 """publisher.v1.PublisherService: posts, exactly once per request_id."""
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 
 import grpc
 from publisher.v1 import publisher_pb2
@@ -202,3 +203,20 @@ async def test_retry_while_an_abandoned_attempt_may_still_be_in_flight_is_aborte
         fake_postiz.release_hanging_posts()
     assert "same request_id" in details
     assert len(postiz_profile.organization.live_posts) == 1
+
+
+async def test_reconciling_does_not_take_an_identical_post_of_another_request(
+    publisher_stub, fake_postiz, postiz_profile
+):
+    when = datetime.now(UTC) + timedelta(hours=2)
+    earlier = await publisher_stub.CreatePost(
+        post_request(postiz_profile, publish_time=when), metadata=postiz_profile.metadata
+    )
+    fake_postiz.answer_once(postiz_profile.organization, "POST", "/posts", 504, {})
+    request = post_request(postiz_profile, publish_time=when)
+    await expect_status(
+        publisher_stub.CreatePost(request, metadata=postiz_profile.metadata), Code.UNAVAILABLE
+    )
+    retried = await publisher_stub.CreatePost(request, metadata=postiz_profile.metadata)
+    assert retried.posts[0].post_id != earlier.posts[0].post_id
+    assert len(postiz_profile.organization.live_posts) == 2

@@ -193,18 +193,24 @@ def _comparable(content: str) -> str:
     return " ".join(_TAG.sub(" ", content).split())
 
 
-def matching_posts(postiz_request: dict[str, Any], found: list[PostizPost]) -> list[CreatedPost]:
-    """The posts in `found` that an earlier POST of `postiz_request` created: the same
-    channel and the same first content (Postiz may have turned it into HTML)."""
+def matching_posts(
+    postiz_request: dict[str, Any], found: list[PostizPost], claimed: set[str]
+) -> list[CreatedPost]:
+    """The posts in `found` that an earlier POST of `postiz_request` created: on each of its
+    channels, the latest post with the same first content (Postiz may have turned it into
+    HTML) that no other publication has `claimed`."""
     wanted = {
         post["integration"]["id"]: _comparable(post["value"][0]["content"])
         for post in postiz_request["posts"]
     }
-    return [
-        CreatedPost(post.id, post.integration_id)
-        for post in found
-        if wanted.get(post.integration_id) == _comparable(post.content)
-    ]
+    latest: dict[str, PostizPost] = {}
+    for post in found:
+        if post.id in claimed or wanted.get(post.integration_id) != _comparable(post.content):
+            continue
+        current = latest.get(post.integration_id)
+        if current is None or post.publish_time >= current.publish_time:
+            latest[post.integration_id] = post
+    return [CreatedPost(post.id, post.integration_id) for post in latest.values()]
 
 
 def new_draft(

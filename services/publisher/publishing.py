@@ -214,7 +214,8 @@ class Publisher:
             publication.publish_time - RECONCILE_MARGIN,
             max(publication.publish_time, now) + RECONCILE_MARGIN,
         )
-        posts = matching_posts(publication.postiz_request, found)
+        claimed = await self._store.claimed_post_ids([post.id for post in found])
+        posts = matching_posts(publication.postiz_request, found, claimed)
         log.info(
             "publication %s attempt %d reconciled: %s",
             publication.request_id,

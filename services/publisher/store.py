@@ -191,6 +191,20 @@ class PublisherStore:
             )
         return None if row is None else _publication(row)
 
+    async def claimed_post_ids(self, post_ids: list[str]) -> set[str]:
+        """Those of `post_ids` that a publication of this profile already holds."""
+        async with self._pool.transaction(readonly=True) as connection:
+            rows = await connection.fetch(
+                """
+                SELECT DISTINCT post ->> 'post_id' AS post_id
+                FROM publisher.publications p, jsonb_array_elements(p.posts) AS post
+                WHERE p.profile_id = $1 AND post ->> 'post_id' = ANY($2::text[])
+                """,
+                require_profile_id(),
+                post_ids,
+            )
+        return {row["post_id"] for row in rows}
+
     async def claim(self, draft: PublicationDraft, policy: PostingPolicy) -> Claim:
         """Records the publication (first call) and decides the next step.
 
