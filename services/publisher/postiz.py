@@ -8,6 +8,7 @@ with backoff and jitter; POST /posts never is, and a POST /posts whose outcome i
 raises PostOutcomeUnknown.
 """
 
+import asyncio
 import logging
 import secrets
 from collections.abc import AsyncIterator
@@ -195,6 +196,7 @@ class PostizClient:
             transport=transport or httpx.AsyncHTTPTransport(retries=2),
             follow_redirects=False,
         )
+        self._timeout_seconds = timeout_seconds
         self._get_attempts = max(get_attempts, 1)
         self._retry_base_seconds = retry_base_seconds
 
@@ -259,12 +261,20 @@ class PostizClient:
     ) -> tuple[list[CreatedPost], datetime | None]:
         """The created posts, and when the budget Postiz reported resets if it is spent.
 
-        Never retried. Raises PostOutcomeUnknown when the post may exist anyway.
+        Never retried, and over within the timeout in total (httpx's timeouts are per read
+        or write), so that an attempt older than that is known not to be in flight. Raises
+        PostOutcomeUnknown when the post may exist anyway.
         """
         try:
-            response = await self._send(account, "POST", "/posts", json=body)
+            async with asyncio.timeout(self._timeout_seconds):
+                response = await self._send(account, "POST", "/posts", json=body)
         except PostizUnreachable:
             raise
+        except TimeoutError:
+            raise PostOutcomeUnknown(
+                f"Postiz at {account.base_url} did not answer in time; the post may have been "
+                "created: retry with the same request_id to find out without posting twice"
+            ) from None
         except Unavailable as error:
             raise PostOutcomeUnknown(
                 f"{error}; the post may have been created: retry with the same request_id "

@@ -18,6 +18,10 @@ from services.runtime.database import TenantScopedPool
 from services.runtime.server import ServiceDefinition
 from services.runtime.settings import Settings
 
+# An attempt's record is committed before its POST starts, and the POST is over within the
+# Postiz timeout; the margin covers the scheduling in between.
+IN_FLIGHT_MARGIN_SECONDS = 5.0
+
 
 def publisher_definition(config: PublisherSettings | None = None) -> ServiceDefinition:
     """The service; its own settings come from `config`, or from the environment at start."""
@@ -35,7 +39,7 @@ def publisher_definition(config: PublisherSettings | None = None) -> ServiceDefi
         jobs = JobsClient(own.jobs_target)
         policy = PostingPolicy(
             posts_per_hour=own.posts_per_hour,
-            in_flight_seconds=own.postiz_timeout_seconds,
+            in_flight_seconds=own.postiz_timeout_seconds + IN_FLIGHT_MARGIN_SECONDS,
             reconcile_grace_seconds=own.reconcile_grace_seconds,
         )
         publisher = Publisher(
