@@ -19,12 +19,16 @@ import asyncpg
 import grpc
 import pytest
 from jobs.v1 import jobs_pb2_grpc
+from publisher.v1 import publisher_pb2, publisher_pb2_grpc
 
 from services.jobs.service import JOBS
+from services.publisher.service import publisher_definition
+from services.publisher.settings import PublisherSettings
 from services.runtime.embedded_postgres import start_embedded_postgres
 from services.runtime.logs import configure_logging
 from services.runtime.server import RunningService, ServiceDefinition, start_service
 from services.runtime.settings import Settings
+from tests.fake_postiz import FakePostiz, Organization, api_root, serve_fake_postiz
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -95,6 +99,49 @@ async def jobs_channel(jobs_service: RunningService) -> AsyncIterator[grpc.aio.C
 @pytest.fixture(scope="session")
 def jobs_stub(jobs_channel: grpc.aio.Channel) -> jobs_pb2_grpc.JobServiceStub:
     return jobs_pb2_grpc.JobServiceStub(jobs_channel)
+
+
+@pytest.fixture(scope="session")
+async def fake_postiz() -> AsyncIterator[FakePostiz]:
+    async with serve_fake_postiz() as fake:
+        yield fake
+
+
+# Small enough for tests to reach: the posting budget, the timeout of a hanging POST /posts.
+TEST_POSTS_PER_HOUR = 5
+TEST_POSTIZ_TIMEOUT_SECONDS = 1.0
+
+
+@pytest.fixture(scope="session")
+async def publisher_service(
+    database_url: str, jobs_service: RunningService
+) -> AsyncIterator[RunningService]:
+    config = PublisherSettings(
+        encryption_keys={"test-key": secrets.token_bytes(32)},
+        posts_per_hour=TEST_POSTS_PER_HOUR,
+        postiz_timeout_seconds=TEST_POSTIZ_TIMEOUT_SECONDS,
+        postiz_get_attempts=3,
+        postiz_retry_base_seconds=0.01,
+        reconcile_grace_seconds=0,
+        jobs_target=f"127.0.0.1:{jobs_service.port}",
+    )
+    async with running(publisher_definition(config), settings_for(database_url)) as service:
+        yield service
+
+
+@pytest.fixture(scope="session")
+async def publisher_channel(
+    publisher_service: RunningService,
+) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{publisher_service.port}") as channel:
+        yield channel
+
+
+@pytest.fixture(scope="session")
+def publisher_stub(
+    publisher_channel: grpc.aio.Channel,
+) -> publisher_pb2_grpc.PublisherServiceStub:
+    return publisher_pb2_grpc.PublisherServiceStub(publisher_channel)
 
 
 def new_profile_id() -> str:
@@ -210,3 +257,30 @@ def disposable_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Di
         yield server
     finally:
         server.remove()
+
+
+@dataclass
+class PostizProfile:
+    """A profile of the test's own, connected to an organization of its own in the fake."""
+
+    metadata: tuple[tuple[str, str], ...]
+    organization: Organization
+
+
+async def connect_profile(
+    stub: publisher_pb2_grpc.PublisherServiceStub, fake: FakePostiz, **organization: int
+) -> PostizProfile:
+    org = fake.add_organization(**organization)
+    metadata = as_profile(new_profile_id())
+    await stub.SetPostizCredentials(
+        publisher_pb2.SetPostizCredentialsRequest(base_url=api_root(fake), api_key=org.api_key),
+        metadata=metadata,
+    )
+    return PostizProfile(metadata, org)
+
+
+@pytest.fixture
+async def postiz_profile(
+    publisher_stub: publisher_pb2_grpc.PublisherServiceStub, fake_postiz: FakePostiz
+) -> PostizProfile:
+    return await connect_profile(publisher_stub, fake_postiz)

@@ -1,0 +1,331 @@
+"""The Postiz public API over httpx, one organization (API key) per call.
+
+Every method takes the PostizAccount of the profile it acts for, so a key can only ever be
+used for the profile it was read for. Postiz's answers become domain errors here:
+401 → FailedPrecondition, 400 → InvalidArgument, 402/403 → FailedPrecondition,
+404 → NotFound, 429 → ResourceExhausted, 5xx and timeouts → Unavailable. Reads are retried
+with backoff and jitter; POST /posts never is, and a POST /posts whose outcome is unknown
+raises PostOutcomeUnknown.
+"""
+
+import asyncio
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+from tenacity import (
+    AsyncRetrying,
+    before_sleep_log,
+    retry_if_exception_type,
+    stop_after_attempt,
+)
+from tenacity.wait import wait_random_exponential
+
+from services.publisher.model import (
+    CreatedPost,
+    Integration,
+    Media,
+    MediaUpload,
+    PostizAccount,
+    PostizPost,
+)
+from services.runtime.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RETRY_AFTER_SECONDS = 60.0
+_MAX_MESSAGE = 500
+
+
+class PostOutcomeUnknown(Unavailable):
+    """POST /posts may or may not have created the post (a timeout, a dropped connection, a
+    5xx); a retry with the same request_id reconciles before posting again."""
+
+
+class PostizUnreachable(Unavailable):
+    """No connection to Postiz could be made: the request was never sent."""
+
+
+class PostizRateLimited(ResourceExhausted):
+    """Postiz answered 429; `until` is when it allows posts again."""
+
+    def __init__(self, message: str, retry_after_seconds: float) -> None:
+        super().__init__(message, retry_after_seconds)
+        self.until = datetime.now(UTC) + timedelta(seconds=retry_after_seconds)
+
+
+def _message(response: httpx.Response) -> str:
+    """Postiz's own words: `{msg}` from its handlers, `{message}` (text or list) from
+    validation, else the raw text."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    text: Any = None
+    if isinstance(body, dict):
+        text = body.get("msg") or body.get("message") or body.get("error")
+    if isinstance(text, list):
+        text = "; ".join(str(item) for item in text)
+    if not isinstance(text, str) or not text:
+        text = response.text or response.reason_phrase
+    return text[:_MAX_MESSAGE]
+
+
+def _seconds_header(response: httpx.Response, name: str) -> float | None:
+    raw = response.headers.get(name)
+    if raw is None:
+        return None
+    try:
+        return max(float(raw), 0.0)
+    except ValueError:
+        pass
+    try:
+        moment = parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    return max((moment - datetime.now(UTC)).total_seconds(), 0.0)
+
+
+def rate_limited_until(response: httpx.Response) -> datetime | None:
+    """When a successful POST /posts says the budget is spent (`X-RateLimit-Remaining: 0`),
+    the moment it resets."""
+    if response.headers.get("x-ratelimit-remaining") != "0":
+        return None
+    reset = _seconds_header(response, "x-ratelimit-reset")
+    return datetime.now(UTC) + timedelta(
+        seconds=DEFAULT_RETRY_AFTER_SECONDS if reset is None else reset
+    )
+
+
+def raise_for_postiz_status(response: httpx.Response) -> None:
+    status = response.status_code
+    if status < 400:
+        return
+    message = _message(response)
+    if status == 401:
+        raise FailedPrecondition(
+            f"Postiz rejected this profile's API key ({message}); set a valid key with "
+            "SetPostizCredentials"
+        )
+    if status == 400:
+        raise InvalidArgument(f"Postiz refused the request: {message}")
+    if status in (402, 403):
+        raise FailedPrecondition(f"Postiz refused the request for this organization: {message}")
+    if status == 404:
+        raise NotFound(f"Postiz has no such resource: {message}")
+    if status == 429:
+        retry_after = _seconds_header(response, "retry-after")
+        if retry_after is None:
+            retry_after = _seconds_header(response, "x-ratelimit-reset")
+        if retry_after is None:
+            retry_after = DEFAULT_RETRY_AFTER_SECONDS
+        raise PostizRateLimited(
+            f"Postiz rate limit reached for this profile; retry in {retry_after:.0f}s",
+            retry_after,
+        )
+    raise Unavailable(f"Postiz answered {status}: {message}; retry later")
+
+
+def _time(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _iso(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _integration(item: dict[str, Any]) -> Integration:
+    customer = item.get("customer") or {}
+    return Integration(
+        id=str(item["id"]),
+        name=item.get("name") or "",
+        identifier=item.get("identifier") or "",
+        picture=item.get("picture") or "",
+        disabled=bool(item.get("disabled")),
+        profile=item.get("profile") or "",
+        customer_id=customer.get("id") or "",
+        customer_name=customer.get("name") or "",
+    )
+
+
+def _post(item: dict[str, Any]) -> PostizPost:
+    integration = item.get("integration") or {}
+    return PostizPost(
+        id=str(item["id"]),
+        content=item.get("content") or "",
+        publish_time=_time(item["publishDate"]),
+        release_url=item.get("releaseURL") or "",
+        state=item.get("state") or "",
+        group=item.get("group") or "",
+        integration_id=integration.get("id") or "",
+        integration_name=integration.get("name") or "",
+        integration_identifier=integration.get("providerIdentifier")
+        or integration.get("identifier")
+        or "",
+    )
+
+
+def _media(item: dict[str, Any]) -> Media:
+    return Media(id=str(item["id"]), name=item.get("name") or "", path=item.get("path") or "")
+
+
+class PostizClient:
+    """One connection pool for every profile; the key goes on each request, never the pool."""
+
+    def __init__(
+        self,
+        timeout_seconds: float,
+        get_attempts: int,
+        retry_base_seconds: float,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._http = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout_seconds),
+            # Retries connection failures only: the request was never sent.
+            transport=transport or httpx.AsyncHTTPTransport(retries=2),
+            follow_redirects=False,
+        )
+        self._timeout_seconds = timeout_seconds
+        self._get_attempts = max(get_attempts, 1)
+        self._retry_base_seconds = retry_base_seconds
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _send(
+        self, account: PostizAccount, method: str, path: str, **kwargs: Any
+    ) -> httpx.Response:
+        url = account.base_url.rstrip("/") + path
+        headers = {"Authorization": account.api_key, **kwargs.pop("headers", {})}
+        try:
+            response = await self._http.request(method, url, headers=headers, **kwargs)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as error:
+            raise PostizUnreachable(
+                f"cannot reach Postiz at {account.base_url}: {type(error).__name__}"
+            ) from None
+        except httpx.TimeoutException:
+            raise Unavailable(f"Postiz at {account.base_url} did not answer in time") from None
+        except httpx.TransportError as error:
+            raise Unavailable(
+                f"Postiz at {account.base_url} failed: {type(error).__name__}"
+            ) from None
+        raise_for_postiz_status(response)
+        return response
+
+    async def _get(self, account: PostizAccount, path: str, **params: str) -> Any:
+        """A read, retried on Unavailable with exponential backoff and full jitter."""
+        async for attempt in AsyncRetrying(
+            stop=stop_after_attempt(self._get_attempts),
+            wait=wait_random_exponential(multiplier=self._retry_base_seconds, max=10),
+            retry=retry_if_exception_type(Unavailable),
+            before_sleep=before_sleep_log(log, logging.WARNING),
+            reraise=True,
+        ):
+            with attempt:
+                response = await self._send(account, "GET", path, params=params)
+        return response.json()
+
+    async def check_connected(self, account: PostizAccount) -> None:
+        """Raises unless Postiz accepts the key."""
+        body = await self._get(account, "/is-connected")
+        if not (isinstance(body, dict) and body.get("connected") is True):
+            raise FailedPrecondition("Postiz did not confirm the connection for this API key")
+
+    async def list_integrations(self, account: PostizAccount) -> list[Integration]:
+        return [_integration(item) for item in await self._get(account, "/integrations")]
+
+    async def list_posts(
+        self, account: PostizAccount, start: datetime, end: datetime
+    ) -> list[PostizPost]:
+        body = await self._get(account, "/posts", startDate=_iso(start), endDate=_iso(end))
+        return [_post(item) for item in body.get("posts", [])]
+
+    async def delete_post(self, account: PostizAccount, post_id: str) -> None:
+        """Deletes the post's group. Postiz answers `{error: true}` even when it worked, so
+        only the status code is read."""
+        await self._send(account, "DELETE", f"/posts/{quote(post_id, safe='')}")
+
+    async def create_post(
+        self, account: PostizAccount, body: dict[str, Any]
+    ) -> tuple[list[CreatedPost], datetime | None]:
+        """The created posts, and when the budget Postiz reported resets if it is spent.
+
+        Never retried, and over within the timeout in total (httpx's timeouts are per read
+        or write), so that an attempt older than that is known not to be in flight. Raises
+        PostOutcomeUnknown when the post may exist anyway.
+        """
+        try:
+            async with asyncio.timeout(self._timeout_seconds):
+                response = await self._send(account, "POST", "/posts", json=body)
+        except PostizUnreachable:
+            raise
+        except TimeoutError:
+            raise PostOutcomeUnknown(
+                f"Postiz at {account.base_url} did not answer in time; the post may have been "
+                "created: retry with the same request_id to find out without posting twice"
+            ) from None
+        except Unavailable as error:
+            raise PostOutcomeUnknown(
+                f"{error}; the post may have been created: retry with the same request_id "
+                "to find out without posting twice"
+            ) from None
+        created = [
+            CreatedPost(str(item["postId"]), str(item.get("integration", "")))
+            for item in response.json()
+        ]
+        return created, rate_limited_until(response)
+
+    async def upload(
+        self, account: PostizAccount, upload: MediaUpload, chunks: AsyncIterator[bytes]
+    ) -> Media:
+        """Streams the file to POST /upload as multipart without holding it: at most one
+        chunk is in memory. Raises InvalidArgument when the chunks do not add up to the
+        promised size."""
+        boundary = secrets.token_hex(16)
+        head = (
+            f"--{boundary}\r\n"
+            f'Content-Disposition: form-data; name="file"; filename="{upload.safe_filename}"\r\n'
+            f"Content-Type: {upload.content_type}\r\n\r\n"
+        ).encode()
+        tail = f"\r\n--{boundary}--\r\n".encode()
+
+        async def body() -> AsyncIterator[bytes]:
+            yield head
+            sent = 0
+            async for chunk in chunks:
+                sent += len(chunk)
+                if sent > upload.size_bytes:
+                    raise InvalidArgument(f"more than size_bytes={upload.size_bytes} were sent")
+                yield chunk
+            if sent != upload.size_bytes:
+                raise InvalidArgument(
+                    f"the upload ended after {sent} of size_bytes={upload.size_bytes} bytes"
+                )
+            yield tail
+
+        response = await self._send(
+            account,
+            "POST",
+            "/upload",
+            content=body(),
+            headers={
+                "Content-Type": f"multipart/form-data; boundary={boundary}",
+                "Content-Length": str(len(head) + upload.size_bytes + len(tail)),
+            },
+        )
+        return _media(response.json())
+
+    async def upload_from_url(self, account: PostizAccount, url: str) -> Media:
+        response = await self._send(account, "POST", "/upload-from-url", json={"url": url})
+        return _media(response.json())

@@ -1,0 +1,320 @@
+"""What the Publisher does, over its store, Postiz and the Jobs service; no gRPC, no SQL."""
+
+import logging
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from services.publisher.api_key_cipher import ApiKeyCipher, api_key_fingerprint
+from services.publisher.jobs_client import JobsClient
+from services.publisher.model import (
+    MISSING_CREDENTIALS,
+    CreatedPost,
+    Integration,
+    Media,
+    MediaUpload,
+    PostizAccount,
+    PostizPost,
+    PostType,
+    Publication,
+    PublicationDraft,
+    PublicationState,
+    StoredCredentials,
+    matching_posts,
+    new_draft,
+    normalised_base_url,
+    request_digest,
+)
+from services.publisher.postiz import PostizClient, PostizRateLimited, PostOutcomeUnknown
+from services.publisher.store import NextStep, PostingPolicy, PublisherStore
+from services.runtime.call_context import require_profile_id
+from services.runtime.errors import (
+    Conflict,
+    DomainError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
+
+log = logging.getLogger(__name__)
+
+# Postiz may store a "now" post under its own clock: search this far around the publish time.
+RECONCILE_MARGIN = timedelta(minutes=5)
+GET_POST_WINDOW = timedelta(days=1)
+_CLAIM_ROUNDS = 3
+
+
+class Publisher:
+    def __init__(
+        self,
+        store: PublisherStore,
+        postiz: PostizClient,
+        cipher: ApiKeyCipher,
+        jobs: JobsClient,
+        policy: PostingPolicy,
+        allowed_hosts: frozenset[str] = frozenset(),
+    ) -> None:
+        self._store = store
+        self._postiz = postiz
+        self._cipher = cipher
+        self._jobs = jobs
+        self._policy = policy
+        self._allowed_hosts = allowed_hosts
+
+    # Credentials
+
+    async def set_credentials(self, base_url: str, api_key: str) -> StoredCredentials:
+        """Stores the key once Postiz has accepted it."""
+        api_key = api_key.strip()
+        if not api_key:
+            raise InvalidArgument("api_key is required: Postiz → Settings → Public API")
+        account = PostizAccount(normalised_base_url(base_url, self._allowed_hosts), api_key)
+        await self._postiz.check_connected(account)
+        key_id, ciphertext = self._cipher.encrypt(require_profile_id(), api_key)
+        stored = await self._store.set_credentials(
+            account.base_url,
+            ciphertext,
+            key_id,
+            api_key_fingerprint(api_key),
+            datetime.now(UTC),
+        )
+        log.info("Postiz credentials set (%s)", stored.api_key_fingerprint)
+        return stored
+
+    async def get_credentials(self) -> StoredCredentials:
+        stored = await self._store.get_credentials()
+        if stored is None:
+            raise NotFound(MISSING_CREDENTIALS)
+        return stored
+
+    async def delete_credentials(self) -> None:
+        await self._store.delete_credentials()
+        log.info("Postiz credentials deleted")
+
+    async def _account(self) -> PostizAccount:
+        """The calling profile's Postiz account; FailedPrecondition when it has none."""
+        stored = await self._store.get_credentials()
+        if stored is None:
+            raise FailedPrecondition(MISSING_CREDENTIALS)
+        profile_id = require_profile_id()
+        api_key = self._cipher.decrypt(
+            profile_id, stored.encryption_key_id, stored.api_key_ciphertext
+        )
+        if stored.encryption_key_id != self._cipher.current_key_id:
+            key_id, ciphertext = self._cipher.encrypt(profile_id, api_key)
+            await self._store.reencrypt_credentials(stored.encryption_key_id, ciphertext, key_id)
+        return PostizAccount(stored.base_url, api_key)
+
+    # Reads and media
+
+    async def list_integrations(self) -> list[Integration]:
+        return await self._postiz.list_integrations(await self._account())
+
+    async def upload(self, upload: MediaUpload, chunks: AsyncIterator[bytes]) -> Media:
+        return await self._postiz.upload(await self._account(), upload, chunks)
+
+    async def upload_from_url(self, url: str) -> Media:
+        return await self._postiz.upload_from_url(await self._account(), url)
+
+    async def list_posts(self, start: datetime, end: datetime) -> list[PostizPost]:
+        if start >= end:
+            raise InvalidArgument("start_time must be before end_time")
+        return await self._postiz.list_posts(await self._account(), start, end)
+
+    async def get_post(
+        self, post_id: str, start: datetime | None, end: datetime | None
+    ) -> PostizPost:
+        """Postiz has no read of one post: search the window it must be in."""
+        if start is None or end is None:
+            publication = await self._store.find_publication_of_post(post_id)
+            if publication is None:
+                raise InvalidArgument(
+                    f"post {post_id} was not created through this service: give start_time and "
+                    "end_time around its publish time"
+                )
+            start = publication.publish_time - GET_POST_WINDOW
+            end = publication.publish_time + GET_POST_WINDOW
+        for post in await self.list_posts(start, end):
+            if post.id == post_id:
+                return post
+        raise NotFound(f"post {post_id} not found in this profile's Postiz organization")
+
+    async def delete_post(self, post_id: str) -> None:
+        await self._postiz.delete_post(await self._account(), post_id)
+        log.info("Postiz post %s deleted", post_id)
+
+    # Publishing, exactly once
+
+    async def create_post(self, draft: PublicationDraft) -> Publication:
+        """Posts the draft at most once per request_id.
+
+        The attempt is committed before Postiz is called. A retry finds the stored result; a
+        retry after an attempt of unknown outcome searches Postiz for the post before
+        sending again.
+        """
+        account = await self._account()
+        for _ in range(_CLAIM_ROUNDS):
+            claim = await self._store.claim(draft, self._policy)
+            if claim.step == NextStep.DONE:
+                return claim.publication
+            if claim.step == NextStep.SEND:
+                return await self._send(account, claim.publication, claim.attempt)
+            publication = await self._reconcile(account, claim.publication, claim.attempt)
+            if publication is not None and publication.state == PublicationState.ACCEPTED:
+                return publication
+        raise Conflict(
+            f"request_id {draft.request_id!r} is being published by another call; retry shortly"
+        )
+
+    async def _send(
+        self, account: PostizAccount, publication: Publication, attempt: int
+    ) -> Publication:
+        request_id = publication.request_id
+        try:
+            posts, rate_limited_until = await self._postiz.create_post(
+                account, publication.postiz_request
+            )
+        except PostOutcomeUnknown as error:
+            log.warning("publication %s attempt %d: outcome unknown", request_id, attempt)
+            await self._store.finish_attempt(
+                request_id, attempt, PublicationState.OUTCOME_UNKNOWN, error=str(error)
+            )
+            raise
+        except PostizRateLimited as error:
+            await self._store.finish_attempt(
+                request_id,
+                attempt,
+                PublicationState.FAILED,
+                error=str(error),
+                rate_limited_until=error.until,
+            )
+            raise
+        except DomainError as error:
+            await self._store.finish_attempt(
+                request_id, attempt, PublicationState.FAILED, error=str(error)
+            )
+            raise
+        log.info("publication %s accepted by Postiz: %d post(s)", request_id, len(posts))
+        finished = await self._store.finish_attempt(
+            request_id,
+            attempt,
+            PublicationState.ACCEPTED,
+            posts=posts,
+            rate_limited_until=rate_limited_until,
+        )
+        return finished or await self._stored(request_id)
+
+    async def _reconcile(
+        self, account: PostizAccount, publication: Publication, attempt: int
+    ) -> Publication | None:
+        """Looks in Postiz for what the attempt of unknown outcome created."""
+        now = datetime.now(UTC)
+        found = await self._postiz.list_posts(
+            account,
+            publication.publish_time - RECONCILE_MARGIN,
+            max(publication.publish_time, now) + RECONCILE_MARGIN,
+        )
+        claimed = await self._store.claimed_post_ids([post.id for post in found])
+        posts = matching_posts(publication.postiz_request, found, claimed)
+        log.info(
+            "publication %s attempt %d reconciled: %s",
+            publication.request_id,
+            attempt,
+            "found in Postiz" if posts else "not in Postiz",
+        )
+        if posts:
+            return await self._store.finish_attempt(
+                publication.request_id, attempt, PublicationState.ACCEPTED, posts=posts
+            )
+        return await self._store.finish_attempt(
+            publication.request_id,
+            attempt,
+            PublicationState.FAILED,
+            error="the post was not found in Postiz after an attempt of unknown outcome",
+        )
+
+    async def _stored(self, request_id: str) -> Publication:
+        publication = await self._store.get_publication(request_id)
+        if publication is None:
+            raise NotFound(f"publication {request_id!r} not found")
+        return publication
+
+    # Jobs
+
+    async def publish_job(
+        self,
+        job_id: str,
+        integration_ids: list[str],
+        content: str,
+        publish_time: datetime | None,
+        settings: dict[str, dict[str, Any]],
+    ) -> Publication:
+        """Uploads a COMPLETED job's video, posts it once per job, and writes the post ids
+        into the job's result under "publication"."""
+        if not integration_ids:
+            raise InvalidArgument("integration_ids must name at least one integration")
+        job = await self._jobs.get_job(job_id)
+        if job.status != "COMPLETED":
+            raise FailedPrecondition(
+                f"job {job_id} is {job.status}; only a COMPLETED job can be published"
+            )
+        video_url = job.result.get("video_url")
+        if not isinstance(video_url, str) or not video_url:
+            raise FailedPrecondition(
+                f"job {job_id} has no video to publish: its result must name it in video_url"
+            )
+        request_id = f"job:{job_id}"
+        described_as = [job_id, integration_ids, content, publish_time, settings]
+        existing = await self._store.get_publication(request_id)
+        if existing is None:
+            media = await self.upload_from_url(video_url)
+            draft = new_draft(
+                request_id=request_id,
+                job_id=job_id,
+                post_type=PostType.NOW if publish_time is None else PostType.SCHEDULE,
+                publish_time=publish_time,
+                posts=[
+                    {
+                        "integration": {"id": integration_id},
+                        "value": [
+                            {"content": content, "image": [{"id": media.id, "path": media.path}]}
+                        ],
+                        "settings": settings.get(integration_id, {}),
+                    }
+                    for integration_id in integration_ids
+                ],
+                tags=[],
+                short_link=False,
+                described_as=described_as,
+            )
+        else:
+            draft = existing.draft()
+            if request_digest(described_as) != draft.request_digest:
+                raise InvalidArgument(
+                    f"job {job_id} was already published with other integrations, content, "
+                    "time or settings"
+                )
+        publication = await self.create_post(draft)
+        await self._write_back(job_id, publication)
+        return publication
+
+    async def _write_back(self, job_id: str, publication: Publication) -> None:
+        """Adds the post ids to the job's result, re-reading it when it changed meanwhile."""
+        for _ in range(_CLAIM_ROUNDS):
+            job = await self._jobs.get_job(job_id)
+            result = job.result | {
+                "publication": {
+                    "request_id": publication.request_id,
+                    "posts": [_post_json(post) for post in publication.posts],
+                }
+            }
+            try:
+                await self._jobs.write_result(job_id, result, job.etag)
+            except Conflict:
+                continue
+            return
+        raise Conflict(f"job {job_id} kept changing; PublishJob can be retried safely")
+
+
+def _post_json(post: CreatedPost) -> dict[str, str]:
+    return {"post_id": post.post_id, "integration_id": post.integration_id}

@@ -1,0 +1,71 @@
+"""The Publisher service as the shared runtime starts it."""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import grpc
+from publisher.v1 import publisher_pb2_grpc
+
+from services.publisher.api_key_cipher import ApiKeyCipher
+from services.publisher.jobs_client import JobsClient
+from services.publisher.postiz import PostizClient
+from services.publisher.publishing import Publisher
+from services.publisher.servicer import PublisherServicer
+from services.publisher.settings import PublisherSettings
+from services.publisher.store import PostingPolicy, PublisherStore
+from services.runtime.database import TenantScopedPool
+from services.runtime.server import ServiceDefinition
+from services.runtime.settings import Settings
+
+# An attempt's record is committed before its POST starts, and the POST is over within the
+# Postiz timeout; the margin covers the scheduling in between.
+IN_FLIGHT_MARGIN_SECONDS = 5.0
+
+
+def publisher_definition(config: PublisherSettings | None = None) -> ServiceDefinition:
+    """The service; its own settings come from `config`, or from the environment at start."""
+
+    @asynccontextmanager
+    async def servicers(
+        server: grpc.aio.Server, pool: TenantScopedPool, settings: Settings
+    ) -> AsyncIterator[None]:
+        own = config or PublisherSettings.from_environment()
+        postiz = PostizClient(
+            timeout_seconds=own.postiz_timeout_seconds,
+            get_attempts=own.postiz_get_attempts,
+            retry_base_seconds=own.postiz_retry_base_seconds,
+        )
+        jobs = JobsClient(own.jobs_target)
+        policy = PostingPolicy(
+            posts_per_hour=own.posts_per_hour,
+            in_flight_seconds=own.postiz_timeout_seconds + IN_FLIGHT_MARGIN_SECONDS,
+            reconcile_grace_seconds=own.reconcile_grace_seconds,
+        )
+        publisher = Publisher(
+            PublisherStore(pool),
+            postiz,
+            ApiKeyCipher(own.encryption_keys),
+            jobs,
+            policy,
+            own.postiz_allowed_hosts,
+        )
+        publisher_pb2_grpc.add_PublisherServiceServicer_to_server(
+            PublisherServicer(publisher), server
+        )
+        try:
+            yield
+        finally:
+            await jobs.aclose()
+            await postiz.aclose()
+
+    return ServiceDefinition(
+        name="publisher",
+        grpc_service="publisher.v1.PublisherService",
+        default_port=50053,
+        migrations=Path(__file__).parent / "migrations",
+        servicers=servicers,
+    )
+
+
+PUBLISHER = publisher_definition()

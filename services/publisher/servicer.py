@@ -1,0 +1,278 @@
+"""publisher.v1.PublisherService: validates requests and converts between messages and the
+model."""
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+from google.protobuf import empty_pb2, json_format, struct_pb2, timestamp_pb2
+from google.protobuf.message import Message
+from grpc.aio import ServicerContext
+from publisher.v1 import publisher_pb2, publisher_pb2_grpc
+
+from services.publisher import model
+from services.publisher.publishing import Publisher
+from services.runtime.errors import InvalidArgument
+
+MAX_REQUEST_ID_LENGTH = 128
+MAX_ID_LENGTH = 256
+MAX_URL_LENGTH = 2048
+MAX_CONTENT_LENGTH = 100_000
+
+_POST_TYPES = {
+    publisher_pb2.POST_TYPE_NOW: model.PostType.NOW,
+    publisher_pb2.POST_TYPE_SCHEDULE: model.PostType.SCHEDULE,
+    publisher_pb2.POST_TYPE_DRAFT: model.PostType.DRAFT,
+}
+
+
+def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def _time_or_none(message: Message, field: str) -> datetime | None:
+    if not message.HasField(field):
+        return None
+    return getattr(message, field).ToDatetime(tzinfo=UTC)
+
+
+def _text(value: str, field: str, limit: int, required: bool = True) -> str:
+    if required and not value:
+        raise InvalidArgument(f"{field} is required")
+    if len(value) > limit:
+        raise InvalidArgument(f"{field} is longer than {limit} characters")
+    if "\x00" in value:
+        raise InvalidArgument(f"{field} must not contain NUL characters")
+    return value
+
+
+def _url(value: str, field: str) -> str:
+    _text(value, field, MAX_URL_LENGTH)
+    if not value.startswith(("https://", "http://")):
+        raise InvalidArgument(f"{field} must be an http(s) URL")
+    return value
+
+
+def credentials_message(stored: model.StoredCredentials) -> publisher_pb2.PostizCredentials:
+    return publisher_pb2.PostizCredentials(
+        base_url=stored.base_url,
+        api_key_fingerprint=stored.api_key_fingerprint,
+        verify_time=_timestamp(stored.verify_time),
+        update_time=_timestamp(stored.update_time),
+    )
+
+
+def media_message(media: model.Media) -> publisher_pb2.Media:
+    return publisher_pb2.Media(id=media.id, name=media.name, path=media.path)
+
+
+def publication_message(publication: model.Publication) -> publisher_pb2.Publication:
+    return publisher_pb2.Publication(
+        request_id=publication.request_id,
+        job_id=publication.job_id,
+        state=publisher_pb2.PublicationState.Value(f"PUBLICATION_STATE_{publication.state}"),
+        posts=[
+            publisher_pb2.CreatedPost(post_id=p.post_id, integration_id=p.integration_id)
+            for p in publication.posts
+        ],
+        error=publication.error,
+        attempt_count=publication.attempt_count,
+        publish_time=_timestamp(publication.publish_time),
+        create_time=_timestamp(publication.create_time),
+        update_time=_timestamp(publication.update_time),
+    )
+
+
+_POST_STATES = dict(publisher_pb2.PostState.items())
+
+
+def post_message(post: model.PostizPost) -> publisher_pb2.Post:
+    return publisher_pb2.Post(
+        id=post.id,
+        content=post.content,
+        publish_time=_timestamp(post.publish_time),
+        release_url=post.release_url,
+        state=_POST_STATES.get(f"POST_STATE_{post.state}", publisher_pb2.POST_STATE_UNSPECIFIED),
+        group=post.group,
+        integration_id=post.integration_id,
+        integration_name=post.integration_name,
+        integration_identifier=post.integration_identifier,
+    )
+
+
+def integration_message(integration: model.Integration) -> publisher_pb2.Integration:
+    return publisher_pb2.Integration(
+        id=integration.id,
+        name=integration.name,
+        identifier=integration.identifier,
+        picture=integration.picture,
+        disabled=integration.disabled,
+        profile=integration.profile,
+        customer_id=integration.customer_id,
+        customer_name=integration.customer_name,
+    )
+
+
+def _settings(message: struct_pb2.Struct) -> dict:
+    return json_format.MessageToDict(message)
+
+
+def _postiz_posts(request: publisher_pb2.CreatePostRequest) -> list[dict]:
+    posts = []
+    for index, post in enumerate(request.posts):
+        field = f"posts[{index}]"
+        if not post.values:
+            raise InvalidArgument(f"{field}.values must hold at least one value")
+        values = [
+            {
+                "content": _text(value.content, f"{field}.values[{i}].content", MAX_CONTENT_LENGTH),
+                "image": [
+                    {
+                        "id": _text(m.id, f"{field}.values[{i}].media.id", MAX_ID_LENGTH),
+                        "path": _text(m.path, f"{field}.values[{i}].media.path", MAX_URL_LENGTH),
+                    }
+                    for m in value.media
+                ],
+            }
+            for i, value in enumerate(post.values)
+        ]
+        posts.append(
+            {
+                "integration": {
+                    "id": _text(post.integration_id, f"{field}.integration_id", MAX_ID_LENGTH)
+                },
+                "value": values,
+                "settings": _settings(post.settings),
+            }
+        )
+    return posts
+
+
+def _draft(request: publisher_pb2.CreatePostRequest) -> model.PublicationDraft:
+    request_id = _text(request.request_id, "request_id", MAX_REQUEST_ID_LENGTH)
+    post_type = _POST_TYPES.get(request.type)
+    if post_type is None:
+        raise InvalidArgument("type must be POST_TYPE_NOW, POST_TYPE_SCHEDULE or POST_TYPE_DRAFT")
+    described = publisher_pb2.CreatePostRequest()
+    described.CopyFrom(request)
+    described.ClearField("request_id")
+    return model.new_draft(
+        request_id=request_id,
+        job_id=_text(request.job_id, "job_id", MAX_ID_LENGTH, required=False),
+        post_type=post_type,
+        publish_time=_time_or_none(request, "publish_time"),
+        posts=_postiz_posts(request),
+        tags=[{"value": tag.value, "label": tag.label or tag.value} for tag in request.tags],
+        short_link=request.short_link,
+        described_as=json_format.MessageToDict(described),
+    )
+
+
+async def _chunks(
+    requests: AsyncIterator[publisher_pb2.UploadMediaRequest],
+) -> AsyncIterator[bytes]:
+    async for request in requests:
+        if request.WhichOneof("part") != "chunk":
+            raise InvalidArgument("only the first UploadMediaRequest may carry metadata")
+        if len(request.chunk) > model.MAX_CHUNK_BYTES:
+            raise InvalidArgument(f"a chunk must be at most {model.MAX_CHUNK_BYTES} bytes")
+        yield request.chunk
+
+
+class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
+    def __init__(self, publisher: Publisher) -> None:
+        self._publisher = publisher
+
+    async def SetPostizCredentials(
+        self, request: publisher_pb2.SetPostizCredentialsRequest, context: ServicerContext
+    ) -> publisher_pb2.PostizCredentials:
+        base_url = _text(request.base_url, "base_url", MAX_URL_LENGTH)
+        api_key = _text(request.api_key, "api_key", 1024)
+        return credentials_message(await self._publisher.set_credentials(base_url, api_key))
+
+    async def GetPostizCredentials(
+        self, request: publisher_pb2.GetPostizCredentialsRequest, context: ServicerContext
+    ) -> publisher_pb2.PostizCredentials:
+        return credentials_message(await self._publisher.get_credentials())
+
+    async def DeletePostizCredentials(
+        self, request: publisher_pb2.DeletePostizCredentialsRequest, context: ServicerContext
+    ) -> empty_pb2.Empty:
+        await self._publisher.delete_credentials()
+        return empty_pb2.Empty()
+
+    async def ListIntegrations(
+        self, request: publisher_pb2.ListIntegrationsRequest, context: ServicerContext
+    ) -> publisher_pb2.ListIntegrationsResponse:
+        integrations = await self._publisher.list_integrations()
+        return publisher_pb2.ListIntegrationsResponse(
+            integrations=[integration_message(i) for i in integrations]
+        )
+
+    async def UploadMedia(
+        self,
+        request_iterator: AsyncIterator[publisher_pb2.UploadMediaRequest],
+        context: ServicerContext,
+    ) -> publisher_pb2.Media:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("part") != "metadata":
+            raise InvalidArgument("the first UploadMediaRequest must carry metadata")
+        upload = model.MediaUpload(
+            filename=first.metadata.filename,
+            content_type=first.metadata.content_type,
+            size_bytes=first.metadata.size_bytes,
+        )
+        media = await self._publisher.upload(upload, _chunks(request_iterator))
+        return media_message(media)
+
+    async def UploadMediaFromUrl(
+        self, request: publisher_pb2.UploadMediaFromUrlRequest, context: ServicerContext
+    ) -> publisher_pb2.Media:
+        media = await self._publisher.upload_from_url(_url(request.url, "url"))
+        return media_message(media)
+
+    async def CreatePost(
+        self, request: publisher_pb2.CreatePostRequest, context: ServicerContext
+    ) -> publisher_pb2.Publication:
+        return publication_message(await self._publisher.create_post(_draft(request)))
+
+    async def ListPosts(
+        self, request: publisher_pb2.ListPostsRequest, context: ServicerContext
+    ) -> publisher_pb2.ListPostsResponse:
+        start = _time_or_none(request, "start_time")
+        end = _time_or_none(request, "end_time")
+        if start is None or end is None:
+            raise InvalidArgument("start_time and end_time are required")
+        posts = await self._publisher.list_posts(start, end)
+        return publisher_pb2.ListPostsResponse(posts=[post_message(p) for p in posts])
+
+    async def GetPost(
+        self, request: publisher_pb2.GetPostRequest, context: ServicerContext
+    ) -> publisher_pb2.Post:
+        post = await self._publisher.get_post(
+            _text(request.post_id, "post_id", MAX_ID_LENGTH),
+            _time_or_none(request, "start_time"),
+            _time_or_none(request, "end_time"),
+        )
+        return post_message(post)
+
+    async def DeletePost(
+        self, request: publisher_pb2.DeletePostRequest, context: ServicerContext
+    ) -> empty_pb2.Empty:
+        await self._publisher.delete_post(_text(request.post_id, "post_id", MAX_ID_LENGTH))
+        return empty_pb2.Empty()
+
+    async def PublishJob(
+        self, request: publisher_pb2.PublishJobRequest, context: ServicerContext
+    ) -> publisher_pb2.Publication:
+        publication = await self._publisher.publish_job(
+            job_id=_text(request.job_id, "job_id", MAX_ID_LENGTH),
+            integration_ids=[
+                _text(i, "integration_ids", MAX_ID_LENGTH) for i in request.integration_ids
+            ],
+            content=_text(request.content, "content", MAX_CONTENT_LENGTH),
+            publish_time=_time_or_none(request, "publish_time"),
+            settings={key: _settings(value) for key, value in request.settings.items()},
+        )
+        return publication_message(publication)

@@ -1,0 +1,84 @@
+"""The Publisher's settings beyond the shared ones, from environment variables.
+
+- `PUBLISHER_ENCRYPTION_KEYS` (required): `id:base64key[,id:base64key…]`, 32-byte AES keys,
+  newest first; the newest encrypts, any of them decrypts (rotation).
+- `PUBLISHER_POSTS_PER_HOUR` (30): each profile's budget of `POST /posts` per rolling hour.
+- `POSTIZ_TIMEOUT_SECONDS` (30): one Postiz HTTP call.
+- `POSTIZ_GET_ATTEMPTS` (3): tries of a read before UNAVAILABLE.
+- `POSTIZ_RETRY_BASE_SECONDS` (0.5): base of the exponential backoff, full jitter.
+- `PUBLISHER_RECONCILE_GRACE_SECONDS` (60): how long after an attempt of unknown outcome
+  Postiz is searched for the post it may have made.
+- `POSTIZ_ALLOWED_HOSTS` (empty: any): comma-separated hosts a profile's base_url may name,
+  so that a profile cannot point the service at internal addresses.
+- `JOBS_TARGET` (`localhost:50051`): the Jobs service, for PublishJob.
+"""
+
+import base64
+import binascii
+import os
+from dataclasses import dataclass
+
+from services.runtime.settings import _float, _int
+
+ENCRYPTION_KEYS_HOW_TO = (
+    "PUBLISHER_ENCRYPTION_KEYS must be 'id:base64key[,id:base64key…]' with 32-byte keys, "
+    'newest first; make one with: python -c "import os,base64;'
+    "print('k1:'+base64.b64encode(os.urandom(32)).decode())\""
+)
+
+
+def parse_encryption_keys(raw: str) -> dict[str, bytes]:
+    """`id:base64key,…` as an ordered mapping, newest (the one that encrypts) first."""
+    keys: dict[str, bytes] = {}
+    for entry in filter(None, (part.strip() for part in raw.split(","))):
+        key_id, _, encoded = entry.partition(":")
+        try:
+            key = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError(ENCRYPTION_KEYS_HOW_TO) from None
+        if not key_id or len(key) != 32 or key_id in keys:
+            raise ValueError(ENCRYPTION_KEYS_HOW_TO)
+        keys[key_id] = key
+    if not keys:
+        raise ValueError(ENCRYPTION_KEYS_HOW_TO)
+    return keys
+
+
+@dataclass(frozen=True)
+class PublisherSettings:
+    encryption_keys: dict[str, bytes]
+    posts_per_hour: int = 30
+    postiz_timeout_seconds: float = 30.0
+    postiz_get_attempts: int = 3
+    postiz_retry_base_seconds: float = 0.5
+    reconcile_grace_seconds: float = 60.0
+    jobs_target: str = "localhost:50051"
+    postiz_allowed_hosts: frozenset[str] = frozenset()
+
+    def __repr__(self) -> str:
+        return f"PublisherSettings(keys={list(self.encryption_keys)}, jobs={self.jobs_target})"
+
+    @classmethod
+    def from_environment(cls) -> "PublisherSettings":
+        try:
+            keys = parse_encryption_keys(os.environ.get("PUBLISHER_ENCRYPTION_KEYS", ""))
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
+        return cls(
+            encryption_keys=keys,
+            posts_per_hour=_int("PUBLISHER_POSTS_PER_HOUR", cls.posts_per_hour),
+            postiz_timeout_seconds=_float("POSTIZ_TIMEOUT_SECONDS", cls.postiz_timeout_seconds),
+            postiz_get_attempts=_int("POSTIZ_GET_ATTEMPTS", cls.postiz_get_attempts),
+            postiz_retry_base_seconds=_float(
+                "POSTIZ_RETRY_BASE_SECONDS", cls.postiz_retry_base_seconds
+            ),
+            reconcile_grace_seconds=_float(
+                "PUBLISHER_RECONCILE_GRACE_SECONDS", cls.reconcile_grace_seconds
+            ),
+            jobs_target=os.environ.get("JOBS_TARGET", cls.jobs_target),
+            postiz_allowed_hosts=frozenset(
+                host.strip().lower()
+                for host in os.environ.get("POSTIZ_ALLOWED_HOSTS", "").split(",")
+                if host.strip()
+            ),
+        )
