@@ -18,7 +18,7 @@ import binascii
 import os
 from dataclasses import dataclass
 
-from services.runtime.settings import _float, _int
+from services.runtime.settings import env_float, env_int
 
 ENCRYPTION_KEYS_HOW_TO = (
     "PUBLISHER_ENCRYPTION_KEYS must be 'id:base64key[,id:base64key…]' with 32-byte keys, "
@@ -66,13 +66,13 @@ class PublisherSettings:
             raise SystemExit(str(error)) from None
         return cls(
             encryption_keys=keys,
-            posts_per_hour=_int("PUBLISHER_POSTS_PER_HOUR", cls.posts_per_hour),
-            postiz_timeout_seconds=_float("POSTIZ_TIMEOUT_SECONDS", cls.postiz_timeout_seconds),
-            postiz_get_attempts=_int("POSTIZ_GET_ATTEMPTS", cls.postiz_get_attempts),
-            postiz_retry_base_seconds=_float(
+            posts_per_hour=env_int("PUBLISHER_POSTS_PER_HOUR", cls.posts_per_hour),
+            postiz_timeout_seconds=env_float("POSTIZ_TIMEOUT_SECONDS", cls.postiz_timeout_seconds),
+            postiz_get_attempts=env_int("POSTIZ_GET_ATTEMPTS", cls.postiz_get_attempts),
+            postiz_retry_base_seconds=env_float(
                 "POSTIZ_RETRY_BASE_SECONDS", cls.postiz_retry_base_seconds
             ),
-            reconcile_grace_seconds=_float(
+            reconcile_grace_seconds=env_float(
                 "PUBLISHER_RECONCILE_GRACE_SECONDS", cls.reconcile_grace_seconds
             ),
             jobs_target=os.environ.get("JOBS_TARGET", cls.jobs_target),

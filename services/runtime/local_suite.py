@@ -5,9 +5,11 @@ services on Ctrl-C or SIGTERM.
 """
 
 import asyncio
+import base64
 import os
 import signal
 import sys
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -20,7 +22,9 @@ START_TIMEOUT_SECONDS = 60
 # (module under services/, gRPC service, port)
 SERVICES = [
     ("jobs", "jobs.v1.JobService", 50051),
+    ("publisher", "publisher.v1.PublisherService", 50053),
 ]
+DEV_KEY_FILE = Path(".data/publisher-dev-key")
 
 GRPCURL_EXAMPLE = """
 The suite is up. Try it with grpcurl (installed in .venv/bin):
@@ -31,6 +35,7 @@ The suite is up. Try it with grpcurl (installed in .venv/bin):
       localhost:50051 jobs.v1.JobService/CreateJob
   .venv/bin/grpcurl -plaintext -H 'x-profile-id: store-1' -d '{{}}' \\
       localhost:50051 jobs.v1.JobService/ListJobs
+  .venv/bin/grpcurl -plaintext localhost:50053 describe publisher.v1.PublisherService
 
 Database: {database}
 Press Ctrl-C to stop.
@@ -46,10 +51,25 @@ async def _wait_until_serving(port: int) -> None:
             raise RuntimeError(f"service on port {port} is not serving")
 
 
+def _development_encryption_keys() -> str:
+    """A Publisher key made once for this checkout and kept under .data/, so stored Postiz
+    credentials survive restarts. Local use only: deployments set their own."""
+    if not DEV_KEY_FILE.exists():
+        DEV_KEY_FILE.parent.mkdir(parents=True, exist_ok=True)
+        DEV_KEY_FILE.write_text("dev:" + base64.b64encode(os.urandom(32)).decode())
+        DEV_KEY_FILE.chmod(0o600)
+    return DEV_KEY_FILE.read_text().strip()
+
+
 async def main() -> int:
     configure_logging()
     database_url = os.environ.get("DATABASE_URL") or start_embedded_postgres()
-    environment = os.environ | {"DATABASE_URL": database_url}
+    environment = os.environ | {
+        "DATABASE_URL": database_url,
+        "JOBS_TARGET": os.environ.get("JOBS_TARGET", "localhost:50051"),
+        "PUBLISHER_ENCRYPTION_KEYS": os.environ.get("PUBLISHER_ENCRYPTION_KEYS")
+        or _development_encryption_keys(),
+    }
     processes = []
     for module, _, port in SERVICES:
         env = environment | {"GRPC_PORT": str(port)}

@@ -4,7 +4,7 @@ import os
 from dataclasses import dataclass
 
 
-def _int(name: str, default: int) -> int:
+def env_int(name: str, default: int) -> int:
     raw = os.environ.get(name)
     try:
         return default if raw in (None, "") else int(raw)
@@ -12,7 +12,7 @@ def _int(name: str, default: int) -> int:
         raise SystemExit(f"{name} must be a whole number, got {raw!r}") from None
 
 
-def _float(name: str, default: float) -> float:
+def env_float(name: str, default: float) -> float:
     raw = os.environ.get(name)
     try:
         return default if raw in (None, "") else float(raw)
@@ -20,7 +20,7 @@ def _float(name: str, default: float) -> float:
         raise SystemExit(f"{name} must be a number, got {raw!r}") from None
 
 
-def _bool(name: str, default: bool) -> bool:
+def env_bool(name: str, default: bool) -> bool:
     raw = os.environ.get(name, "").strip().lower()
     return default if raw == "" else raw in ("1", "true", "yes", "on")
 
@@ -48,20 +48,20 @@ class Settings:
         return cls(
             database_url=database_url,
             host=os.environ.get("GRPC_HOST", cls.host),
-            port=_int("GRPC_PORT", default_port),
-            db_pool_min_size=_int("DB_POOL_MIN_SIZE", cls.db_pool_min_size),
-            db_pool_max_size=_int("DB_POOL_MAX_SIZE", cls.db_pool_max_size),
-            migrate_on_start=_bool("MIGRATE_ON_START", cls.migrate_on_start),
-            shutdown_grace_seconds=_float("SHUTDOWN_GRACE_SECONDS", cls.shutdown_grace_seconds),
-            health_check_interval_seconds=_float(
+            port=env_int("GRPC_PORT", default_port),
+            db_pool_min_size=env_int("DB_POOL_MIN_SIZE", cls.db_pool_min_size),
+            db_pool_max_size=env_int("DB_POOL_MAX_SIZE", cls.db_pool_max_size),
+            migrate_on_start=env_bool("MIGRATE_ON_START", cls.migrate_on_start),
+            shutdown_grace_seconds=env_float("SHUTDOWN_GRACE_SECONDS", cls.shutdown_grace_seconds),
+            health_check_interval_seconds=env_float(
                 "HEALTH_CHECK_INTERVAL_SECONDS", cls.health_check_interval_seconds
             ),
-            max_message_bytes=_int("GRPC_MAX_MESSAGE_BYTES", cls.max_message_bytes),
-            max_connection_age_seconds=_float(
+            max_message_bytes=env_int("GRPC_MAX_MESSAGE_BYTES", cls.max_message_bytes),
+            max_connection_age_seconds=env_float(
                 "GRPC_MAX_CONNECTION_AGE_SECONDS", cls.max_connection_age_seconds
             ),
-            db_connect_timeout_seconds=_float(
+            db_connect_timeout_seconds=env_float(
                 "DB_CONNECT_TIMEOUT_SECONDS", cls.db_connect_timeout_seconds
             ),
-            workers=_int("GRPC_WORKERS", cls.workers),
+            workers=env_int("GRPC_WORKERS", cls.workers),
         )
