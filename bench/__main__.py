@@ -80,11 +80,13 @@ def parse_options(argv: list[str]) -> Options:
 
 
 def _row(name: str, sample: Sample, ceiling: float | None, ceiling_name: str) -> dict:
+    cpu = sample.server_cpu_us_per_call
     return {
         "operation": name,
         "per_second": round(sample.per_second, 1),
         "p50_ms": round(sample.percentile(0.5), 2),
         "p99_ms": round(sample.percentile(0.99), 2),
+        "server_cpu_us_per_call": None if cpu is None else round(cpu, 1),
         "ceiling": ceiling_name,
         "ceiling_per_second": None if ceiling is None else round(ceiling, 1),
         "ratio": None if not ceiling else round(sample.per_second / ceiling, 3),
@@ -217,13 +219,19 @@ async def _measure(suite: Suite, options: Options) -> dict:
     operations = await _jobs_operations(suite, options)
     run = {"concurrency": options.concurrency, "seconds": options.seconds}
     for _ in range(options.rounds):
-        noop.append(await drive(lambda: noop_call(payload), **run))
-        noop_icpt.append(await drive(lambda: icpt_call(payload, metadata=md), **run))
+        noop.append(await drive(lambda: noop_call(payload), server_pid=suite.noop_pids[0], **run))
+        noop_icpt.append(
+            await drive(
+                lambda: icpt_call(payload, metadata=md), server_pid=suite.noop_pids[1], **run
+            )
+        )
         for operation in operations:
             if operation.db is not None:
                 with profile_scope(operation.profile):
                     operation.db_samples.append(await drive(operation.db, **run))
-            operation.suite_samples.append(await drive(operation.suite, **run))
+            operation.suite_samples.append(
+                await drive(operation.suite, server_pid=suite.jobs_pid, **run)
+            )
     grpc_rate = median_rate(noop)
     rows = [
         _row("no-op gRPC", merged(noop), None, ""),
@@ -267,7 +275,12 @@ async def _measure_workers(options: Options, database_url: str) -> list[dict]:
                 ]
             get = _random_get(suite.jobs_stubs, ids, big_md)
             samples = [
-                await drive(get, concurrency=options.concurrency * 2, seconds=options.seconds)
+                await drive(
+                    get,
+                    concurrency=options.concurrency * 2,
+                    seconds=options.seconds,
+                    server_pid=suite.jobs_pid,
+                )
                 for _ in range(options.rounds)
             ]
             row = _row(
@@ -283,16 +296,18 @@ async def _measure_workers(options: Options, database_url: str) -> list[dict]:
 
 def _print_table(rows: list[dict]) -> None:
     header = (
-        f"{'operation':<44} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'ceiling/s':>10} {'ratio':>6}"
+        f"{'operation':<44} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'ceiling/s':>9} "
+        f"{'ratio':>5} {'server CPU us/call':>18}"
     )
     print(header)
     print("-" * len(header))
     for row in rows:
         ceiling = "" if row["ceiling_per_second"] is None else f"{row['ceiling_per_second']:.0f}"
         ratio = "" if row["ratio"] is None else f"{row['ratio']:.2f}"
+        cpu = row["server_cpu_us_per_call"]
         print(
-            f"{row['operation']:<44} {row['per_second']:>9.0f} {row['p50_ms']:>8.2f} "
-            f"{row['p99_ms']:>8.2f} {ceiling:>10} {ratio:>6}"
+            f"{row['operation']:<44} {row['per_second']:>8.0f} {row['p50_ms']:>7.2f} "
+            f"{row['p99_ms']:>7.2f} {ceiling:>9} {ratio:>5} {'' if cpu is None else cpu:>18}"
         )
 
 

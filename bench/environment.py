@@ -86,6 +86,8 @@ def _free_port() -> int:
 
 @dataclass
 class Suite:
+    jobs_pid: int
+    noop_pids: list[int]
     jobs_stubs: list[jobs_pb2_grpc.JobServiceStub]
     noop_channel: grpc.aio.Channel | None
     noop_interceptor_channel: grpc.aio.Channel | None
@@ -137,7 +139,7 @@ async def start_suite(database_url: str, *, workers: int, noop: bool) -> AsyncIt
     async with AsyncExitStack() as stack:
         log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
         jobs_port = _free_port()
-        await _process(
+        jobs = await _process(
             stack,
             log_dir,
             "jobs",
@@ -153,10 +155,11 @@ async def start_suite(database_url: str, *, workers: int, noop: bool) -> AsyncIt
         channels = [await _channel(stack, jobs_port) for _ in range(CONNECTIONS)]
         await asyncio.gather(*(_serving(channel) for channel in channels))
         noop_channels: list[grpc.aio.Channel | None] = [None, None]
+        noop_pids: list[int] = []
         if noop:
             for index, flags in enumerate(([], ["--interceptor"])):
                 port = _free_port()
-                await _process(
+                noop_process = await _process(
                     stack, log_dir, f"noop{index}", "-m", "bench.noop_server", str(port), *flags
                 )
                 channel = await _channel(stack, port)
@@ -164,9 +167,12 @@ async def start_suite(database_url: str, *, workers: int, noop: bool) -> AsyncIt
                     b"", metadata=(("x-profile-id", "ready"),), wait_for_ready=True, timeout=60
                 )
                 noop_channels[index] = channel
+                noop_pids.append(noop_process.pid)
         raw_pool = await create_pool(database_url, min_size=POOL_SIZE, max_size=POOL_SIZE)
         stack.push_async_callback(raw_pool.close)
         yield Suite(
+            jobs_pid=jobs.pid,
+            noop_pids=noop_pids,
             jobs_stubs=[jobs_pb2_grpc.JobServiceStub(channel) for channel in channels],
             noop_channel=noop_channels[0],
             noop_interceptor_channel=noop_channels[1],
