@@ -25,6 +25,7 @@ proto: gen/.stamp
 # Applies every service's migrations to $(DATABASE_URL) and exits.
 migrate: $(VENV)/.installed
 	$(BIN)/python -m services.jobs migrate
+	$(BIN)/python -m services.costs migrate
 
 $(VENV)/.deps: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

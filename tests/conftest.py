@@ -17,8 +17,10 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import grpc
 import pytest
+from costs.v1 import costs_pb2_grpc
 from jobs.v1 import jobs_pb2_grpc
 
+from services.costs.service import costs_definition
 from services.jobs.service import JOBS
 from services.runtime.embedded_postgres import start_embedded_postgres
 from services.runtime.logs import configure_logging
@@ -94,6 +96,27 @@ async def jobs_channel(jobs_service: RunningService) -> AsyncIterator[grpc.aio.C
 @pytest.fixture(scope="session")
 def jobs_stub(jobs_channel: grpc.aio.Channel) -> jobs_pb2_grpc.JobServiceStub:
     return jobs_pb2_grpc.JobServiceStub(jobs_channel)
+
+
+@pytest.fixture(scope="session")
+async def costs_service(
+    database_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[RunningService]:
+    spool_path = tmp_path_factory.mktemp("costs") / "spool.jsonl"
+    definition = costs_definition(spool_path=spool_path, spool_retry_seconds=0.1)
+    async with running(definition, settings_for(database_url)) as service:
+        yield service
+
+
+@pytest.fixture(scope="session")
+async def costs_channel(costs_service: RunningService) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{costs_service.port}") as channel:
+        yield channel
+
+
+@pytest.fixture(scope="session")
+def costs_stub(costs_channel: grpc.aio.Channel) -> costs_pb2_grpc.CostServiceStub:
+    return costs_pb2_grpc.CostServiceStub(costs_channel)
 
 
 def new_profile_id() -> str:
