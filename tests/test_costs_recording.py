@@ -2,7 +2,6 @@
 models, exact money and answers to bad input."""
 
 import asyncio
-import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -10,50 +9,18 @@ import asyncpg
 import grpc
 import pytest
 from costs.v1 import costs_pb2
-from google.protobuf import timestamp_pb2
 
-from tests.conftest import as_profile, new_profile_id
+from tests.conftest import (
+    as_profile,
+    expect_status,
+    new_profile_id,
+    record_gemini,
+    record_tts,
+    request_id,
+    timestamp,
+)
 
 Code = grpc.StatusCode
-
-
-def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
-
-
-def request_id() -> str:
-    return f"req-{uuid.uuid4()}"
-
-
-async def expect_status(call, code: grpc.StatusCode) -> str:
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await call
-    assert raised.value.code() == code, raised.value.details()
-    return raised.value.details()
-
-
-async def record_tts(stub, profile, *, characters: int = 1000, **fields) -> costs_pb2.CostEntry:
-    request = costs_pb2.RecordElevenLabsTTSRequest(
-        request_id=fields.pop("request_id", request_id()),
-        model_id=fields.pop("model_id", "eleven_flash_v2_5"),
-        voice_id="voice-1",
-        characters=characters,
-        **fields,
-    )
-    response = await stub.RecordElevenLabsTTS(request, metadata=profile)
-    assert not response.spooled
-    return response.entry
-
-
-async def record_gemini(stub, profile, **fields) -> costs_pb2.CostEntry:
-    request = costs_pb2.RecordGeminiUsageRequest(
-        request_id=fields.pop("request_id", request_id()),
-        model=fields.pop("model", "gemini-2.5-flash"),
-        **fields,
-    )
-    return (await stub.RecordGeminiUsage(request, metadata=profile)).entry
 
 
 async def test_elevenlabs_line_is_priced_per_thousand_characters(costs_stub, profile):
@@ -189,7 +156,7 @@ async def acme_prices(costs_service, database_url: str) -> str:
 @pytest.mark.parametrize(
     ("occurred_at", "unit_price"),
     [
-        (datetime(2025, 2, 28, 23, 59, 59, tzinfo=UTC), "0.010"),
+        (datetime(2025, 2, 28, 23, 59, 59, tzinfo=UTC), "0.01"),
         (datetime(2025, 3, 1, 0, 0, tzinfo=UTC), "0.015"),
     ],
 )
@@ -218,7 +185,7 @@ async def test_list_prices_shows_the_catalog_with_sources(costs_stub, profile):
         for p in response.prices
         if p.model == "gemini-2.5-pro" and p.usage_type == "output_tokens"
     }
-    assert pro_output == {(0, "10.00"), (200_000, "15.00")}
+    assert pro_output == {(0, "10"), (200_000, "15")}
     assert all(p.source and p.checked_on for p in response.prices)
     assert {p.provider for p in response.prices} == {"gemini"}
 

@@ -45,6 +45,11 @@ CLOCK_SKEW = timedelta(seconds=5)
 STREAM_BATCH_SIZE = 500
 
 
+def decimal_text(value: Decimal) -> str:
+    """The exact value in plain notation without trailing zeros: "0.0003", "12.5", "100"."""
+    return format(value.normalize(), "f")
+
+
 def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromDatetime(value)
@@ -206,7 +211,7 @@ def entry_message(entry: CostEntry) -> costs_pb2.CostEntry:
         occurred_at=_timestamp(entry.occurred_at),
         recorded_at=_timestamp(entry.recorded_at),
         usage=entry.usage,
-        cost_usd=str(entry.cost_usd),
+        cost_usd=decimal_text(entry.cost_usd),
         priced=entry.priced,
         applied_prices=[_applied_price_message(a) for a in entry.applied_prices],
         attributes=_struct(entry.attributes),
@@ -216,10 +221,10 @@ def entry_message(entry: CostEntry) -> costs_pb2.CostEntry:
 def _applied_price_message(applied: AppliedPrice) -> costs_pb2.AppliedPrice:
     return costs_pb2.AppliedPrice(
         usage_type=applied.usage_type,
-        quantity=str(applied.quantity),
-        unit_price_usd=str(applied.unit_price_usd),
-        per=str(applied.per),
-        cost_usd=str(applied.cost_usd),
+        quantity=decimal_text(applied.quantity),
+        unit_price_usd=decimal_text(applied.unit_price_usd),
+        per=decimal_text(applied.per),
+        cost_usd=decimal_text(applied.cost_usd),
         effective_from=applied.effective_from.isoformat(),
     )
 
@@ -230,8 +235,8 @@ def _price_message(price: Price) -> costs_pb2.Price:
         model=price.model,
         usage_type=price.usage_type,
         unit=price.unit,
-        unit_price_usd=str(price.unit_price_usd),
-        per=str(price.per),
+        unit_price_usd=decimal_text(price.unit_price_usd),
+        per=decimal_text(price.per),
         prompt_tokens_over=price.prompt_tokens_over,
         effective_from=price.effective_from.isoformat(),
         source=price.source,
@@ -246,7 +251,7 @@ def _row_message(row: SummaryRow) -> costs_pb2.CostSummaryRow:
         day=row.day.isoformat() if row.day else "",
         month=row.month,
         job_id=str(row.job_id) if row.job_id else "",
-        cost_usd=str(row.cost_usd),
+        cost_usd=decimal_text(row.cost_usd),
         line_count=row.line_count,
     )
 
@@ -271,10 +276,10 @@ def _group_by(values: list[int]) -> list[GroupBy]:
 def budget_message(status: BudgetStatus) -> costs_pb2.BudgetStatus:
     return costs_pb2.BudgetStatus(
         period=costs_pb2.BudgetPeriod.Value(status.budget.period),
-        limit_usd=str(status.budget.limit_usd),
+        limit_usd=decimal_text(status.budget.limit_usd),
         alert_thresholds=status.budget.alert_thresholds,
-        spent_usd=str(status.spent_usd),
-        remaining_usd=str(status.remaining_usd),
+        spent_usd=decimal_text(status.spent_usd),
+        remaining_usd=decimal_text(status.remaining_usd),
         state=costs_pb2.BudgetState.Value(status.state),
         period_start=_timestamp(status.period_start),
         resets_at=_timestamp(status.resets_at),
@@ -355,7 +360,7 @@ class CostServicer(costs_pb2_grpc.CostServiceServicer):
             TimeRange(start, end), _job_id(request.job_id), _group_by(list(request.group_by))
         )
         return costs_pb2.CostSummary(
-            total_cost_usd=str(summary.total_cost_usd),
+            total_cost_usd=decimal_text(summary.total_cost_usd),
             rows=[_row_message(row) for row in summary.rows if row.priced],
             unpriced_rows=[_row_message(row) for row in summary.rows if not row.priced],
             unpriced_line_count=summary.unpriced_line_count,
