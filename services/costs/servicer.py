@@ -328,20 +328,34 @@ class CostServicer(costs_pb2_grpc.CostServiceServicer):
         request_iterator: AsyncIterator[costs_pb2.StreamUsageRequest],
         context: ServicerContext,
     ) -> costs_pb2.StreamUsageResponse:
-        """Validates every line before recording any, so a bad line refuses the whole batch."""
-        lines = []
-        async for request in request_iterator:
-            try:
-                lines.append(stream_line(request))
-            except InvalidArgument as error:
-                raise InvalidArgument(f"line {len(lines) + 1}: {error}") from None
+        """Records in batches as lines arrive; a bad line ends the call after every line
+        before it is recorded, so the caller can fix it and resend the whole stream (lines
+        already recorded then count as duplicates)."""
         response = costs_pb2.StreamUsageResponse()
-        for start in range(0, len(lines), STREAM_BATCH_SIZE):
-            batch = lines[start : start + STREAM_BATCH_SIZE]
+
+        async def record(batch: list[UsageLine]) -> None:
             accepted, spooled = await self._recorder.record_many(batch)
             response.accepted += accepted
             response.spooled += spooled
             response.duplicates += len(batch) - accepted
+
+        batch: list[UsageLine] = []
+        number = 0
+        async for request in request_iterator:
+            number += 1
+            try:
+                batch.append(stream_line(request))
+            except InvalidArgument as error:
+                if batch:
+                    await record(batch)
+                raise InvalidArgument(
+                    f"line {number}: {error}; the {number - 1} line(s) before it are recorded"
+                ) from None
+            if len(batch) == STREAM_BATCH_SIZE:
+                await record(batch)
+                batch = []
+        if batch:
+            await record(batch)
         return response
 
     async def ListPrices(
