@@ -24,10 +24,14 @@ class Recorder:
         self._replayer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Replays what a previous run left in the spool, then keeps replaying as needed."""
+        """Replays what a previous run left in the spool before serving (in the background
+        if the database is gone again), then replays whenever something is spooled."""
         if not self._spool.is_empty():
             log.info("spool %s is not empty; replaying it", self._spool.path)
-            self._spooled.set()
+            try:
+                await self.replay()
+            except Unavailable:
+                self._spooled.set()
         self._replayer = asyncio.create_task(self._replay_forever())
 
     async def close(self) -> None:
