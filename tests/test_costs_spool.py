@@ -3,6 +3,8 @@ when it is back (or when the service restarts), and counted once."""
 
 import asyncio
 import logging
+import shutil
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,6 +30,9 @@ class StoppablePostgres:
         self._server: pgserver.PostgresServer | None = None
 
     async def start(self) -> str:
+        """Starts the server (made on first use) unless it runs; returns its URL."""
+        if self._server is not None:
+            return self._server.get_uri()
         logging.getLogger("pgserver").setLevel(logging.WARNING)
         self._server = await asyncio.to_thread(pgserver.get_server, self.folder, "stop")
         return self._server.get_uri()
@@ -38,13 +43,20 @@ class StoppablePostgres:
             self._server = None
 
 
-@pytest.fixture
-async def postgres(tmp_path: Path) -> AsyncIterator[StoppablePostgres]:
-    server = StoppablePostgres(tmp_path / "postgres")
+@pytest.fixture(scope="module")
+async def postgres() -> AsyncIterator[StoppablePostgres]:
+    """One server for the module (initdb once); each test starts it and may stop it.
+
+    Its folder is not under pytest's temporary folder: pytest resets that folder to mode 0700
+    when any run starts, which locks out the unprivileged user pgserver runs the server as.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="costs-spool-postgres-"))
+    server = StoppablePostgres(folder / "data")
     try:
         yield server
     finally:
         await server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 async def record(stub: costs_pb2_grpc.CostServiceStub, profile: Metadata, request_id: str):
