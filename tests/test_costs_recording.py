@@ -10,6 +10,8 @@ import grpc
 import pytest
 from costs.v1 import costs_pb2
 
+from services.costs.model import read_catalog
+from services.costs.service import PRICE_CATALOG
 from tests.conftest import (
     as_profile,
     expect_status,
@@ -271,3 +273,21 @@ async def test_record_usage_with_bad_quantity_is_invalid(costs_stub, profile, qu
         costs_stub.RecordUsage(request, metadata=profile), Code.INVALID_ARGUMENT
     )
     assert "quantity" in details
+
+
+def test_catalog_line_whose_per_is_not_a_power_of_ten_is_refused_by_line(tmp_path):
+    catalog = tmp_path / "prices.csv"
+    catalog.write_text(
+        "# a comment\n"
+        "provider,model,usage_type,unit,per,unit_price_usd,prompt_tokens_over,effective_from,"
+        "source,checked_on\n"
+        "acme,m,seconds,second,1000,0.5,0,2025-01-01,test,2025-01-01\n"
+        "acme,m,requests,request,3,0.5,0,2025-01-01,test,2025-01-01\n"
+    )
+    with pytest.raises(ValueError, match="data line 2: per must be a power of ten"):
+        read_catalog(catalog)
+
+
+def test_the_catalog_in_the_repository_reads():
+    prices = read_catalog(PRICE_CATALOG)
+    assert {p.provider for p in prices} == {"elevenlabs", "gemini"}

@@ -258,7 +258,7 @@ def price_line(line: UsageLine, catalog: Iterable[Price]) -> Pricing:
     return Pricing(exact_sum(a.cost_usd for a in applied), True, tuple(applied))
 
 
-def load_catalog(path: Path) -> list[Price]:
+def read_catalog(path: Path) -> list[Price]:
     """The catalog file's rows; ValueError names the line and what is wrong with it."""
     lines = [line for line in path.read_text().splitlines() if not line.startswith("#")]
     prices = []

@@ -8,7 +8,7 @@ from pathlib import Path
 import grpc
 from costs.v1 import costs_pb2_grpc
 
-from services.costs.model import load_catalog
+from services.costs.model import read_catalog
 from services.costs.recorder import Recorder
 from services.costs.servicer import CostServicer
 from services.costs.spool import Spool
@@ -28,7 +28,7 @@ def costs_servicers(spool_path: Path, spool_retry_seconds: float) -> ServicersFa
         server: grpc.aio.Server, pool: TenantScopedPool, settings: Settings
     ) -> AsyncIterator[None]:
         store = CostStore(pool)
-        await store.load_catalog(load_catalog(PRICE_CATALOG))
+        await store.load_catalog(read_catalog(PRICE_CATALOG))
         recorder = Recorder(store, Spool(spool_path), spool_retry_seconds)
         await recorder.start()
         costs_pb2_grpc.add_CostServiceServicer_to_server(CostServicer(store, recorder), server)
