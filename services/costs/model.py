@@ -20,6 +20,10 @@ from services.runtime.errors import InvalidArgument
 EXACT = decimal.Context(
     prec=100, traps=[decimal.Inexact, decimal.Overflow, decimal.InvalidOperation]
 )
+ELEVENLABS = "elevenlabs"
+GEMINI = "gemini"
+TEXT_PREVIEW_LENGTH = 100
+DEFAULT_ALERT_THRESHOLDS = (50, 80, 100)
 
 
 def exact_sum(values: Iterable[Decimal]) -> Decimal:
@@ -27,12 +31,6 @@ def exact_sum(values: Iterable[Decimal]) -> Decimal:
     for value in values:
         total = EXACT.add(total, value)
     return total
-
-
-ELEVENLABS = "elevenlabs"
-GEMINI = "gemini"
-TEXT_PREVIEW_LENGTH = 100
-DEFAULT_ALERT_THRESHOLDS = (50, 80, 100)
 
 
 @dataclass(frozen=True, slots=True)
