@@ -9,18 +9,23 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import asyncpg
 import grpc
 import pytest
+from costs.v1 import costs_pb2, costs_pb2_grpc
+from google.protobuf import timestamp_pb2
 from jobs.v1 import jobs_pb2_grpc
 from publisher.v1 import publisher_pb2, publisher_pb2_grpc
 
+from services.costs.service import costs_definition
 from services.jobs.service import JOBS
 from services.publisher.service import publisher_definition
 from services.publisher.settings import PublisherSettings
@@ -31,6 +36,8 @@ from services.runtime.settings import Settings
 from tests.fake_postiz import FakePostiz, Organization, api_root, serve_fake_postiz
 
 REPO = Path(__file__).resolve().parent.parent
+
+Metadata = tuple[tuple[str, str], ...]
 
 
 def with_database(url: str, database: str) -> str:
@@ -142,6 +149,75 @@ def publisher_stub(
     publisher_channel: grpc.aio.Channel,
 ) -> publisher_pb2_grpc.PublisherServiceStub:
     return publisher_pb2_grpc.PublisherServiceStub(publisher_channel)
+
+
+@pytest.fixture(scope="session")
+async def costs_service(
+    database_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[RunningService]:
+    spool_path = tmp_path_factory.mktemp("costs") / "spool.jsonl"
+    definition = costs_definition(spool_path=spool_path, spool_retry_seconds=0.1)
+    async with running(definition, settings_for(database_url)) as service:
+        yield service
+
+
+@pytest.fixture(scope="session")
+async def costs_channel(costs_service: RunningService) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{costs_service.port}") as channel:
+        yield channel
+
+
+@pytest.fixture(scope="session")
+def costs_stub(costs_channel: grpc.aio.Channel) -> costs_pb2_grpc.CostServiceStub:
+    return costs_pb2_grpc.CostServiceStub(costs_channel)
+
+
+def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+async def expect_status(call: Awaitable[object], code: grpc.StatusCode) -> str:
+    """The details of the error `call` ends with, which must have status `code`."""
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call
+    assert raised.value.code() == code, raised.value.details()
+    return raised.value.details() or ""
+
+
+def request_id() -> str:
+    return f"req-{uuid.uuid4()}"
+
+
+async def record_tts(
+    stub: costs_pb2_grpc.CostServiceStub,
+    profile: Metadata,
+    *,
+    characters: int = 1000,
+    **fields: Any,
+) -> costs_pb2.CostEntry:
+    request = costs_pb2.RecordElevenLabsTTSRequest(
+        request_id=fields.pop("request_id", request_id()),
+        model_id=fields.pop("model_id", "eleven_flash_v2_5"),
+        voice_id="voice-1",
+        characters=characters,
+        **fields,
+    )
+    response = await stub.RecordElevenLabsTTS(request, metadata=profile)
+    assert not response.spooled
+    return response.entry
+
+
+async def record_gemini(
+    stub: costs_pb2_grpc.CostServiceStub, profile: Metadata, **fields: Any
+) -> costs_pb2.CostEntry:
+    request = costs_pb2.RecordGeminiUsageRequest(
+        request_id=fields.pop("request_id", request_id()),
+        model=fields.pop("model", "gemini-2.5-flash"),
+        **fields,
+    )
+    return (await stub.RecordGeminiUsage(request, metadata=profile)).entry
 
 
 def new_profile_id() -> str:

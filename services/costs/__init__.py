@@ -1,0 +1,1 @@
+"""The Costs service: exact, idempotent spend tracking per profile, with budgets."""

@@ -1,0 +1,84 @@
+"""Recording that never loses an acknowledged line: through the store, or into the spool
+while the database is unreachable, replayed in the background once it is back."""
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+
+from services.costs.model import CostEntry, UsageLine
+from services.costs.spool import Spool
+from services.costs.store import CostStore
+from services.runtime.call_context import profile_scope, require_profile_id
+from services.runtime.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+
+class Recorder:
+    def __init__(self, store: CostStore, spool: Spool, retry_seconds: float) -> None:
+        self._store = store
+        self._spool = spool
+        self._retry_seconds = retry_seconds
+        self._spooled = asyncio.Event()
+        self._replayer: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Replays what a previous run left in the spool before serving (in the background
+        if the database is gone again), then replays whenever something is spooled."""
+        if not self._spool.is_empty():
+            log.info("spool %s is not empty; replaying it", self._spool.path)
+            try:
+                await self.replay()
+            except Unavailable:
+                self._spooled.set()
+        self._replayer = asyncio.create_task(self._replay_forever())
+
+    async def close(self) -> None:
+        if self._replayer is not None:
+            self._replayer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._replayer
+
+    async def record(self, line: UsageLine) -> CostEntry | None:
+        """The recorded line (the first one for a repeated request_id), or None if spooled."""
+        try:
+            entry, _ = await self._store.record(line)
+        except Unavailable:
+            await self._spool_lines([line])
+            return None
+        return entry
+
+    async def record_many(self, lines: Sequence[UsageLine]) -> tuple[int, int]:
+        """(accepted, spooled): spooled lines count as accepted; duplicates are neither."""
+        try:
+            return await self._store.record_many(lines), 0
+        except Unavailable:
+            await self._spool_lines(lines)
+            return len(lines), len(lines)
+
+    async def _spool_lines(self, lines: Sequence[UsageLine]) -> None:
+        await self._spool.append(require_profile_id(), lines)
+        self._spooled.set()
+
+    async def replay(self) -> int:
+        """Records everything spooled; Unavailable while the database is still down."""
+        return await self._spool.drain(self._record_for)
+
+    async def _record_for(self, profile_id: str, lines: list[UsageLine]) -> None:
+        with profile_scope(profile_id):
+            await self._store.record_many(lines)
+
+    async def _replay_forever(self) -> None:
+        while True:
+            await self._spooled.wait()
+            self._spooled.clear()
+            try:
+                await self.replay()
+            except Unavailable:
+                self._spooled.set()
+                await asyncio.sleep(self._retry_seconds)
+            except Exception:
+                log.exception("spool replay failed; retrying in %.1fs", self._retry_seconds)
+                self._spooled.set()
+                await asyncio.sleep(self._retry_seconds)

@@ -1,0 +1,62 @@
+"""The Costs service as the shared runtime starts it."""
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import grpc
+from costs.v1 import costs_pb2_grpc
+
+from services.costs.model import read_catalog
+from services.costs.recorder import Recorder
+from services.costs.servicer import CostServicer
+from services.costs.spool import Spool
+from services.costs.store import CostStore
+from services.runtime.database import TenantScopedPool
+from services.runtime.server import ServiceDefinition, ServicersFactory
+from services.runtime.settings import Settings
+
+PRICE_CATALOG = Path(__file__).parent / "prices.csv"
+DEFAULT_SPOOL_PATH = Path(".data/costs/spool.jsonl")
+DEFAULT_SPOOL_RETRY_SECONDS = 5.0
+
+
+def costs_servicers(spool_path: Path, spool_retry_seconds: float) -> ServicersFactory:
+    @asynccontextmanager
+    async def servicers(
+        server: grpc.aio.Server, pool: TenantScopedPool, settings: Settings
+    ) -> AsyncIterator[None]:
+        store = CostStore(pool)
+        await store.load_catalog(read_catalog(PRICE_CATALOG))
+        recorder = Recorder(store, Spool(spool_path), spool_retry_seconds)
+        await recorder.start()
+        costs_pb2_grpc.add_CostServiceServicer_to_server(CostServicer(store, recorder), server)
+        try:
+            yield
+        finally:
+            await recorder.close()
+
+    return servicers
+
+
+def costs_definition(
+    spool_path: Path | None = None, spool_retry_seconds: float | None = None
+) -> ServiceDefinition:
+    """The service; the spool settings default to COSTS_SPOOL_PATH and
+    COSTS_SPOOL_RETRY_SECONDS."""
+    if spool_path is None:
+        spool_path = Path(os.environ.get("COSTS_SPOOL_PATH") or DEFAULT_SPOOL_PATH)
+    if spool_retry_seconds is None:
+        raw = os.environ.get("COSTS_SPOOL_RETRY_SECONDS") or DEFAULT_SPOOL_RETRY_SECONDS
+        try:
+            spool_retry_seconds = float(raw)
+        except ValueError:
+            raise SystemExit(f"COSTS_SPOOL_RETRY_SECONDS must be a number, got {raw!r}") from None
+    return ServiceDefinition(
+        name="costs",
+        grpc_service="costs.v1.CostService",
+        default_port=50052,
+        migrations=Path(__file__).parent / "migrations",
+        servicers=costs_servicers(spool_path, spool_retry_seconds),
+    )

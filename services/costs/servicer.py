@@ -1,0 +1,441 @@
+"""costs.v1.CostService: validates requests and converts between messages and the model."""
+
+import decimal
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+from costs.v1 import costs_pb2, costs_pb2_grpc
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf.message import Message
+from grpc.aio import ServicerContext
+
+from services.costs.model import (
+    DEFAULT_ALERT_THRESHOLDS,
+    AppliedPrice,
+    Budget,
+    BudgetPeriod,
+    BudgetStatus,
+    CostEntry,
+    EntryFilter,
+    GroupBy,
+    Price,
+    SummaryRow,
+    TimeRange,
+    UsageLine,
+    elevenlabs_tts_line,
+    gemini_line,
+)
+from services.costs.recorder import Recorder
+from services.costs.store import CostStore
+from services.runtime.errors import InvalidArgument
+from services.runtime.page_tokens import decode_page_token, encode_page_token
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+MAX_NAME_LENGTH = 128
+MAX_REQUEST_ID_LENGTH = 128
+MAX_ATTRIBUTES_BYTES = 16_384
+MAX_DECIMAL = Decimal(10) ** 15
+MAX_DECIMAL_PLACES = 18
+# Callers' clocks run a little ahead of ours; more than this is a caller's bug.
+CLOCK_SKEW = timedelta(seconds=5)
+# Lines of a StreamUsage call recorded per statement.
+STREAM_BATCH_SIZE = 500
+
+
+def decimal_text(value: Decimal) -> str:
+    """The exact value in plain notation without trailing zeros: "0.0003", "12.5", "100"."""
+    return format(value.normalize(), "f")
+
+
+def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def _struct(value: dict) -> struct_pb2.Struct:
+    message = struct_pb2.Struct()
+    message.update(value)
+    return message
+
+
+def _text(value: str, field: str, *, required: bool = False, limit: int = MAX_NAME_LENGTH) -> str:
+    value = value.strip()
+    if required and not value:
+        raise InvalidArgument(f"{field} is required")
+    if len(value) > limit:
+        raise InvalidArgument(f"{field} is longer than {limit} characters")
+    if "\x00" in value:
+        raise InvalidArgument(f"{field} must not contain NUL characters")
+    return value
+
+
+def _request_id(value: str) -> str:
+    return _text(
+        value,
+        "request_id (the provider's request id, or any id unique to this call)",
+        required=True,
+        limit=MAX_REQUEST_ID_LENGTH,
+    )
+
+
+def _job_id(value: str, field: str = "job_id") -> uuid.UUID | None:
+    if not value:
+        return None
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise InvalidArgument(f"{field} must be a Jobs job UUID, got {value[:64]!r}") from None
+
+
+def _count(value: int, field: str) -> int:
+    if value < 0:
+        raise InvalidArgument(f"{field} must not be negative, got {value}")
+    return value
+
+
+def _decimal(value: str, field: str, *, positive: bool = False) -> Decimal:
+    """An exact decimal from its string form; never through a float."""
+    try:
+        number = Decimal(value.strip())
+    except decimal.InvalidOperation:
+        raise InvalidArgument(
+            f'{field} must be a decimal number such as "12.50", got {value[:64]!r}'
+        ) from None
+    if not number.is_finite() or number < 0 or (positive and number == 0):
+        kind = "more than 0" if positive else "0 or more"
+        raise InvalidArgument(f"{field} must be a finite number {kind}, got {value[:64]!r}")
+    if number >= MAX_DECIMAL or int(number.as_tuple().exponent) < -MAX_DECIMAL_PLACES:
+        raise InvalidArgument(
+            f"{field} must be below {MAX_DECIMAL:,} with at most {MAX_DECIMAL_PLACES} decimal "
+            f"places, got {value[:64]!r}"
+        )
+    return number
+
+
+def _time(request: Message, field: str) -> datetime | None:
+    if not request.HasField(field):
+        return None
+    return getattr(request, field).ToDatetime(tzinfo=UTC)
+
+
+def _occurred_at(request: Message) -> datetime:
+    now = datetime.now(UTC)
+    value = _time(request, "occurred_at")
+    if value is None:
+        return now
+    if value > now + CLOCK_SKEW:
+        raise InvalidArgument(
+            f"occurred_at {value.isoformat()} is in the future; send when the call happened, "
+            "or leave it unset for now"
+        )
+    return value
+
+
+def _attributes(message: struct_pb2.Struct) -> dict:
+    if message.ByteSize() > MAX_ATTRIBUTES_BYTES:
+        raise InvalidArgument(f"attributes must be at most {MAX_ATTRIBUTES_BYTES} bytes")
+    return json_format.MessageToDict(message)
+
+
+def elevenlabs_line(request: costs_pb2.RecordElevenLabsTTSRequest) -> UsageLine:
+    return elevenlabs_tts_line(
+        request_id=_request_id(request.request_id),
+        job_id=_job_id(request.job_id),
+        model_id=_text(
+            request.model_id, 'model_id (for example "eleven_flash_v2_5")', required=True
+        ),
+        voice_id=_text(request.voice_id, "voice_id"),
+        characters=_count(request.characters, "characters"),
+        credits_charged=(
+            _count(request.credits_charged, "credits_charged")
+            if request.HasField("credits_charged")
+            else None
+        ),
+        text_preview=request.text_preview.replace("\x00", ""),
+        occurred_at=_occurred_at(request),
+    )
+
+
+def gemini_usage_line(request: costs_pb2.RecordGeminiUsageRequest) -> UsageLine:
+    return gemini_line(
+        request_id=_request_id(request.request_id),
+        job_id=_job_id(request.job_id),
+        model=_text(request.model, 'model (for example "gemini-2.5-flash")', required=True),
+        prompt_tokens=_count(request.prompt_tokens, "prompt_tokens"),
+        output_tokens=_count(request.output_tokens, "output_tokens"),
+        thinking_tokens=_count(request.thinking_tokens, "thinking_tokens"),
+        cached_tokens=_count(request.cached_tokens, "cached_tokens"),
+        audio_input_tokens=_count(request.audio_input_tokens, "audio_input_tokens"),
+        frames_analyzed=_count(request.frames_analyzed, "frames_analyzed"),
+        occurred_at=_occurred_at(request),
+    )
+
+
+def generic_line(request: costs_pb2.RecordUsageRequest) -> UsageLine:
+    unit = _text(request.unit, 'unit (the usage type, for example "input_tokens")', required=True)
+    quantity = _decimal(request.quantity, "quantity")
+    return UsageLine(
+        request_id=_request_id(request.request_id),
+        provider=_text(request.provider, 'provider (for example "openai")', required=True).lower(),
+        model=_text(request.model, "model", required=True),
+        job_id=_job_id(request.job_id),
+        occurred_at=_occurred_at(request),
+        usage={unit: quantity},
+        billed={unit: quantity},
+        attributes=_attributes(request.attributes),
+    )
+
+
+def stream_line(request: costs_pb2.StreamUsageRequest) -> UsageLine:
+    kind = request.WhichOneof("line")
+    if kind == "elevenlabs_tts":
+        return elevenlabs_line(request.elevenlabs_tts)
+    if kind == "gemini":
+        return gemini_usage_line(request.gemini)
+    if kind == "usage":
+        return generic_line(request.usage)
+    raise InvalidArgument("each StreamUsage message must set one of elevenlabs_tts, gemini, usage")
+
+
+def entry_message(entry: CostEntry) -> costs_pb2.CostEntry:
+    return costs_pb2.CostEntry(
+        entry_id=str(entry.entry_id),
+        request_id=entry.request_id,
+        provider=entry.provider,
+        model=entry.model,
+        job_id=str(entry.job_id) if entry.job_id else "",
+        occurred_at=_timestamp(entry.occurred_at),
+        recorded_at=_timestamp(entry.recorded_at),
+        usage=entry.usage,
+        cost_usd=decimal_text(entry.cost_usd),
+        priced=entry.priced,
+        applied_prices=[_applied_price_message(a) for a in entry.applied_prices],
+        attributes=_struct(entry.attributes),
+    )
+
+
+def _applied_price_message(applied: AppliedPrice) -> costs_pb2.AppliedPrice:
+    return costs_pb2.AppliedPrice(
+        usage_type=applied.usage_type,
+        quantity=decimal_text(applied.quantity),
+        unit_price_usd=decimal_text(applied.unit_price_usd),
+        per=decimal_text(applied.per),
+        cost_usd=decimal_text(applied.cost_usd),
+        effective_from=applied.effective_from.isoformat(),
+    )
+
+
+def _price_message(price: Price) -> costs_pb2.Price:
+    return costs_pb2.Price(
+        provider=price.provider,
+        model=price.model,
+        usage_type=price.usage_type,
+        unit=price.unit,
+        unit_price_usd=decimal_text(price.unit_price_usd),
+        per=decimal_text(price.per),
+        prompt_tokens_over=price.prompt_tokens_over,
+        effective_from=price.effective_from.isoformat(),
+        source=price.source,
+        checked_on=price.checked_on.isoformat(),
+    )
+
+
+def _row_message(row: SummaryRow) -> costs_pb2.CostSummaryRow:
+    return costs_pb2.CostSummaryRow(
+        provider=row.provider,
+        model=row.model,
+        day=row.day.isoformat() if row.day else "",
+        month=row.month,
+        job_id=str(row.job_id) if row.job_id else "",
+        cost_usd=decimal_text(row.cost_usd),
+        line_count=row.line_count,
+    )
+
+
+def _period(value: int) -> BudgetPeriod:
+    if value == costs_pb2.BUDGET_PERIOD_UNSPECIFIED or value not in costs_pb2.BudgetPeriod.values():
+        raise InvalidArgument(f"period must be one of {', '.join(BudgetPeriod)}")
+    return BudgetPeriod(costs_pb2.BudgetPeriod.Name(value))
+
+
+def _group_by(values: list[int]) -> list[GroupBy]:
+    groups = []
+    for value in values:
+        if value == costs_pb2.GROUP_BY_UNSPECIFIED or value not in costs_pb2.GroupBy.values():
+            raise InvalidArgument(f"group_by entries must be among {', '.join(GroupBy)}")
+        group = GroupBy(costs_pb2.GroupBy.Name(value))
+        if group not in groups:
+            groups.append(group)
+    return groups
+
+
+def budget_message(status: BudgetStatus) -> costs_pb2.BudgetStatus:
+    return costs_pb2.BudgetStatus(
+        period=costs_pb2.BudgetPeriod.Value(status.budget.period),
+        limit_usd=decimal_text(status.budget.limit_usd),
+        alert_thresholds=status.budget.alert_thresholds,
+        spent_usd=decimal_text(status.spent_usd),
+        remaining_usd=decimal_text(status.remaining_usd),
+        state=costs_pb2.BudgetState.Value(status.state),
+        period_start=_timestamp(status.period_start),
+        resets_at=_timestamp(status.resets_at),
+    )
+
+
+def _page_size(requested: int) -> int:
+    if requested < 0:
+        raise InvalidArgument("page_size must not be negative")
+    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def _micros(value: datetime) -> int:
+    delta = value - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+class CostServicer(costs_pb2_grpc.CostServiceServicer):
+    def __init__(self, store: CostStore, recorder: Recorder) -> None:
+        self._store = store
+        self._recorder = recorder
+
+    async def _record(self, line: UsageLine) -> costs_pb2.RecordResponse:
+        entry = await self._recorder.record(line)
+        if entry is None:
+            return costs_pb2.RecordResponse(spooled=True)
+        return costs_pb2.RecordResponse(entry=entry_message(entry))
+
+    async def RecordElevenLabsTTS(
+        self, request: costs_pb2.RecordElevenLabsTTSRequest, context: ServicerContext
+    ) -> costs_pb2.RecordResponse:
+        return await self._record(elevenlabs_line(request))
+
+    async def RecordGeminiUsage(
+        self, request: costs_pb2.RecordGeminiUsageRequest, context: ServicerContext
+    ) -> costs_pb2.RecordResponse:
+        return await self._record(gemini_usage_line(request))
+
+    async def RecordUsage(
+        self, request: costs_pb2.RecordUsageRequest, context: ServicerContext
+    ) -> costs_pb2.RecordResponse:
+        return await self._record(generic_line(request))
+
+    async def StreamUsage(
+        self,
+        request_iterator: AsyncIterator[costs_pb2.StreamUsageRequest],
+        context: ServicerContext,
+    ) -> costs_pb2.StreamUsageResponse:
+        """Records in batches as lines arrive; a bad line ends the call after every line
+        before it is recorded, so the caller can fix it and resend the whole stream (lines
+        already recorded then count as duplicates)."""
+        response = costs_pb2.StreamUsageResponse()
+
+        async def record(batch: list[UsageLine]) -> None:
+            accepted, spooled = await self._recorder.record_many(batch)
+            response.accepted += accepted
+            response.spooled += spooled
+            response.duplicates += len(batch) - accepted
+
+        batch: list[UsageLine] = []
+        number = 0
+        async for request in request_iterator:
+            number += 1
+            try:
+                batch.append(stream_line(request))
+            except InvalidArgument as error:
+                if batch:
+                    await record(batch)
+                raise InvalidArgument(
+                    f"line {number}: {error}; the {number - 1} line(s) before it are recorded"
+                ) from None
+            if len(batch) == STREAM_BATCH_SIZE:
+                await record(batch)
+                batch = []
+        if batch:
+            await record(batch)
+        return response
+
+    async def ListPrices(
+        self, request: costs_pb2.ListPricesRequest, context: ServicerContext
+    ) -> costs_pb2.ListPricesResponse:
+        prices = await self._store.list_prices(_text(request.provider, "provider").lower())
+        return costs_pb2.ListPricesResponse(prices=[_price_message(p) for p in prices])
+
+    async def GetCostSummary(
+        self, request: costs_pb2.GetCostSummaryRequest, context: ServicerContext
+    ) -> costs_pb2.CostSummary:
+        start, end = _time(request, "start_time"), _time(request, "end_time")
+        if start is None or end is None:
+            raise InvalidArgument("start_time and end_time are required")
+        summary = await self._store.summary(
+            TimeRange(start, end), _job_id(request.job_id), _group_by(list(request.group_by))
+        )
+        return costs_pb2.CostSummary(
+            total_cost_usd=decimal_text(summary.total_cost_usd),
+            rows=[_row_message(row) for row in summary.rows if row.priced],
+            unpriced_rows=[_row_message(row) for row in summary.rows if not row.priced],
+            unpriced_line_count=summary.unpriced_line_count,
+        )
+
+    async def ListCostEntries(
+        self, request: costs_pb2.ListCostEntriesRequest, context: ServicerContext
+    ) -> costs_pb2.ListCostEntriesResponse:
+        page_size = _page_size(request.page_size)
+        entry_filter = EntryFilter(
+            job_id=_job_id(request.job_id),
+            provider=_text(request.provider, "provider").lower(),
+            model=_text(request.model, "model"),
+            start=_time(request, "start_time"),
+            end=_time(request, "end_time"),
+            unpriced_only=request.unpriced_only,
+        )
+        after = None
+        if request.page_token:
+            micros, entry_id = decode_page_token(request.page_token, entry_filter.as_key())
+            try:
+                after = (datetime.fromtimestamp(micros / 1e6, UTC), uuid.UUID(entry_id))
+            except (TypeError, ValueError, OverflowError):
+                raise InvalidArgument("page_token is not valid") from None
+        entries = await self._store.list_entries(entry_filter, page_size + 1, after)
+        response = costs_pb2.ListCostEntriesResponse(
+            entries=[entry_message(e) for e in entries[:page_size]]
+        )
+        if len(entries) > page_size:
+            last = entries[page_size - 1]
+            position = [_micros(last.occurred_at), str(last.entry_id)]
+            response.next_page_token = encode_page_token(position, entry_filter.as_key())
+        return response
+
+    async def SetBudget(
+        self, request: costs_pb2.SetBudgetRequest, context: ServicerContext
+    ) -> costs_pb2.BudgetStatus:
+        budget = Budget(
+            period=_period(request.period),
+            limit_usd=_decimal(request.limit_usd, "limit_usd", positive=True),
+            alert_thresholds=tuple(sorted(set(request.alert_thresholds)))
+            or DEFAULT_ALERT_THRESHOLDS,
+        )
+        return budget_message(await self._store.set_budget(budget))
+
+    async def GetBudget(
+        self, request: costs_pb2.GetBudgetRequest, context: ServicerContext
+    ) -> costs_pb2.BudgetStatus:
+        return budget_message(await self._store.get_budget(_period(request.period)))
+
+    async def CheckBudget(
+        self, request: costs_pb2.CheckBudgetRequest, context: ServicerContext
+    ) -> costs_pb2.CheckBudgetResponse:
+        estimate = _decimal(request.estimated_cost_usd, "estimated_cost_usd")
+        statuses = await self._store.budget_statuses()
+        refusing = [s for s in statuses if not s.allows(estimate)]
+        reason = "; ".join(
+            f"{s.budget.period} budget: spent {s.spent_usd} + estimated {estimate} "
+            f"> limit {s.budget.limit_usd} USD until {s.resets_at.isoformat()}"
+            for s in refusing
+        )
+        return costs_pb2.CheckBudgetResponse(
+            allowed=not refusing, budgets=[budget_message(s) for s in statuses], reason=reason
+        )

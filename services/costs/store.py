@@ -1,0 +1,399 @@
+"""SQL for the costs schema. Every method runs in one tenant-scoped transaction."""
+
+import json
+import logging
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+
+from services.costs.model import (
+    AppliedPrice,
+    Budget,
+    BudgetPeriod,
+    BudgetStatus,
+    CostEntry,
+    CostSummary,
+    EntryFilter,
+    GroupBy,
+    Price,
+    SummaryRow,
+    TimeRange,
+    UsageLine,
+    price_line,
+)
+from services.runtime.call_context import require_profile_id
+from services.runtime.database import TenantScopedPool
+from services.runtime.errors import NotFound
+
+log = logging.getLogger(__name__)
+
+_ENTRY_COLUMNS = (
+    "entry_id, request_id, provider, model, job_id, occurred_at, recorded_at, usage, cost_usd, "
+    "priced, applied_prices, attributes"
+)
+_PRICE_COLUMNS = (
+    "provider, model, usage_type, unit, per, unit_price_usd, prompt_tokens_over, effective_from, "
+    "source, checked_on"
+)
+
+# How each summary dimension is computed over the union of rollup rows and edge lines.
+# Each is named after the SummaryRow field it fills.
+_GROUP_COLUMNS = {
+    GroupBy.PROVIDER: ("provider", "provider"),
+    GroupBy.MODEL: ("model", "model"),
+    GroupBy.DAY: ("day", "day"),
+    GroupBy.MONTH: ("to_char(day, 'YYYY-MM')", "month"),
+    GroupBy.JOB: ("job_id", "job_id"),
+}
+
+
+def _entry(row: asyncpg.Record) -> CostEntry:
+    return CostEntry(
+        entry_id=row["entry_id"],
+        request_id=row["request_id"],
+        provider=row["provider"],
+        model=row["model"],
+        job_id=row["job_id"],
+        occurred_at=row["occurred_at"],
+        recorded_at=row["recorded_at"],
+        usage=row["usage"],
+        cost_usd=row["cost_usd"],
+        priced=row["priced"],
+        applied_prices=tuple(AppliedPrice.from_json(a) for a in row["applied_prices"]),
+        attributes=row["attributes"],
+    )
+
+
+def _price(row: asyncpg.Record) -> Price:
+    return Price(**dict(row))
+
+
+class CostStore:
+    def __init__(self, pool: TenantScopedPool) -> None:
+        self._pool = pool
+
+    async def load_catalog(self, prices: Sequence[Price]) -> None:
+        """Makes costs.prices hold every row of the catalog file.
+
+        Rows are added or corrected, never removed: recorded lines name the versions they
+        were priced with. Runs as the schema owner, outside any profile.
+        """
+        async with self._pool.pool.acquire() as connection, connection.transaction():
+            await connection.execute("SELECT pg_advisory_xact_lock(hashtext('costs:catalog'))")
+            await connection.executemany(
+                f"""
+                INSERT INTO costs.prices ({_PRICE_COLUMNS})
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                ON CONFLICT (provider, model, usage_type, prompt_tokens_over, effective_from)
+                DO UPDATE SET unit = EXCLUDED.unit, per = EXCLUDED.per,
+                    unit_price_usd = EXCLUDED.unit_price_usd, source = EXCLUDED.source,
+                    checked_on = EXCLUDED.checked_on
+                """,
+                [
+                    (
+                        p.provider,
+                        p.model,
+                        p.usage_type,
+                        p.unit,
+                        p.per,
+                        p.unit_price_usd,
+                        p.prompt_tokens_over,
+                        p.effective_from,
+                        p.source,
+                        p.checked_on,
+                    )
+                    for p in prices
+                ],
+            )
+
+    async def list_prices(self, provider: str) -> list[Price]:
+        async with self._pool.transaction(readonly=True) as connection:
+            rows = await connection.fetch(
+                f"""
+                SELECT {_PRICE_COLUMNS} FROM costs.prices
+                WHERE $1 = '' OR provider = $1
+                ORDER BY provider, model, usage_type, prompt_tokens_over, effective_from
+                """,
+                provider,
+            )
+        return [_price(row) for row in rows]
+
+    async def record(self, line: UsageLine) -> tuple[CostEntry, bool]:
+        """Records a line; with a request_id already used by this profile, returns that line.
+
+        The second value is False for such a duplicate. Concurrent duplicates wait on the
+        unique constraint, so each request_id is counted once.
+        """
+        async with self._pool.transaction() as connection:
+            rows = await self._insert(connection, [line])
+            if rows:
+                return _entry(rows[0]), True
+            row = await connection.fetchrow(
+                f"SELECT {_ENTRY_COLUMNS} FROM costs.entries "
+                "WHERE profile_id = $1 AND request_id = $2",
+                require_profile_id(),
+                line.request_id,
+            )
+        return _entry(row), False
+
+    async def record_many(self, lines: Sequence[UsageLine]) -> int:
+        """Records a batch in one statement; returns how many were new (the rest duplicates)."""
+        async with self._pool.transaction() as connection:
+            return len(await self._insert(connection, lines))
+
+    async def _insert(
+        self, connection: asyncpg.Connection, lines: Sequence[UsageLine]
+    ) -> list[asyncpg.Record]:
+        profile_id = require_profile_id()
+        catalog = [
+            _price(row)
+            for row in await connection.fetch(
+                f"""
+                SELECT {_PRICE_COLUMNS} FROM costs.prices
+                WHERE (provider, model) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+                """,
+                [line.provider for line in lines],
+                [line.model for line in lines],
+            )
+        ]
+        pricings = [price_line(line, catalog) for line in lines]
+        rows = await connection.fetch(
+            f"""
+            INSERT INTO costs.entries (profile_id, request_id, provider, model, job_id,
+                occurred_at, usage, cost_usd, priced, applied_prices, attributes)
+            SELECT $1, request_id, provider, model, job_id, occurred_at, usage::jsonb,
+                cost_usd, priced, applied_prices::jsonb, attributes::jsonb
+            FROM unnest($2::text[], $3::text[], $4::text[], $5::uuid[], $6::timestamptz[],
+                $7::text[], $8::numeric[], $9::boolean[], $10::text[], $11::text[])
+                AS line(request_id, provider, model, job_id, occurred_at, usage, cost_usd,
+                    priced, applied_prices, attributes)
+            ON CONFLICT (profile_id, request_id) DO NOTHING
+            RETURNING {_ENTRY_COLUMNS}
+            """,
+            profile_id,
+            [line.request_id for line in lines],
+            [line.provider for line in lines],
+            [line.model for line in lines],
+            [line.job_id for line in lines],
+            [line.occurred_at for line in lines],
+            [json.dumps({k: str(v) for k, v in line.usage.items()}) for line in lines],
+            [pricing.cost_usd for pricing in pricings],
+            [pricing.priced for pricing in pricings],
+            [json.dumps([a.as_json() for a in pricing.applied_prices]) for pricing in pricings],
+            [json.dumps(line.attributes) for line in lines],
+        )
+        if rows:
+            await self._note_budget_crossings(connection, profile_id)
+        return rows
+
+    async def _note_budget_crossings(self, connection: asyncpg.Connection, profile_id: str) -> None:
+        """Logs each alert threshold the first time spend reaches it in a period.
+
+        The budget rows are locked, so of two concurrent records the second sees the first's
+        spend, and the crossings table makes each crossing log once.
+        """
+        rows = await connection.fetch(
+            "SELECT period, limit_usd, alert_thresholds FROM costs.budgets "
+            "WHERE profile_id = $1 ORDER BY period FOR UPDATE",
+            profile_id,
+        )
+        now = datetime.now(UTC)
+        for row in rows:
+            budget = _budget(row)
+            status = await self._status(connection, budget, now)
+            crossed = budget.crossed_thresholds(status.spent_usd)
+            if not crossed:
+                continue
+            new = await connection.fetch(
+                """
+                INSERT INTO costs.budget_crossings (profile_id, period, period_start, threshold)
+                SELECT $1, $2, $3, unnest($4::integer[])
+                ON CONFLICT DO NOTHING
+                RETURNING threshold
+                """,
+                profile_id,
+                str(budget.period),
+                status.period_start,
+                crossed,
+            )
+            for crossing in sorted(r["threshold"] for r in new):
+                log.warning(
+                    "%s budget crossed %d%%: spent %s of %s USD",
+                    budget.period,
+                    crossing,
+                    status.spent_usd,
+                    budget.limit_usd,
+                )
+
+    async def list_entries(
+        self, entry_filter: EntryFilter, limit: int, after: tuple[datetime, uuid.UUID] | None
+    ) -> list[CostEntry]:
+        """Up to `limit` lines newest first, strictly after the (occurred_at, entry_id) given."""
+        conditions = ["profile_id = $1"]
+        arguments: list[Any] = [require_profile_id()]
+
+        def bind(value: Any) -> str:
+            arguments.append(value)
+            return f"${len(arguments)}"
+
+        if entry_filter.job_id:
+            conditions.append(f"job_id = {bind(entry_filter.job_id)}")
+        if entry_filter.provider:
+            conditions.append(f"provider = {bind(entry_filter.provider)}")
+        if entry_filter.model:
+            conditions.append(f"model = {bind(entry_filter.model)}")
+        if entry_filter.start:
+            conditions.append(f"occurred_at >= {bind(entry_filter.start)}")
+        if entry_filter.end:
+            conditions.append(f"occurred_at < {bind(entry_filter.end)}")
+        if entry_filter.unpriced_only:
+            conditions.append("NOT priced")
+        if after:
+            conditions.append(f"(occurred_at, entry_id) < ({bind(after[0])}, {bind(after[1])})")
+        query = f"""
+            SELECT {_ENTRY_COLUMNS} FROM costs.entries
+            WHERE {" AND ".join(conditions)}
+            ORDER BY occurred_at DESC, entry_id DESC
+            LIMIT {bind(limit)}
+        """
+        async with self._pool.transaction(readonly=True) as connection:
+            rows = await connection.fetch(query, *arguments)
+        return [_entry(row) for row in rows]
+
+    async def summary(
+        self, time_range: TimeRange, job_id: uuid.UUID | None, group_by: Sequence[GroupBy]
+    ) -> CostSummary:
+        """Whole days come from the daily rollup, the ragged edges from the lines themselves,
+        so the answer is exact for any range and fast for long ones."""
+        first_day, last_day = time_range.whole_days
+        (edge1_start, edge1_end), (edge2_start, edge2_end) = time_range.edges
+        job_condition = "AND job_id = $8" if job_id else "AND $8::uuid IS NULL"
+        fields = [_GROUP_COLUMNS[g][1] for g in group_by]
+        select = ", ".join(
+            ["priced", *(f"{_GROUP_COLUMNS[g][0]} AS {_GROUP_COLUMNS[g][1]}" for g in group_by)]
+        )
+        positions = ", ".join(str(n) for n in range(1, len(group_by) + 2))
+        query = f"""
+            WITH lines AS (
+                SELECT day, provider, model, job_id, priced, cost_usd, line_count
+                FROM costs.daily_costs
+                WHERE profile_id = $1 AND day >= $2 AND day < $3 {job_condition}
+                UNION ALL
+                SELECT (occurred_at AT TIME ZONE 'UTC')::date, provider, model, job_id, priced,
+                       cost_usd, 1
+                FROM costs.entries
+                WHERE profile_id = $1 {job_condition}
+                  AND ((occurred_at >= $4 AND occurred_at < $5)
+                       OR (occurred_at >= $6 AND occurred_at < $7))
+            )
+            SELECT {select}, sum(cost_usd) AS cost_usd, sum(line_count)::bigint AS line_count
+            FROM lines
+            GROUP BY {positions}
+            ORDER BY {positions}
+        """
+        async with self._pool.transaction(readonly=True) as connection:
+            rows = await connection.fetch(
+                query,
+                require_profile_id(),
+                first_day,
+                max(first_day, last_day),
+                edge1_start,
+                edge1_end,
+                edge2_start,
+                edge2_end,
+                job_id,
+            )
+        return CostSummary(
+            tuple(
+                SummaryRow(
+                    priced=row["priced"],
+                    cost_usd=row["cost_usd"],
+                    line_count=row["line_count"],
+                    **{name: row[name] for name in fields},
+                )
+                for row in rows
+            )
+        )
+
+    async def set_budget(self, budget: Budget) -> BudgetStatus:
+        """Creates or replaces the budget; a new limit or thresholds re-arm this period's
+        alerts, so crossings are judged against the budget as it now is."""
+        profile_id = require_profile_id()
+        async with self._pool.transaction() as connection:
+            previous = await connection.fetchrow(
+                "SELECT period, limit_usd, alert_thresholds FROM costs.budgets "
+                "WHERE profile_id = $1 AND period = $2 FOR UPDATE",
+                profile_id,
+                str(budget.period),
+            )
+            await connection.execute(
+                """
+                INSERT INTO costs.budgets (profile_id, period, limit_usd, alert_thresholds)
+                VALUES ($1, $2, $3, $4)
+                ON CONFLICT (profile_id, period) DO UPDATE
+                SET limit_usd = EXCLUDED.limit_usd, alert_thresholds = EXCLUDED.alert_thresholds,
+                    update_time = clock_timestamp()
+                """,
+                profile_id,
+                str(budget.period),
+                budget.limit_usd,
+                list(budget.alert_thresholds),
+            )
+            if previous is not None and _budget(previous) != budget:
+                await connection.execute(
+                    "DELETE FROM costs.budget_crossings WHERE profile_id = $1 AND period = $2",
+                    profile_id,
+                    str(budget.period),
+                )
+            return await self._status(connection, budget, datetime.now(UTC))
+
+    async def get_budget(self, period: BudgetPeriod) -> BudgetStatus:
+        async with self._pool.transaction(readonly=True) as connection:
+            row = await connection.fetchrow(
+                "SELECT period, limit_usd, alert_thresholds FROM costs.budgets "
+                "WHERE profile_id = $1 AND period = $2",
+                require_profile_id(),
+                str(period),
+            )
+            if row is None:
+                raise NotFound(f"no {period} budget is set; set one with SetBudget")
+            return await self._status(connection, _budget(row), datetime.now(UTC))
+
+    async def budget_statuses(self) -> list[BudgetStatus]:
+        """Every budget of the profile, as it stands now."""
+        now = datetime.now(UTC)
+        async with self._pool.transaction(readonly=True) as connection:
+            rows = await connection.fetch(
+                "SELECT period, limit_usd, alert_thresholds FROM costs.budgets "
+                "WHERE profile_id = $1 ORDER BY period",
+                require_profile_id(),
+            )
+            return [await self._status(connection, _budget(row), now) for row in rows]
+
+    @staticmethod
+    async def _status(
+        connection: asyncpg.Connection, budget: Budget, now: datetime
+    ) -> BudgetStatus:
+        start, end = budget.period.bounds(now)
+        spent = await connection.fetchval(
+            """
+            SELECT coalesce(sum(cost_usd), 0) FROM costs.daily_costs
+            WHERE profile_id = $1 AND priced AND day >= $2 AND day < $3
+            """,
+            require_profile_id(),
+            start.date(),
+            end.date(),
+        )
+        return BudgetStatus(budget, Decimal(spent), start, end)
+
+
+def _budget(row: asyncpg.Record) -> Budget:
+    return Budget(
+        period=BudgetPeriod(row["period"]),
+        limit_usd=row["limit_usd"],
+        alert_thresholds=tuple(row["alert_thresholds"]),
+    )

@@ -1,0 +1,293 @@
+"""costs.v1.CostService recording: idempotency, pricing by catalog version, tiers, unpriced
+models, exact money and answers to bad input."""
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import asyncpg
+import grpc
+import pytest
+from costs.v1 import costs_pb2
+
+from services.costs.model import read_catalog
+from services.costs.service import PRICE_CATALOG
+from tests.conftest import (
+    as_profile,
+    expect_status,
+    new_profile_id,
+    record_gemini,
+    record_tts,
+    request_id,
+    timestamp,
+)
+
+Code = grpc.StatusCode
+
+
+async def test_elevenlabs_line_is_priced_per_thousand_characters(costs_stub, profile):
+    entry = await record_tts(
+        costs_stub, profile, characters=1234, model_id="eleven_multilingual_v2"
+    )
+    assert Decimal(entry.cost_usd) == Decimal("0.1234")
+    assert entry.priced
+    assert entry.provider == "elevenlabs"
+    assert entry.usage["characters"] == "1234"
+    assert [p.effective_from for p in entry.applied_prices] == ["2025-01-01"]
+
+
+async def test_elevenlabs_text_preview_is_cut_to_100_characters(costs_stub, profile):
+    entry = await record_tts(costs_stub, profile, text_preview="x" * 500, credits_charged=617)
+    assert entry.attributes["text_preview"] == "x" * 100
+    assert entry.usage["credits_charged"] == "617"
+
+
+async def test_same_request_id_twice_records_once_and_returns_the_first_line(costs_stub, profile):
+    first = await record_tts(costs_stub, profile, request_id="tts-1", characters=100)
+    second = await record_tts(costs_stub, profile, request_id="tts-1", characters=999)
+    assert second.entry_id == first.entry_id
+    assert second.cost_usd == first.cost_usd
+    listed = await costs_stub.ListCostEntries(costs_pb2.ListCostEntriesRequest(), metadata=profile)
+    assert len(listed.entries) == 1
+
+
+async def test_concurrent_duplicates_record_once(costs_stub, profile):
+    entries = await asyncio.gather(
+        *(record_tts(costs_stub, profile, request_id="same", characters=10) for _ in range(20))
+    )
+    assert len({e.entry_id for e in entries}) == 1
+    listed = await costs_stub.ListCostEntries(costs_pb2.ListCostEntriesRequest(), metadata=profile)
+    assert len(listed.entries) == 1
+
+
+async def test_same_request_id_in_two_profiles_records_two_lines(costs_stub):
+    a = await record_tts(costs_stub, as_profile(new_profile_id()), request_id="shared")
+    b = await record_tts(costs_stub, as_profile(new_profile_id()), request_id="shared")
+    assert a.entry_id != b.entry_id
+
+
+async def test_gemini_thinking_tokens_are_billed_at_the_output_rate(costs_stub, profile):
+    entry = await record_gemini(
+        costs_stub, profile, prompt_tokens=1_000_000, output_tokens=600_000, thinking_tokens=400_000
+    )
+    # 1M input at $0.30 + (600K output + 400K thinking) at $2.50 per 1M.
+    assert Decimal(entry.cost_usd) == Decimal("2.80")
+    assert entry.usage["thinking_tokens"] == "400000"
+
+
+async def test_gemini_cached_and_audio_tokens_have_their_own_rates(costs_stub, profile):
+    entry = await record_gemini(
+        costs_stub,
+        profile,
+        prompt_tokens=1_000_000,
+        cached_tokens=500_000,
+        audio_input_tokens=200_000,
+    )
+    # 300K text at $0.30, 500K cached at $0.03, 200K audio at $1.00 per 1M.
+    assert Decimal(entry.cost_usd) == Decimal("0.09") + Decimal("0.015") + Decimal("0.2")
+    billed = {p.usage_type: p.quantity for p in entry.applied_prices}
+    assert billed == {
+        "input_tokens": "300000",
+        "cached_tokens": "500000",
+        "audio_input_tokens": "200000",
+    }
+
+
+@pytest.mark.parametrize(
+    ("prompt_tokens", "expected"),
+    [
+        # $1.25 in / $10 out per 1M up to 200K prompt tokens.
+        (200_000, Decimal("0.25") + Decimal("1.00")),
+        # $2.50 in / $15 out per 1M above.
+        (200_001, Decimal("0.5000025") + Decimal("1.50")),
+    ],
+)
+async def test_gemini_pro_prompts_above_200k_tokens_use_the_higher_tier(
+    costs_stub, profile, prompt_tokens, expected
+):
+    entry = await record_gemini(
+        costs_stub,
+        profile,
+        model="gemini-2.5-pro",
+        prompt_tokens=prompt_tokens,
+        output_tokens=100_000,
+    )
+    assert Decimal(entry.cost_usd) == expected
+
+
+async def test_unknown_model_is_recorded_unpriced(costs_stub, profile):
+    entry = await record_gemini(costs_stub, profile, model="gemini-9-ultra", prompt_tokens=500)
+    assert not entry.priced
+    assert Decimal(entry.cost_usd) == 0
+    assert entry.usage["prompt_tokens"] == "500"
+
+
+async def test_line_before_a_model_had_a_price_is_unpriced(costs_stub, profile):
+    # gemini-2.5-flash-lite is in the catalog from 2025-07-22 on.
+    entry = await record_gemini(
+        costs_stub,
+        profile,
+        model="gemini-2.5-flash-lite",
+        prompt_tokens=10,
+        occurred_at=timestamp(datetime(2025, 7, 21, 23, 59, tzinfo=UTC)),
+    )
+    assert not entry.priced
+
+
+@pytest.fixture(scope="module")
+async def acme_prices(costs_service, database_url: str) -> str:
+    """Two versions of a price for a provider of the tests' own, added as an operator would."""
+    connection = await asyncpg.connect(database_url)
+    try:
+        await connection.executemany(
+            """
+            INSERT INTO costs.prices (provider, model, usage_type, unit, per, unit_price_usd,
+                prompt_tokens_over, effective_from, source, checked_on)
+            VALUES ('acme', 'voice-1', 'seconds', 'second', 1, $1, 0, $2, 'test', '2025-01-01')
+            """,
+            [
+                (Decimal("0.010"), datetime(2025, 1, 1).date()),
+                (Decimal("0.015"), datetime(2025, 3, 1).date()),
+            ],
+        )
+    finally:
+        await connection.close()
+    return "acme"
+
+
+@pytest.mark.parametrize(
+    ("occurred_at", "unit_price"),
+    [
+        (datetime(2025, 2, 28, 23, 59, 59, tzinfo=UTC), "0.01"),
+        (datetime(2025, 3, 1, 0, 0, tzinfo=UTC), "0.015"),
+    ],
+)
+async def test_line_is_priced_with_the_price_in_effect_when_it_occurred(
+    costs_stub, profile, acme_prices, occurred_at, unit_price
+):
+    request = costs_pb2.RecordUsageRequest(
+        request_id=request_id(),
+        provider=acme_prices,
+        model="voice-1",
+        unit="seconds",
+        quantity="12.5",
+        occurred_at=timestamp(occurred_at),
+    )
+    entry = (await costs_stub.RecordUsage(request, metadata=profile)).entry
+    assert entry.applied_prices[0].unit_price_usd == unit_price
+    assert Decimal(entry.cost_usd) == Decimal("12.5") * Decimal(unit_price)
+
+
+async def test_list_prices_shows_the_catalog_with_sources(costs_stub, profile):
+    response = await costs_stub.ListPrices(
+        costs_pb2.ListPricesRequest(provider="gemini"), metadata=profile
+    )
+    pro_output = {
+        (p.prompt_tokens_over, p.unit_price_usd)
+        for p in response.prices
+        if p.model == "gemini-2.5-pro" and p.usage_type == "output_tokens"
+    }
+    assert pro_output == {(0, "10"), (200_000, "15")}
+    assert all(p.source and p.checked_on for p in response.prices)
+    assert {p.provider for p in response.prices} == {"gemini"}
+
+
+async def test_many_tiny_costs_add_up_to_the_exact_total(costs_stub, profile):
+    requests = [
+        costs_pb2.StreamUsageRequest(
+            gemini=costs_pb2.RecordGeminiUsageRequest(
+                request_id=f"tiny-{n}", model="gemini-2.5-flash-lite", prompt_tokens=1
+            )
+        )
+        for n in range(3000)
+    ]
+    response = await costs_stub.StreamUsage(iter(requests), metadata=profile)
+    assert (response.accepted, response.duplicates) == (3000, 0)
+    summary = await costs_stub.GetCostSummary(
+        costs_pb2.GetCostSummaryRequest(
+            start_time=timestamp(datetime.now(UTC) - timedelta(days=1)),
+            end_time=timestamp(datetime.now(UTC) + timedelta(days=1)),
+        ),
+        metadata=profile,
+    )
+    # 3000 tokens at $0.10 per 1M; a float sum of 3000 x 1e-7 is not 0.0003.
+    assert Decimal(summary.total_cost_usd) == Decimal("0.0003")
+
+
+async def test_future_occurred_at_is_invalid(costs_stub, profile):
+    details = await expect_status(
+        costs_stub.RecordGeminiUsage(
+            costs_pb2.RecordGeminiUsageRequest(
+                request_id=request_id(),
+                model="gemini-2.5-flash",
+                occurred_at=timestamp(datetime.now(UTC) + timedelta(hours=1)),
+            ),
+            metadata=profile,
+        ),
+        Code.INVALID_ARGUMENT,
+    )
+    assert "is in the future" in details
+
+
+@pytest.mark.parametrize(
+    ("request_message", "expected"),
+    [
+        (costs_pb2.RecordElevenLabsTTSRequest(model_id="eleven_v3"), "request_id"),
+        (costs_pb2.RecordElevenLabsTTSRequest(request_id="r"), "model_id"),
+        (
+            costs_pb2.RecordElevenLabsTTSRequest(request_id="r", model_id="m", characters=-1),
+            "characters must not be negative",
+        ),
+        (
+            costs_pb2.RecordElevenLabsTTSRequest(request_id="r", model_id="m", job_id="job-7"),
+            "job_id must be a Jobs job UUID",
+        ),
+    ],
+)
+async def test_bad_elevenlabs_record_is_invalid(costs_stub, profile, request_message, expected):
+    details = await expect_status(
+        costs_stub.RecordElevenLabsTTS(request_message, metadata=profile), Code.INVALID_ARGUMENT
+    )
+    assert expected in details
+
+
+async def test_gemini_cached_tokens_beyond_the_prompt_are_invalid(costs_stub, profile):
+    details = await expect_status(
+        costs_stub.RecordGeminiUsage(
+            costs_pb2.RecordGeminiUsageRequest(
+                request_id="r", model="gemini-2.5-flash", prompt_tokens=10, cached_tokens=11
+            ),
+            metadata=profile,
+        ),
+        Code.INVALID_ARGUMENT,
+    )
+    assert "must not exceed prompt_tokens" in details
+
+
+@pytest.mark.parametrize("quantity", ["", "abc", "-1", "NaN", "Infinity", "1e400000000"])
+async def test_record_usage_with_bad_quantity_is_invalid(costs_stub, profile, quantity):
+    request = costs_pb2.RecordUsageRequest(
+        request_id="r", provider="acme", model="m", unit="seconds", quantity=quantity
+    )
+    details = await expect_status(
+        costs_stub.RecordUsage(request, metadata=profile), Code.INVALID_ARGUMENT
+    )
+    assert "quantity" in details
+
+
+def test_catalog_line_whose_per_is_not_a_power_of_ten_is_refused_by_line(tmp_path):
+    catalog = tmp_path / "prices.csv"
+    catalog.write_text(
+        "# a comment\n"
+        "provider,model,usage_type,unit,per,unit_price_usd,prompt_tokens_over,effective_from,"
+        "source,checked_on\n"
+        "acme,m,seconds,second,1000,0.5,0,2025-01-01,test,2025-01-01\n"
+        "acme,m,requests,request,3,0.5,0,2025-01-01,test,2025-01-01\n"
+    )
+    with pytest.raises(ValueError, match="data line 2: per must be a power of ten"):
+        read_catalog(catalog)
+
+
+def test_the_catalog_in_the_repository_reads():
+    prices = read_catalog(PRICE_CATALOG)
+    assert {p.provider for p in prices} == {"elevenlabs", "gemini"}
