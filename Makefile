@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: run test lint format proto migrate bench bench-costs clean
+.PHONY: run test lint format proto migrate bench clean
 
 run: $(VENV)/.installed
 	$(BIN)/python -m services.runtime.local_suite
@@ -27,9 +27,6 @@ format: $(VENV)/.installed
 proto: gen/.stamp
 
 # A month's GetCostSummary for a profile with 1,000,000 lines, on $(DATABASE_URL)'s server.
-bench-costs: $(VENV)/.installed
-	$(BIN)/python -m services.costs.benchmark
-
 # Applies every service's migrations to $(DATABASE_URL) and exits.
 migrate: $(VENV)/.installed
 	$(BIN)/python -m services.jobs migrate

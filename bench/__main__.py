@@ -15,15 +15,21 @@ import os
 import random
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
-from google.protobuf import field_mask_pb2
+from costs.v1 import costs_pb2
+from google.protobuf import field_mask_pb2, timestamp_pb2
 from jobs.v1 import jobs_pb2
 
-from bench.environment import Suite, bench_database, start_suite
+from bench.environment import COST_MONTH, Suite, bench_database, start_suite
 from bench.load import Sample, drive, median_rate, merged
 from bench.noop_server import METHOD
+from services.costs.model import GroupBy, TimeRange
+from services.costs.servicer import elevenlabs_line
+from services.costs.store import CostStore
 from services.jobs.model import JobChanges, JobFilter
 from services.jobs.store import JobStore
 from services.runtime.call_context import profile_scope
@@ -38,6 +44,8 @@ class Operation:
     profile: str
     suite: Call
     db: Call | None = None
+    server: str = "jobs"
+    lines_per_call: int = 1
     suite_samples: list[Sample] = field(default_factory=list)
     db_samples: list[Sample] = field(default_factory=list)
 
@@ -53,6 +61,8 @@ class Options:
     jobs_per_other_profile: int
     watchers: int
     watch_updates: int
+    cost_lines: int
+    stream_batch: int
     json_path: str | None
 
 
@@ -75,6 +85,8 @@ def parse_options(argv: list[str]) -> Options:
         jobs_per_other_profile=2 if quick else 100,
         watchers=50 if quick else 1_000,
         watch_updates=3 if quick else 20,
+        cost_lines=20_000 if quick else 1_000_000,
+        stream_batch=200 if quick else 2_000,
         json_path=args.json_path,
     )
 
@@ -164,6 +176,63 @@ async def _jobs_operations(suite: Suite, options: Options) -> list[Operation]:
     ]
 
 
+async def _costs_operations(suite: Suite, options: Options) -> list[Operation]:
+    store = CostStore(suite.costs_pool)
+    stubs = suite.costs_stubs
+    writer, big = "bench-costs-writer", "bench-costs"
+    writer_md, big_md = (("x-profile-id", writer),), (("x-profile-id", big),)
+
+    def tts() -> costs_pb2.RecordElevenLabsTTSRequest:
+        return costs_pb2.RecordElevenLabsTTSRequest(
+            request_id=f"tts-{uuid.uuid4()}",
+            model_id="eleven_flash_v2_5",
+            voice_id="v1",
+            characters=1200,
+            text_preview="Hello",
+        )
+
+    def batch() -> list[costs_pb2.StreamUsageRequest]:
+        return [
+            costs_pb2.StreamUsageRequest(elevenlabs_tts=tts()) for _ in range(options.stream_batch)
+        ]
+
+    month_end = COST_MONTH + timedelta(days=31)
+    summary = costs_pb2.GetCostSummaryRequest(
+        start_time=_timestamp(COST_MONTH),
+        end_time=_timestamp(month_end),
+        group_by=[costs_pb2.MODEL, costs_pb2.DAY],
+    )
+    return [
+        Operation(
+            "RecordElevenLabsTTS",
+            writer,
+            lambda: random.choice(stubs).RecordElevenLabsTTS(tts(), metadata=writer_md),
+            lambda: store.record(elevenlabs_line(tts())),
+        ),
+        Operation(
+            "GetCostSummary (a month)",
+            big,
+            lambda: random.choice(stubs).GetCostSummary(summary, metadata=big_md),
+            lambda: store.summary(
+                TimeRange(COST_MONTH, month_end), None, [GroupBy.MODEL, GroupBy.DAY]
+            ),
+        ),
+        Operation(
+            f"StreamUsage ({options.stream_batch} lines a call)",
+            writer,
+            lambda: random.choice(stubs).StreamUsage(iter(batch()), metadata=writer_md),
+            lambda: store.record_many([elevenlabs_line(r.elevenlabs_tts) for r in batch()]),
+            lines_per_call=options.stream_batch,
+        ),
+    ]
+
+
+def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
 async def _watch_fan_out(suite: Suite, options: Options) -> Sample:
     """N watchers of one job; each update's delivery latency to every watcher."""
     profile = (("x-profile-id", "bench-watch"),)
@@ -217,6 +286,10 @@ async def _measure(suite: Suite, options: Options) -> dict:
     icpt_call = suite.noop_interceptor_channel.unary_unary(METHOD)
     md = (("x-profile-id", "bench-noop"),)
     operations = await _jobs_operations(suite, options)
+    costs_operations = await _costs_operations(suite, options)
+    for operation in costs_operations:
+        operation.server = "costs"
+    operations += costs_operations
     run = {"concurrency": options.concurrency, "seconds": options.seconds}
     for _ in range(options.rounds):
         noop.append(await drive(lambda: noop_call(payload), server_pid=suite.noop_pids[0], **run))
@@ -229,9 +302,8 @@ async def _measure(suite: Suite, options: Options) -> dict:
             if operation.db is not None:
                 with profile_scope(operation.profile):
                     operation.db_samples.append(await drive(operation.db, **run))
-            operation.suite_samples.append(
-                await drive(operation.suite, server_pid=suite.jobs_pid, **run)
-            )
+            pid = suite.costs_pid if operation.server == "costs" else suite.jobs_pid
+            operation.suite_samples.append(await drive(operation.suite, server_pid=pid, **run))
     grpc_rate = median_rate(noop)
     rows = [
         _row("no-op gRPC", merged(noop), None, ""),
@@ -245,6 +317,8 @@ async def _measure(suite: Suite, options: Options) -> dict:
         row = _row(operation.name, suite_sample, combined, "1/(1/grpc+1/db)")
         row["per_second"] = round(median_rate(operation.suite_samples), 1)
         row["ratio"] = round(row["per_second"] / combined, 3)
+        if operation.lines_per_call > 1:
+            row["lines_per_second"] = round(row["per_second"] * operation.lines_per_call)
         rows.append(row)
     watch = await _watch_fan_out(suite, options)
     watch_row = _row(f"WatchJob fan-out ({options.watchers} watchers)", watch, None, "")

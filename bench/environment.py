@@ -11,20 +11,30 @@ import tempfile
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import grpc
+from costs.v1 import costs_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from jobs.v1 import jobs_pb2_grpc
 
+from bench.seed import (
+    insert_jobs_of_many_profiles,
+    insert_synthetic_jobs,
+    insert_synthetic_lines,
+)
+from services.costs.service import costs_definition
 from services.jobs.service import JOBS
 from services.runtime.database import TenantScopedPool, create_pool
 from services.runtime.embedded_postgres import start_embedded_postgres
 from services.runtime.migrations import apply_migrations
 
 CONNECTIONS = 4
+COSTS = costs_definition()  # for its name, migrations and role; the server runs apart
+COST_MONTH = datetime(2025, 5, 1, tzinfo=UTC)  # the seeded month of cost lines
 POOL_SIZE = 10  # the server's default DB_POOL_MAX_SIZE, so the db ceiling is like for like
 
 
@@ -37,7 +47,8 @@ def _with_database(url: str, name: str) -> str:
 @asynccontextmanager
 async def bench_database(options: Any) -> AsyncIterator[str]:
     """A database of its own on DATABASE_URL (or an embedded server), migrated and seeded:
-    one profile with `big_profile_jobs` jobs among `other_profiles` other profiles."""
+    one profile with `big_profile_jobs` jobs among `other_profiles` other profiles, and one
+    profile with `cost_lines` cost lines spread over COST_MONTH."""
     admin_url = os.environ.get("DATABASE_URL") or start_embedded_postgres(
         Path(".data/bench-postgres")
     )
@@ -49,27 +60,15 @@ async def bench_database(options: Any) -> AsyncIterator[str]:
         connection = await asyncpg.connect(url)
         try:
             await apply_migrations(connection, JOBS.name, JOBS.migrations)
+            await apply_migrations(connection, COSTS.name, COSTS.migrations)
             print(f"seeding {options.big_profile_jobs:,} jobs ...", file=sys.stderr, flush=True)
-            await connection.execute(
-                """
-                INSERT INTO jobs.jobs (profile_id, kind, create_time, update_time)
-                SELECT 'bench-big', 'render', t, t
-                FROM (SELECT now() - g * interval '1 millisecond' AS t
-                      FROM generate_series(1, $1) AS g) AS times
-                """,
-                options.big_profile_jobs,
+            await insert_synthetic_jobs(connection, "bench-big", options.big_profile_jobs)
+            await insert_jobs_of_many_profiles(
+                connection, options.other_profiles, options.jobs_per_other_profile
             )
-            await connection.execute(
-                """
-                INSERT INTO jobs.jobs (profile_id, kind, create_time, update_time)
-                SELECT 'bench-other-' || (g % $1::int), 'render', now() - g * interval '1 ms',
-                       now() - g * interval '1 ms'
-                FROM generate_series(1, $1::int * $2::int) AS g
-                """,
-                options.other_profiles,
-                options.jobs_per_other_profile,
-            )
-            await connection.execute("VACUUM ANALYZE jobs.jobs")
+            print(f"seeding {options.cost_lines:,} cost lines ...", file=sys.stderr, flush=True)
+            await insert_synthetic_lines(connection, "bench-costs", options.cost_lines, COST_MONTH)
+            await connection.execute("VACUUM ANALYZE jobs.jobs, costs.entries, costs.daily_costs")
         finally:
             await connection.close()
         yield url
@@ -89,9 +88,12 @@ class Suite:
     jobs_pid: int
     noop_pids: list[int]
     jobs_stubs: list[jobs_pb2_grpc.JobServiceStub]
+    costs_pid: int | None
+    costs_stubs: list[costs_pb2_grpc.CostServiceStub]
     noop_channel: grpc.aio.Channel | None
     noop_interceptor_channel: grpc.aio.Channel | None
     store_pool: TenantScopedPool
+    costs_pool: TenantScopedPool
 
     @property
     def jobs_stub(self) -> jobs_pb2_grpc.JobServiceStub:
@@ -154,6 +156,25 @@ async def start_suite(database_url: str, *, workers: int, noop: bool) -> AsyncIt
         )
         channels = [await _channel(stack, jobs_port) for _ in range(CONNECTIONS)]
         await asyncio.gather(*(_serving(channel) for channel in channels))
+        costs_pid, costs_channels = None, []
+        if noop:
+            costs_port = _free_port()
+            costs = await _process(
+                stack,
+                log_dir,
+                "costs",
+                "-m",
+                "services.costs",
+                DATABASE_URL=database_url,
+                GRPC_HOST="127.0.0.1",
+                GRPC_PORT=str(costs_port),
+                MIGRATE_ON_START="false",
+                DB_POOL_MAX_SIZE=str(POOL_SIZE),
+                COSTS_SPOOL_PATH=str(log_dir / "spool.jsonl"),
+            )
+            costs_pid = costs.pid
+            costs_channels = [await _channel(stack, costs_port) for _ in range(CONNECTIONS)]
+            await asyncio.gather(*(_serving(channel) for channel in costs_channels))
         noop_channels: list[grpc.aio.Channel | None] = [None, None]
         noop_pids: list[int] = []
         if noop:
@@ -177,4 +198,7 @@ async def start_suite(database_url: str, *, workers: int, noop: bool) -> AsyncIt
             noop_channel=noop_channels[0],
             noop_interceptor_channel=noop_channels[1],
             store_pool=TenantScopedPool(raw_pool, JOBS.database_role),
+            costs_pid=costs_pid,
+            costs_stubs=[costs_pb2_grpc.CostServiceStub(channel) for channel in costs_channels],
+            costs_pool=TenantScopedPool(raw_pool, COSTS.database_role),
         )

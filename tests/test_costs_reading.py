@@ -10,7 +10,7 @@ import grpc
 import pytest
 from costs.v1 import costs_pb2
 
-from services.costs.benchmark import SYNTHETIC_LINE_COST, insert_synthetic_lines
+from bench.seed import SYNTHETIC_LINE_COST, insert_synthetic_lines
 from tests.conftest import expect_status, new_profile_id, record_gemini, record_tts, timestamp
 
 Code = grpc.StatusCode

@@ -22,6 +22,7 @@ START_TIMEOUT_SECONDS = 60
 # (module under services/, gRPC service, port)
 SERVICES = [
     ("jobs", "jobs.v1.JobService", 50051),
+    ("costs", "costs.v1.CostService", 50052),
     ("publisher", "publisher.v1.PublisherService", 50053),
 ]
 DEV_KEY_FILE = Path(".data/publisher-dev-key")
@@ -35,6 +36,9 @@ The suite is up. Try it with grpcurl (installed in .venv/bin):
       localhost:50051 jobs.v1.JobService/CreateJob
   .venv/bin/grpcurl -plaintext -H 'x-profile-id: store-1' -d '{{}}' \\
       localhost:50051 jobs.v1.JobService/ListJobs
+  .venv/bin/grpcurl -plaintext -H 'x-profile-id: store-1' \\
+      -d '{{"request_id": "tts-1", "model_id": "eleven_flash_v2_5", "characters": 1200}}' \\
+      localhost:50052 costs.v1.CostService/RecordElevenLabsTTS
   .venv/bin/grpcurl -plaintext localhost:50053 describe publisher.v1.PublisherService
 
 Database: {database}
