@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: run test lint format proto migrate clean
+.PHONY: run test lint format proto migrate deploy-check clean
 
 run: $(VENV)/.installed
 	$(BIN)/python -m services.runtime.local_suite
@@ -21,6 +21,20 @@ format: $(VENV)/.installed
 	$(BIN)/ruff format .
 
 proto: gen/.stamp
+
+# The image and the Kubernetes manifests, checked with no Docker engine and no cluster: the
+# Dockerfile linted, every overlay rendered by kubectl's Kustomize into build/deploy/ and
+# validated against the Kubernetes schemas, and the manifests compared with the code.
+deploy-check: $(VENV)/.installed
+	$(BIN)/hadolint deploy/docker/Dockerfile
+	mkdir -p build/deploy
+	set -e; for overlay in deploy/k8s/overlays/*/; do \
+		rendered=build/deploy/$$(basename $$overlay).yaml; \
+		$(BIN)/kubectl kustomize $$overlay > $$rendered; \
+		$(BIN)/kubernetes-validate --strict --quiet $$rendered; \
+		echo "$$rendered: valid"; \
+	done
+	$(BIN)/python -m pytest tests/test_deploy_manifests.py tests/test_deploy_image.py
 
 # Applies every service's migrations to $(DATABASE_URL) and exits.
 migrate: $(VENV)/.installed
