@@ -91,7 +91,9 @@ def test_the_server_settings_parse_from_the_manifest(
     assert not settings.migrate_on_start
     pod = find(manifests, "Deployment", service.name)["spec"]["template"]["spec"]
     pause = container["lifecycle"]["preStop"]["sleep"]["seconds"]
-    assert pod["terminationGracePeriodSeconds"] > pause + settings.shutdown_grace_seconds
+    assert settings.shutdown_drain_seconds > 0
+    shutdown = pause + settings.shutdown_drain_seconds + settings.shutdown_grace_seconds
+    assert pod["terminationGracePeriodSeconds"] > shutdown
 
 
 @SERVICES
@@ -162,9 +164,10 @@ def test_prod_pins_every_image_by_digest():
             assert "@sha256:" in container["image"], name
 
 
-def test_the_service_config_balances_and_retries_calls_to_jobs():
-    config = json.loads((DEPLOY / "grpc-service-config.json").read_text())
+@SERVICES
+def test_callers_service_config_balances_over_healthy_replicas(service: ServiceDefinition):
+    config = json.loads((DEPLOY / f"grpc-service-config/{service.name}.json").read_text())
     assert config["loadBalancingConfig"] == [{"round_robin": {}}]
-    (method,) = config["methodConfig"]
-    assert method["name"] == [{"service": "jobs.v1.JobService"}]
-    assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
+    assert config["healthCheckConfig"] == {"serviceName": service.grpc_service}
+    for method in config.get("methodConfig", []):
+        assert method["name"] == [{"service": service.grpc_service}]
