@@ -119,8 +119,11 @@ def container_environment(
     return environment
 
 
-def secret_value(manifests: tuple[Manifest, ...], source: EnvSource) -> str:
-    assert source.secret is not None
+def resolved(manifests: tuple[Manifest, ...], source: EnvSource) -> str:
+    """The variable's value, read from its Secret if it comes from one."""
+    if source.secret is None:
+        assert source.value is not None
+        return source.value
     assert source.key is not None
     secret = find(manifests, "Secret", source.secret)
     if source.key in secret.get("stringData", {}):
