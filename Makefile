@@ -24,15 +24,20 @@ proto: gen/.stamp
 
 # The image and the Kubernetes manifests, checked with no Docker engine and no cluster: the
 # Dockerfile linted, every overlay rendered by kubectl's Kustomize into build/deploy/ and
-# validated against the Kubernetes schemas, and the manifests compared with the code.
+# validated against the schemas of the oldest Kubernetes supported (1.30: the preStop sleep
+# action) and the newest known, and the manifests compared with the code.
+KUBERNETES_VERSIONS := 1.30 1.37
+
 deploy-check: $(VENV)/.installed
 	$(BIN)/hadolint deploy/docker/Dockerfile
 	mkdir -p build/deploy
 	set -e; for overlay in deploy/k8s/overlays/*/; do \
 		rendered=build/deploy/$$(basename $$overlay).yaml; \
 		$(BIN)/kubectl kustomize $$overlay > $$rendered; \
-		$(BIN)/kubernetes-validate --strict --quiet $$rendered; \
-		echo "$$rendered: valid"; \
+		for version in $(KUBERNETES_VERSIONS); do \
+			$(BIN)/kubernetes-validate --strict --quiet -k $$version $$rendered; \
+			echo "$$rendered: valid for Kubernetes $$version"; \
+		done; \
 	done
 	$(BIN)/python -m pytest tests/test_deploy_manifests.py tests/test_deploy_image.py
 
