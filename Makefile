@@ -4,7 +4,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PROTOS := $(shell find protos -name '*.proto')
 
+<<<<<<< HEAD
 .PHONY: run test lint format proto migrate bench clean
+=======
+.PHONY: run test lint format proto migrate deploy-check clean
+>>>>>>> deploy
 
 run: $(VENV)/.installed
 	$(BIN)/python -m services.runtime.local_suite
@@ -26,7 +30,29 @@ format: $(VENV)/.installed
 
 proto: gen/.stamp
 
+<<<<<<< HEAD
 # A month's GetCostSummary for a profile with 1,000,000 lines, on $(DATABASE_URL)'s server.
+=======
+# The image and the Kubernetes manifests, checked with no Docker engine and no cluster: the
+# Dockerfile linted, every overlay rendered by kubectl's Kustomize into build/deploy/ and
+# validated against the schemas of the oldest Kubernetes supported (1.30: the preStop sleep
+# action) and the newest known, and the manifests compared with the code.
+KUBERNETES_VERSIONS := 1.30 1.37
+
+deploy-check: $(VENV)/.installed
+	$(BIN)/hadolint deploy/docker/Dockerfile
+	mkdir -p build/deploy
+	set -e; for overlay in deploy/k8s/overlays/*/; do \
+		rendered=build/deploy/$$(basename $$overlay).yaml; \
+		$(BIN)/kubectl kustomize $$overlay > $$rendered; \
+		for version in $(KUBERNETES_VERSIONS); do \
+			$(BIN)/kubernetes-validate --strict --quiet -k $$version $$rendered; \
+			echo "$$rendered: valid for Kubernetes $$version"; \
+		done; \
+	done
+	$(BIN)/python -m pytest tests/test_deploy_manifests.py tests/test_deploy_image.py
+
+>>>>>>> deploy
 # Applies every service's migrations to $(DATABASE_URL) and exits.
 migrate: $(VENV)/.installed
 	$(BIN)/python -m services.jobs migrate

@@ -140,13 +140,17 @@ class RunningService:
                 await self._set_serving(serving)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Health NOT_SERVING, refuse new calls, let in-flight calls finish within the grace,
-        release the service's resources, close the pool."""
+        """Health NOT_SERVING, still serve for the drain period, refuse new calls, let
+        in-flight calls finish within the grace, release the service's resources, close the
+        pool."""
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
         self._monitor.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._monitor
         await self.health.enter_graceful_shutdown()
+        # A call arriving as the server stops can be cancelled unserved; clients that watch
+        # health have left by the end of the drain, so none arrive then.
+        await asyncio.sleep(self.settings.shutdown_drain_seconds)
         stopping = asyncio.create_task(self.server.stop(grace))
         # Long-lived streams (WatchJob) end here instead of holding the whole grace period.
         await self._resources.aclose()

@@ -34,6 +34,9 @@ class Settings:
     db_pool_max_size: int = 10
     migrate_on_start: bool = True
     shutdown_grace_seconds: float = 10.0
+    # After SIGTERM, how long health says NOT_SERVING while calls are still taken, so that
+    # clients watching health (deploy/grpc-service-config/) move to other replicas first.
+    shutdown_drain_seconds: float = 0.0
     health_check_interval_seconds: float = 5.0
     max_message_bytes: int = 4 * 1024 * 1024
     max_connection_age_seconds: float = 300.0
@@ -53,6 +56,7 @@ class Settings:
             db_pool_max_size=env_int("DB_POOL_MAX_SIZE", cls.db_pool_max_size),
             migrate_on_start=env_bool("MIGRATE_ON_START", cls.migrate_on_start),
             shutdown_grace_seconds=env_float("SHUTDOWN_GRACE_SECONDS", cls.shutdown_grace_seconds),
+            shutdown_drain_seconds=env_float("SHUTDOWN_DRAIN_SECONDS", cls.shutdown_drain_seconds),
             health_check_interval_seconds=env_float(
                 "HEALTH_CHECK_INTERVAL_SECONDS", cls.health_check_interval_seconds
             ),

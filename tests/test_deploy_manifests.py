@@ -1,0 +1,173 @@
+"""The Kubernetes manifests agree with the code, for every service the code defines: ports,
+the health names the probes ask for, the environment, the commands; and each overlay holds
+together (its references resolve, prod's images are pinned)."""
+
+import json
+from importlib.util import find_spec
+
+import pytest
+import yaml
+
+from services.runtime.server import ServiceDefinition
+from services.runtime.settings import Settings
+from tests.kubernetes_manifests import (
+    BASE,
+    DEPLOY,
+    OVERLAYS,
+    container_environment,
+    containers,
+    environment_variables_read,
+    find,
+    pod_specs,
+    render,
+    server_container,
+    service_definitions,
+)
+
+SERVICES = pytest.mark.parametrize(
+    "service", service_definitions(), ids=lambda definition: definition.name
+)
+EVERY_OVERLAY = pytest.mark.parametrize("overlay", sorted(OVERLAYS))
+
+
+def test_the_base_has_one_manifest_per_service_the_code_defines():
+    kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+    for definition in service_definitions():
+        assert f"{definition.name}.yaml" in kustomization["resources"]
+
+
+@SERVICES
+def test_the_server_container_listens_on_the_service_port(service: ServiceDefinition):
+    manifests = render(BASE)
+    container = server_container(manifests, service.name)
+    assert [port["containerPort"] for port in container["ports"]] == [service.default_port]
+    config = container_environment(manifests, container)
+    assert config["GRPC_PORT"].value == str(service.default_port)
+
+
+@SERVICES
+def test_the_headless_service_serves_the_service_port(service: ServiceDefinition):
+    spec = find(render(BASE), "Service", service.name)["spec"]
+    assert spec["clusterIP"] == "None"
+    assert [port["port"] for port in spec["ports"]] == [service.default_port]
+
+
+@SERVICES
+def test_readiness_asks_health_for_the_grpc_service_and_liveness_for_the_server(
+    service: ServiceDefinition,
+):
+    container = server_container(render(BASE), service.name)
+    assert container["readinessProbe"]["grpc"] == {
+        "port": service.default_port,
+        "service": service.grpc_service,
+    }
+    assert container["livenessProbe"]["grpc"] == {"port": service.default_port, "service": ""}
+
+
+@SERVICES
+def test_every_variable_the_manifests_set_is_one_the_code_reads(service: ServiceDefinition):
+    manifests = render(BASE)
+    read = environment_variables_read(service.name)
+    deployment = find(manifests, "Deployment", service.name)["spec"]["template"]["spec"]
+    migration = find(manifests, "Job", f"{service.name}-migrate")["spec"]["template"]["spec"]
+    for container in [*containers(deployment), *containers(migration)]:
+        assert set(container_environment(manifests, container)) <= read, container["name"]
+
+
+@SERVICES
+def test_the_server_settings_parse_from_the_manifest(
+    service: ServiceDefinition, monkeypatch: pytest.MonkeyPatch
+):
+    manifests = render(BASE)
+    container = server_container(manifests, service.name)
+    environment = container_environment(manifests, container)
+    assert environment["DATABASE_URL"].secret == f"{service.name}-database"
+    for name, source in environment.items():
+        monkeypatch.setenv(name, source.value or "postgresql://from-a-secret/db")
+
+    settings = Settings.from_environment(service.default_port)
+
+    assert settings.port == service.default_port
+    assert not settings.migrate_on_start
+    pod = find(manifests, "Deployment", service.name)["spec"]["template"]["spec"]
+    pause = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert settings.shutdown_drain_seconds > 0
+    shutdown = pause + settings.shutdown_drain_seconds + settings.shutdown_grace_seconds
+    assert pod["terminationGracePeriodSeconds"] > shutdown
+
+
+@SERVICES
+def test_every_container_runs_the_service_module(service: ServiceDefinition):
+    manifests = render(BASE)
+    deployment = find(manifests, "Deployment", service.name)["spec"]["template"]["spec"]
+    migration = find(manifests, "Job", f"{service.name}-migrate")["spec"]["template"]["spec"]
+    module = f"services.{service.name}"
+    assert find_spec(f"{module}.__main__") is not None
+    assert [c["args"] for c in deployment["containers"]] == [[module]]
+    assert [c["args"] for c in deployment["initContainers"]] == [[module, "migrate"]]
+    assert [c["args"] for c in migration["containers"]] == [[module, "migrate"]]
+    for container in [*deployment["initContainers"], *migration["containers"]]:
+        assert container_environment(manifests, container)["DATABASE_URL"].key == "owner-url"
+
+
+@SERVICES
+def test_disruption_budget_autoscaler_and_network_policy_target_the_server_pods(
+    service: ServiceDefinition,
+):
+    manifests = render(BASE)
+    deployment = find(manifests, "Deployment", service.name)
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    budget = find(manifests, "PodDisruptionBudget", service.name)["spec"]["selector"]
+    policy = find(manifests, "NetworkPolicy", service.name)["spec"]
+    autoscaler = find(manifests, "HorizontalPodAutoscaler", service.name)["spec"]
+    assert budget["matchLabels"].items() <= pod_labels.items()
+    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert pod_labels["app.kubernetes.io/part-of"] == "video-pipeline"
+    assert autoscaler["scaleTargetRef"]["name"] == service.name
+    assert autoscaler["minReplicas"] == deployment["spec"]["replicas"] == 2
+
+
+@EVERY_OVERLAY
+def test_every_pod_runs_as_non_root_on_a_read_only_root_without_privileges(overlay: str):
+    for name, spec in pod_specs(render(OVERLAYS[overlay])):
+        assert spec["securityContext"]["runAsNonRoot"], name
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        for container in containers(spec):
+            context = container["securityContext"]
+            assert context["readOnlyRootFilesystem"], name
+            assert context["allowPrivilegeEscalation"] is False, name
+            assert context["capabilities"] == {"drop": ["ALL"]}, name
+            assert container["resources"]["requests"], name
+            assert container["resources"]["limits"], name
+
+
+@EVERY_OVERLAY
+def test_every_secret_and_config_map_a_pod_uses_is_in_the_overlay_or_documented(overlay: str):
+    manifests = render(OVERLAYS[overlay])
+    defined = {(m["kind"], m["metadata"]["name"]) for m in manifests}
+    # Prod's Secrets are made outside Kustomize; its kustomization.yaml says how.
+    documented = (OVERLAYS[overlay] / "kustomization.yaml").read_text()
+    for name, spec in pod_specs(manifests):
+        for container in containers(spec):
+            for source in container_environment(manifests, container).values():
+                if source.secret and ("Secret", source.secret) not in defined:
+                    assert f"secret generic {source.secret} " in documented, name
+                    assert f"{source.key}=" in documented, name
+        for volume in spec.get("volumes", []):
+            if "configMap" in volume:
+                assert ("ConfigMap", volume["configMap"]["name"]) in defined, name
+
+
+def test_prod_pins_every_image_by_digest():
+    for name, spec in pod_specs(render(OVERLAYS["prod"])):
+        for container in containers(spec):
+            assert "@sha256:" in container["image"], name
+
+
+@SERVICES
+def test_callers_service_config_balances_over_healthy_replicas(service: ServiceDefinition):
+    config = json.loads((DEPLOY / f"grpc-service-config/{service.name}.json").read_text())
+    assert config["loadBalancingConfig"] == [{"round_robin": {}}]
+    assert config["healthCheckConfig"] == {"serviceName": service.grpc_service}
+    for method in config.get("methodConfig", []):
+        assert method["name"] == [{"service": service.grpc_service}]
