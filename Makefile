@@ -4,11 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PROTOS := $(shell find protos -name '*.proto')
 
-<<<<<<< HEAD
-.PHONY: run test lint format proto migrate bench clean
-=======
-.PHONY: run test lint format proto migrate deploy-check clean
->>>>>>> deploy
+.PHONY: run test lint format proto migrate bench deploy-check clean
 
 run: $(VENV)/.installed
 	$(BIN)/python -m services.runtime.local_suite
