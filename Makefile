@@ -26,9 +26,6 @@ format: $(VENV)/.installed
 
 proto: gen/.stamp
 
-<<<<<<< HEAD
-# A month's GetCostSummary for a profile with 1,000,000 lines, on $(DATABASE_URL)'s server.
-=======
 # The image and the Kubernetes manifests, checked with no Docker engine and no cluster: the
 # Dockerfile linted, every overlay rendered by kubectl's Kustomize into build/deploy/ and
 # validated against the schemas of the oldest Kubernetes supported (1.30: the preStop sleep
@@ -48,7 +45,6 @@ deploy-check: $(VENV)/.installed
 	done
 	$(BIN)/python -m pytest tests/test_deploy_manifests.py tests/test_deploy_image.py
 
->>>>>>> deploy
 # Applies every service's migrations to $(DATABASE_URL) and exits.
 migrate: $(VENV)/.installed
 	$(BIN)/python -m services.jobs migrate
