@@ -30,7 +30,7 @@ from services.costs.service import costs_definition
 from services.jobs.service import JOBS
 from services.runtime.database import TenantScopedPool, create_pool
 from services.runtime.embedded_postgres import start_embedded_postgres
-from services.runtime.migrations import apply_migrations
+from services.runtime.server import migrate
 
 CONNECTIONS = 4
 COSTS = costs_definition()  # for its name, migrations and role; the server runs apart
@@ -59,8 +59,8 @@ async def bench_database(options: Any) -> AsyncIterator[str]:
     try:
         connection = await asyncpg.connect(url)
         try:
-            await apply_migrations(connection, JOBS.name, JOBS.migrations)
-            await apply_migrations(connection, COSTS.name, COSTS.migrations)
+            await migrate(JOBS, connection)
+            await migrate(COSTS, connection)
             print(f"seeding {options.big_profile_jobs:,} jobs ...", file=sys.stderr, flush=True)
             await insert_synthetic_jobs(connection, "bench-big", options.big_profile_jobs)
             await insert_jobs_of_many_profiles(

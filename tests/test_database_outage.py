@@ -33,7 +33,8 @@ async def test_outage_gives_unavailable_and_recovers_without_restart(disposable_
         )
         watch = stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job.job_id), metadata=profile)
         await watch.read()
-        updates = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        health = health_pb2_grpc.HealthStub(channel)
+        updates = health.Watch(health_pb2.HealthCheckRequest(service="jobs.v1.JobService"))
         await _health_becomes(updates, SERVING)
 
         await asyncio.to_thread(disposable_postgres.stop)
@@ -42,6 +43,8 @@ async def test_outage_gives_unavailable_and_recovers_without_restart(disposable_
             await stub.GetJob(jobs_pb2.GetJobRequest(job_id=job.job_id), metadata=profile)
         assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "retry" in raised.value.details()
+        alive = await health.Check(health_pb2.HealthCheckRequest(service=""))
+        assert alive.status == SERVING  # liveness: not restarted for the database's outage
 
         await asyncio.to_thread(disposable_postgres.start)
         await _health_becomes(updates, SERVING)

@@ -5,6 +5,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import asyncpg
 import grpc
 from costs.v1 import costs_pb2_grpc
 
@@ -12,7 +13,7 @@ from services.costs.model import read_catalog
 from services.costs.recorder import Recorder
 from services.costs.servicer import CostServicer
 from services.costs.spool import Spool
-from services.costs.store import CostStore
+from services.costs.store import CostStore, load_catalog
 from services.runtime.database import TenantScopedPool
 from services.runtime.server import ServiceDefinition, ServicersFactory
 from services.runtime.settings import Settings
@@ -22,13 +23,16 @@ DEFAULT_SPOOL_PATH = Path(".data/costs/spool.jsonl")
 DEFAULT_SPOOL_RETRY_SECONDS = 5.0
 
 
+async def load_price_catalog(connection: asyncpg.Connection) -> None:
+    await load_catalog(connection, read_catalog(PRICE_CATALOG))
+
+
 def costs_servicers(spool_path: Path, spool_retry_seconds: float) -> ServicersFactory:
     @asynccontextmanager
     async def servicers(
         server: grpc.aio.Server, pool: TenantScopedPool, settings: Settings
     ) -> AsyncIterator[None]:
         store = CostStore(pool)
-        await store.load_catalog(read_catalog(PRICE_CATALOG))
         recorder = Recorder(store, Spool(spool_path), spool_retry_seconds)
         await recorder.start()
         costs_pb2_grpc.add_CostServiceServicer_to_server(CostServicer(store, recorder), server)
@@ -59,4 +63,5 @@ def costs_definition(
         default_port=50052,
         migrations=Path(__file__).parent / "migrations",
         servicers=costs_servicers(spool_path, spool_retry_seconds),
+        reference_data=load_price_catalog,
     )

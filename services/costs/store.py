@@ -72,43 +72,44 @@ def _price(row: asyncpg.Record) -> Price:
     return Price(**dict(row))
 
 
+async def load_catalog(connection: asyncpg.Connection, prices: Sequence[Price]) -> None:
+    """Makes costs.prices hold every row of the catalog file.
+
+    Rows are added or corrected, never removed: recorded lines name the versions they were
+    priced with. Runs with the migrations, as the schema owner, outside any profile.
+    """
+    async with connection.transaction():
+        await connection.execute("SELECT pg_advisory_xact_lock(hashtext('costs:catalog'))")
+        await connection.executemany(
+            f"""
+            INSERT INTO costs.prices ({_PRICE_COLUMNS})
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+            ON CONFLICT (provider, model, usage_type, prompt_tokens_over, effective_from)
+            DO UPDATE SET unit = EXCLUDED.unit, per = EXCLUDED.per,
+                unit_price_usd = EXCLUDED.unit_price_usd, source = EXCLUDED.source,
+                checked_on = EXCLUDED.checked_on
+            """,
+            [
+                (
+                    p.provider,
+                    p.model,
+                    p.usage_type,
+                    p.unit,
+                    p.per,
+                    p.unit_price_usd,
+                    p.prompt_tokens_over,
+                    p.effective_from,
+                    p.source,
+                    p.checked_on,
+                )
+                for p in prices
+            ],
+        )
+
+
 class CostStore:
     def __init__(self, pool: TenantScopedPool) -> None:
         self._pool = pool
-
-    async def load_catalog(self, prices: Sequence[Price]) -> None:
-        """Makes costs.prices hold every row of the catalog file.
-
-        Rows are added or corrected, never removed: recorded lines name the versions they
-        were priced with. Runs as the schema owner, outside any profile.
-        """
-        async with self._pool.pool.acquire() as connection, connection.transaction():
-            await connection.execute("SELECT pg_advisory_xact_lock(hashtext('costs:catalog'))")
-            await connection.executemany(
-                f"""
-                INSERT INTO costs.prices ({_PRICE_COLUMNS})
-                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-                ON CONFLICT (provider, model, usage_type, prompt_tokens_over, effective_from)
-                DO UPDATE SET unit = EXCLUDED.unit, per = EXCLUDED.per,
-                    unit_price_usd = EXCLUDED.unit_price_usd, source = EXCLUDED.source,
-                    checked_on = EXCLUDED.checked_on
-                """,
-                [
-                    (
-                        p.provider,
-                        p.model,
-                        p.usage_type,
-                        p.unit,
-                        p.per,
-                        p.unit_price_usd,
-                        p.prompt_tokens_over,
-                        p.effective_from,
-                        p.source,
-                        p.checked_on,
-                    )
-                    for p in prices
-                ],
-            )
 
     async def list_prices(self, provider: str) -> list[Price]:
         async with self._pool.transaction(readonly=True) as connection:

@@ -14,7 +14,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +48,9 @@ class ServiceDefinition:
     migrations: Path
     # Registers the servicers on enter; releases what they hold (listeners, clients) on exit.
     servicers: ServicersFactory
+    # Loads reference data kept in the repo (Costs' price catalog) after the SQL migrations,
+    # as the schema owner: the service's own role may only read it.
+    reference_data: Callable[[asyncpg.Connection], Awaitable[None]] | None = None
 
     @property
     def database_role(self) -> str:
@@ -92,9 +95,12 @@ async def connect(settings: Settings, application_name: str) -> asyncpg.Pool:
             delay = min(delay * 2, 5.0)
 
 
-async def migrate(definition: ServiceDefinition, pool: asyncpg.Pool) -> list[int]:
-    async with pool.acquire() as connection:
-        return await apply_migrations(connection, definition.name, definition.migrations)
+async def migrate(definition: ServiceDefinition, connection: asyncpg.Connection) -> list[int]:
+    """The service's pending SQL migrations, then its reference data; the versions applied."""
+    applied = await apply_migrations(connection, definition.name, definition.migrations)
+    if definition.reference_data is not None:
+        await definition.reference_data(connection)
+    return applied
 
 
 class RunningService:
@@ -120,16 +126,19 @@ class RunningService:
         self._monitor = asyncio.create_task(self._watch_database())
 
     async def _set_serving(self, serving: bool) -> None:
+        """The service's own health follows the database (readiness); the server's overall
+        health ("", liveness) stays SERVING until shutdown, so an outage of the database
+        takes replicas out of rotation without getting them restarted."""
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        for name in ("", self.definition.grpc_service):
-            await self.health.set(name, status)
+        await self.health.set(self.definition.grpc_service, status)
 
     async def _watch_database(self) -> None:
         serving = True
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._set_serving(serving)
         while True:
             await asyncio.sleep(self.settings.health_check_interval_seconds)
@@ -167,7 +176,8 @@ async def start_service(
     """Connects, migrates (unless disabled), registers everything and starts serving."""
     raw_pool = await connect(settings, application_name=definition.name)
     if settings.migrate_on_start:
-        await migrate(definition, raw_pool)
+        async with raw_pool.acquire() as connection:
+            await migrate(definition, connection)
     pool = TenantScopedPool(raw_pool, definition.database_role)
     server = grpc.aio.server(
         interceptors=[ProfileInterceptor(authorize)], options=server_options(settings)
@@ -202,7 +212,8 @@ async def serve(definition: ServiceDefinition, settings: Settings) -> None:
 async def migrate_only(definition: ServiceDefinition, settings: Settings) -> None:
     pool = await connect(settings, application_name=f"{definition.name}-migrate")
     try:
-        applied = await migrate(definition, pool)
+        async with pool.acquire() as connection:
+            applied = await migrate(definition, connection)
         log.info("%s: %d migration(s) applied", definition.name, len(applied))
     finally:
         await pool.close()
