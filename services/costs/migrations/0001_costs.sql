@@ -1,10 +1,14 @@
 -- The costs schema: recorded lines, a daily rollup kept by the database, the pricing catalog
 -- and budgets. Every per-profile table is visible only to its profile.
 
+-- The role queries run as. An operator may have made it already (deploy/sql/bootstrap.sql),
+-- in which case the owner running this needs no CREATEROLE.
 DO $$
 BEGIN
-    CREATE ROLE costs_service NOLOGIN;
-EXCEPTION WHEN duplicate_object THEN NULL;
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'costs_service') THEN
+        CREATE ROLE costs_service NOLOGIN;
+    END IF;
+EXCEPTION WHEN duplicate_object THEN NULL;  -- made meanwhile by a migration of another database
 END
 $$;
 

@@ -1,9 +1,13 @@
 -- The jobs schema: one row per job, visible only to its profile.
 
+-- The role queries run as. An operator may have made it already (deploy/sql/bootstrap.sql),
+-- in which case the owner running this needs no CREATEROLE.
 DO $$
 BEGIN
-    CREATE ROLE jobs_service NOLOGIN;
-EXCEPTION WHEN duplicate_object THEN NULL;
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'jobs_service') THEN
+        CREATE ROLE jobs_service NOLOGIN;
+    END IF;
+EXCEPTION WHEN duplicate_object THEN NULL;  -- made meanwhile by a migration of another database
 END
 $$;
 

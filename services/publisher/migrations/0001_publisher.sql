@@ -1,10 +1,14 @@
 -- The publisher schema: each profile's Postiz credentials and its publications, visible only
 -- to that profile.
 
+-- The role queries run as. An operator may have made it already (deploy/sql/bootstrap.sql),
+-- in which case the owner running this needs no CREATEROLE.
 DO $$
 BEGIN
-    CREATE ROLE publisher_service NOLOGIN;
-EXCEPTION WHEN duplicate_object THEN NULL;
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'publisher_service') THEN
+        CREATE ROLE publisher_service NOLOGIN;
+    END IF;
+EXCEPTION WHEN duplicate_object THEN NULL;  -- made meanwhile by a migration of another database
 END
 $$;
 
