@@ -36,6 +36,7 @@ from services.runtime.call_context import profile_scope
 from services.runtime.page_tokens import encode_page_token
 
 Call = Callable[[], Awaitable[object]]
+LINES_PER_MESSAGE = 100
 
 
 @dataclass
@@ -192,8 +193,11 @@ async def _costs_operations(suite: Suite, options: Options) -> list[Operation]:
         )
 
     def batch() -> list[costs_pb2.StreamUsageRequest]:
+        """The call's lines, LINES_PER_MESSAGE to a message."""
+        lines = [costs_pb2.UsageLine(elevenlabs_tts=tts()) for _ in range(options.stream_batch)]
         return [
-            costs_pb2.StreamUsageRequest(elevenlabs_tts=tts()) for _ in range(options.stream_batch)
+            costs_pb2.StreamUsageRequest(lines=lines[i : i + LINES_PER_MESSAGE])
+            for i in range(0, len(lines), LINES_PER_MESSAGE)
         ]
 
     month_end = COST_MONTH + timedelta(days=31)
@@ -221,7 +225,9 @@ async def _costs_operations(suite: Suite, options: Options) -> list[Operation]:
             f"StreamUsage ({options.stream_batch} lines a call)",
             writer,
             lambda: random.choice(stubs).StreamUsage(iter(batch()), metadata=writer_md),
-            lambda: store.record_many([elevenlabs_line(r.elevenlabs_tts) for r in batch()]),
+            lambda: store.record_many(
+                [elevenlabs_line(line.elevenlabs_tts) for r in batch() for line in r.lines]
+            ),
             lines_per_call=options.stream_batch,
         ),
     ]

@@ -87,9 +87,13 @@ async def test_other_profile_reusing_a_request_id_records_its_own_line(
         iter(
             [
                 costs_pb2.StreamUsageRequest(
-                    elevenlabs_tts=costs_pb2.RecordElevenLabsTTSRequest(
-                        request_id="tts-a", model_id="eleven_v3", characters=1
-                    )
+                    lines=[
+                        costs_pb2.UsageLine(
+                            elevenlabs_tts=costs_pb2.RecordElevenLabsTTSRequest(
+                                request_id="tts-a", model_id="eleven_v3", characters=1
+                            )
+                        )
+                    ]
                 )
             ]
         ),

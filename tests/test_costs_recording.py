@@ -195,9 +195,13 @@ async def test_list_prices_shows_the_catalog_with_sources(costs_stub, profile):
 async def test_many_tiny_costs_add_up_to_the_exact_total(costs_stub, profile):
     requests = [
         costs_pb2.StreamUsageRequest(
-            gemini=costs_pb2.RecordGeminiUsageRequest(
-                request_id=f"tiny-{n}", model="gemini-2.5-flash-lite", prompt_tokens=1
-            )
+            lines=[
+                costs_pb2.UsageLine(
+                    gemini=costs_pb2.RecordGeminiUsageRequest(
+                        request_id=f"tiny-{n}", model="gemini-2.5-flash-lite", prompt_tokens=1
+                    )
+                )
+            ]
         )
         for n in range(3000)
     ]

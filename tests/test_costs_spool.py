@@ -111,9 +111,13 @@ async def test_records_while_the_database_is_down_are_replayed_once_when_it_is_b
             streamed = await stub.StreamUsage(
                 iter(
                     costs_pb2.StreamUsageRequest(
-                        elevenlabs_tts=costs_pb2.RecordElevenLabsTTSRequest(
-                            request_id=f"streamed-{n}", model_id="eleven_v3", characters=10
-                        )
+                        lines=[
+                            costs_pb2.UsageLine(
+                                elevenlabs_tts=costs_pb2.RecordElevenLabsTTSRequest(
+                                    request_id=f"streamed-{n}", model_id="eleven_v3", characters=10
+                                )
+                            )
+                        ]
                     )
                     for n in range(2)
                 ),

@@ -10,29 +10,41 @@ Code = grpc.StatusCode
 
 def usage(request_id: str, quantity: str = "1") -> costs_pb2.StreamUsageRequest:
     return costs_pb2.StreamUsageRequest(
-        usage=costs_pb2.RecordUsageRequest(
-            request_id=request_id,
-            provider="acme",
-            model="voice-1",
-            unit="seconds",
-            quantity=quantity,
-        )
+        lines=[
+            costs_pb2.UsageLine(
+                usage=costs_pb2.RecordUsageRequest(
+                    request_id=request_id,
+                    provider="acme",
+                    model="voice-1",
+                    unit="seconds",
+                    quantity=quantity,
+                )
+            )
+        ]
     )
 
 
 def tts(request_id: str) -> costs_pb2.StreamUsageRequest:
     return costs_pb2.StreamUsageRequest(
-        elevenlabs_tts=costs_pb2.RecordElevenLabsTTSRequest(
-            request_id=request_id, model_id="eleven_flash_v2_5", characters=100
-        )
+        lines=[
+            costs_pb2.UsageLine(
+                elevenlabs_tts=costs_pb2.RecordElevenLabsTTSRequest(
+                    request_id=request_id, model_id="eleven_flash_v2_5", characters=100
+                )
+            )
+        ]
     )
 
 
 def gemini(request_id: str) -> costs_pb2.StreamUsageRequest:
     return costs_pb2.StreamUsageRequest(
-        gemini=costs_pb2.RecordGeminiUsageRequest(
-            request_id=request_id, model="gemini-2.5-flash", prompt_tokens=100
-        )
+        lines=[
+            costs_pb2.UsageLine(
+                gemini=costs_pb2.RecordGeminiUsageRequest(
+                    request_id=request_id, model="gemini-2.5-flash", prompt_tokens=100
+                )
+            )
+        ]
     )
 
 
@@ -75,7 +87,21 @@ async def test_stream_usage_with_a_bad_line_records_nothing_and_names_the_line(c
 
 async def test_stream_usage_message_without_a_line_is_invalid(costs_stub, profile):
     details = await expect_status(
-        costs_stub.StreamUsage(iter([costs_pb2.StreamUsageRequest()]), metadata=profile),
+        costs_stub.StreamUsage(
+            iter([costs_pb2.StreamUsageRequest(lines=[costs_pb2.UsageLine()])]), metadata=profile
+        ),
         Code.INVALID_ARGUMENT,
     )
-    assert "must set one of" in details
+    assert "line must set one of" in details
+
+
+async def test_stream_usage_takes_many_lines_in_one_message(costs_stub, profile):
+    lines = [line for n in range(250) for line in usage(f"many-{n}").lines]
+    messages = [
+        costs_pb2.StreamUsageRequest(lines=lines[:200]),
+        costs_pb2.StreamUsageRequest(lines=lines[200:]),
+    ]
+    response = await costs_stub.StreamUsage(iter(messages), metadata=profile)
+    assert (response.accepted, response.duplicates) == (250, 0)
+    again = await costs_stub.StreamUsage(iter(messages), metadata=profile)
+    assert (again.accepted, again.duplicates) == (0, 250)

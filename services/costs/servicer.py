@@ -190,15 +190,15 @@ def generic_line(request: costs_pb2.RecordUsageRequest) -> UsageLine:
     )
 
 
-def stream_line(request: costs_pb2.StreamUsageRequest) -> UsageLine:
-    kind = request.WhichOneof("line")
+def stream_line(line: costs_pb2.UsageLine) -> UsageLine:
+    kind = line.WhichOneof("line")
     if kind == "elevenlabs_tts":
-        return elevenlabs_line(request.elevenlabs_tts)
+        return elevenlabs_line(line.elevenlabs_tts)
     if kind == "gemini":
-        return gemini_usage_line(request.gemini)
+        return gemini_usage_line(line.gemini)
     if kind == "usage":
-        return generic_line(request.usage)
-    raise InvalidArgument("each StreamUsage message must set one of elevenlabs_tts, gemini, usage")
+        return generic_line(line.usage)
+    raise InvalidArgument("each StreamUsage line must set one of elevenlabs_tts, gemini, usage")
 
 
 def entry_message(entry: CostEntry) -> costs_pb2.CostEntry:
@@ -342,18 +342,19 @@ class CostServicer(costs_pb2_grpc.CostServiceServicer):
         batch: list[UsageLine] = []
         number = 0
         async for request in request_iterator:
-            number += 1
-            try:
-                batch.append(stream_line(request))
-            except InvalidArgument as error:
-                if batch:
+            for line in request.lines:
+                number += 1
+                try:
+                    batch.append(stream_line(line))
+                except InvalidArgument as error:
+                    if batch:
+                        await record(batch)
+                    raise InvalidArgument(
+                        f"line {number}: {error}; the {number - 1} line(s) before it are recorded"
+                    ) from None
+                if len(batch) == STREAM_BATCH_SIZE:
                     await record(batch)
-                raise InvalidArgument(
-                    f"line {number}: {error}; the {number - 1} line(s) before it are recorded"
-                ) from None
-            if len(batch) == STREAM_BATCH_SIZE:
-                await record(batch)
-                batch = []
+                    batch = []
         if batch:
             await record(batch)
         return response

@@ -144,11 +144,15 @@ class CostStore:
     async def record_many(self, lines: Sequence[UsageLine]) -> int:
         """Records a batch in one statement; returns how many were new (the rest duplicates)."""
         async with self._pool.transaction() as connection:
-            return len(await self._insert(connection, lines))
+            return len(await self._insert(connection, lines, returning="request_id"))
 
     async def _insert(
-        self, connection: asyncpg.Connection, lines: Sequence[UsageLine]
+        self,
+        connection: asyncpg.Connection,
+        lines: Sequence[UsageLine],
+        returning: str = _ENTRY_COLUMNS,
     ) -> list[asyncpg.Record]:
+        """The new lines' `returning` columns; a batch needs only a count, not whole rows."""
         profile_id = require_profile_id()
         catalog = [
             _price(row)
@@ -173,7 +177,7 @@ class CostStore:
                 AS line(request_id, provider, model, job_id, occurred_at, usage, cost_usd,
                     priced, applied_prices, attributes)
             ON CONFLICT (profile_id, request_id) DO NOTHING
-            RETURNING {_ENTRY_COLUMNS}
+            RETURNING {returning}
             """,
             profile_id,
             [line.request_id for line in lines],
