@@ -80,17 +80,7 @@ class JobStore:
     async def update(self, job_id: uuid.UUID, changes: JobChanges, etag: str | None) -> Job:
         """Applies the changes atomically; a stale etag raises Conflict."""
         async with self._pool.transaction() as connection:
-            row = await connection.fetchrow(
-                f"""
-                SELECT {_COLUMNS} FROM jobs.jobs
-                WHERE profile_id = $1 AND job_id = $2 FOR UPDATE
-                """,
-                require_profile_id(),
-                job_id,
-            )
-            if row is None:
-                raise _not_found(job_id)
-            job = _job(row)
+            job = await self._locked(connection, job_id)
             if etag and etag != job.etag:
                 raise Conflict(
                     f"job {job_id} changed since it was read (etag {etag}, now {job.etag}); "
@@ -101,17 +91,7 @@ class JobStore:
     async def cancel(self, job_id: uuid.UUID) -> Job:
         """Moves the job to CANCELLED; cancelling a cancelled job changes nothing."""
         async with self._pool.transaction() as connection:
-            row = await connection.fetchrow(
-                f"""
-                SELECT {_COLUMNS} FROM jobs.jobs
-                WHERE profile_id = $1 AND job_id = $2 FOR UPDATE
-                """,
-                require_profile_id(),
-                job_id,
-            )
-            if row is None:
-                raise _not_found(job_id)
-            job = _job(row)
+            job = await self._locked(connection, job_id)
             if job.status == JobStatus.CANCELLED:
                 return job
             if job.status.is_terminal:
@@ -161,6 +141,18 @@ class JobStore:
         async with self._pool.transaction(readonly=True) as connection:
             rows = await connection.fetch(query, *arguments)
         return [_job(row) for row in rows]
+
+    @staticmethod
+    async def _locked(connection: asyncpg.Connection, job_id: uuid.UUID) -> Job:
+        """The job, its row locked until the transaction ends."""
+        row = await connection.fetchrow(
+            f"SELECT {_COLUMNS} FROM jobs.jobs WHERE profile_id = $1 AND job_id = $2 FOR UPDATE",
+            require_profile_id(),
+            job_id,
+        )
+        if row is None:
+            raise _not_found(job_id)
+        return _job(row)
 
     @staticmethod
     async def _write(connection: asyncpg.Connection, job: Job, values: dict[str, Any]) -> Job:
