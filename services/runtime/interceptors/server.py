@@ -2,7 +2,9 @@
 
 For each RPC it reads and validates `x-profile-id`, authorizes the caller, scopes the call to
 that profile, turns domain errors into gRPC status codes and writes one access line. Health and
-reflection are exempt so that probes and `grpcurl list` need no profile.
+reflection are exempt so that probes and `grpcurl list` need no profile. The service's
+cross-profile reads take no profile: only an operator may call them, and an operator may call
+nothing else.
 """
 
 import asyncio
@@ -15,9 +17,15 @@ import grpc
 from grpc.aio import ServicerContext
 
 from services.runtime import errors
-from services.runtime.call_context import CallScope, profile_id_from_metadata
+from services.runtime.call_context import (
+    Caller,
+    CallScope,
+    current_caller,
+    profile_id_from_metadata,
+)
 
 access_log = logging.getLogger("services.access")
+operator_log = logging.getLogger("services.operator")
 log = logging.getLogger(__name__)
 
 EXEMPT_SERVICE_PREFIXES = (
@@ -37,11 +45,19 @@ STATUS_CODES: dict[type[errors.DomainError], grpc.StatusCode] = {
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 
-Authorizer = Callable[[str, ServicerContext, str], Awaitable[None]]
+# (profile_id, context, method) → the proved caller, or None when nobody needs proving.
+# profile_id is None for a cross-profile read. Raises Unauthenticated or PermissionDenied.
+Authorizer = Callable[[str | None, ServicerContext, str], Awaitable[Caller | None]]
+
+UNAUTHENTICATED_OPERATOR = Caller(subject="anonymous (AUTH_MODE=none)", operator=True)
 
 
-async def allow_any_caller(profile_id: str, context: ServicerContext, method: str) -> None:
-    """Trusts `x-profile-id` as sent (local debugging with grpcurl)."""
+async def allow_any_caller(
+    profile_id: str | None, context: ServicerContext, method: str
+) -> Caller | None:
+    """Trusts `x-profile-id` as sent, and lets anyone read across profiles (AUTH_MODE=none:
+    local debugging with grpcurl, where any profile can be named anyway)."""
+    return UNAUTHENTICATED_OPERATOR if profile_id is None else None
 
 
 def status_code_for(error: errors.DomainError) -> grpc.StatusCode:
@@ -59,8 +75,13 @@ class ProfileInterceptor(grpc.aio.ServerInterceptor):
     PermissionDenied. Handlers never see a call it refused.
     """
 
-    def __init__(self, authorize: Authorizer = allow_any_caller) -> None:
+    def __init__(
+        self,
+        authorize: Authorizer = allow_any_caller,
+        cross_profile_methods: frozenset[str] = frozenset(),
+    ) -> None:
         self._authorize = authorize
+        self._cross_profile_methods = cross_profile_methods
         # Wrapping costs more than a lookup; handlers are fixed once a server starts.
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
@@ -76,7 +97,8 @@ class ProfileInterceptor(grpc.aio.ServerInterceptor):
             return cached[1]
         if handler is None or method.startswith(EXEMPT_SERVICE_PREFIXES):
             return handler
-        wrapped = _wrap_handler(handler, _CallPipeline(method, self._authorize))
+        pipeline = _CallPipeline(method, self._authorize, method in self._cross_profile_methods)
+        wrapped = _wrap_handler(handler, pipeline)
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 
@@ -84,22 +106,42 @@ class ProfileInterceptor(grpc.aio.ServerInterceptor):
 class _CallPipeline:
     """What happens around one method's handler on every call."""
 
-    __slots__ = ("_authorize", "method")
+    __slots__ = ("_authorize", "cross_profile", "method")
 
-    def __init__(self, method: str, authorize: Authorizer) -> None:
+    def __init__(self, method: str, authorize: Authorizer, cross_profile: bool = False) -> None:
         self.method = method
         self._authorize = authorize
+        self.cross_profile = cross_profile
 
     async def enter(self, context: ServicerContext, started: float) -> CallScope:
         """The call's scope, or an abort (logged) when the caller is refused."""
         try:
-            profile_id = profile_id_from_metadata(context.invocation_metadata())
-            await self._authorize(profile_id, context, self.method)
+            profile_id = (
+                None
+                if self.cross_profile
+                else profile_id_from_metadata(context.invocation_metadata())
+            )
+            caller = await self._authorize(profile_id, context, self.method)
+            self._check_scope(caller)
         except errors.DomainError as error:
             code = status_code_for(error)
             self.log_access(code, started)
             await context.abort(code, str(error))
-        return CallScope(profile_id, context.time_remaining())
+        if self.cross_profile:
+            operator_log.info("operator %s calls %s", caller.subject, self.method)
+        return CallScope(profile_id, context.time_remaining(), caller)
+
+    def _check_scope(self, caller: Caller | None) -> None:
+        """Operator scope is for the cross-profile reads, and only for them."""
+        operator = caller is not None and caller.operator
+        if self.cross_profile and not operator:
+            raise errors.PermissionDenied(
+                f"{self.method} reads across profiles: it needs a token with scope operator"
+            )
+        if operator and not self.cross_profile:
+            raise errors.PermissionDenied(
+                f"an operator token may call only the cross-profile reads, not {self.method}"
+            )
 
     def outcome(
         self, context: ServicerContext, error: BaseException
@@ -118,9 +160,15 @@ class _CallPipeline:
         return grpc.StatusCode.UNKNOWN, None
 
     def log_access(self, code: grpc.StatusCode, started: float) -> None:
-        """One line per RPC: method, status and duration; never a message body."""
+        """One line per RPC: method, status, duration and the proved caller; never a body."""
         elapsed_ms = (time.perf_counter() - started) * 1000
-        access_log.info("%s %s %.1fms", self.method, code.name, elapsed_ms)
+        caller = current_caller()
+        if caller is None:
+            access_log.info("%s %s %.1fms", self.method, code.name, elapsed_ms)
+        else:
+            access_log.info(
+                "%s %s %.1fms caller=%s", self.method, code.name, elapsed_ms, caller.subject
+            )
 
 
 def _wrap_handler(handler: grpc.RpcMethodHandler, call: _CallPipeline) -> grpc.RpcMethodHandler:
