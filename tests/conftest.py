@@ -24,6 +24,7 @@ from publisher.v1 import publisher_pb2, publisher_pb2_grpc
 from services.jobs.service import JOBS
 from services.publisher.service import publisher_definition
 from services.publisher.settings import PublisherSettings
+from services.runtime.auth import mint_token
 from services.runtime.embedded_postgres import start_embedded_postgres
 from services.runtime.logs import configure_logging
 from services.runtime.server import RunningService, ServiceDefinition, start_service
@@ -101,6 +102,41 @@ def jobs_stub(jobs_channel: grpc.aio.Channel) -> jobs_pb2_grpc.JobServiceStub:
     return jobs_pb2_grpc.JobServiceStub(jobs_channel)
 
 
+# AUTH_MODE=jwt: the secret the services below verify with, and tokens signed with it.
+# A constant: pytest may load this module twice (as conftest and as tests.conftest).
+TEST_JWT_SECRET = "test-only-hs256-secret-" + "0123456789abcdef" * 3
+
+
+def token_for(*profiles: str, secret: str = TEST_JWT_SECRET, **options: object) -> str:
+    """A token of "test-caller" for these profiles (mint_token's options: operator, ...)."""
+    return mint_token(secret, sub="test-caller", profiles=profiles, **options)
+
+
+def bearer(token: str) -> tuple[str, str]:
+    return ("authorization", f"Bearer {token}")
+
+
+def signed_in(profile_id: str, token: str | None = None) -> tuple[tuple[str, str], ...]:
+    """Metadata acting for the profile with a token (by default one for that profile)."""
+    return (*as_profile(profile_id), bearer(token or token_for(profile_id)))
+
+
+@pytest.fixture(scope="session")
+async def jwt_jobs_service(database_url: str) -> AsyncIterator[RunningService]:
+    """The Jobs service with AUTH_MODE=jwt (HS256, TEST_JWT_SECRET)."""
+    settings = settings_for(database_url, auth_mode="jwt", auth_jwt_secret=TEST_JWT_SECRET)
+    async with running(JOBS, settings) as service:
+        yield service
+
+
+@pytest.fixture(scope="session")
+async def jwt_jobs_stub(
+    jwt_jobs_service: RunningService,
+) -> AsyncIterator[jobs_pb2_grpc.JobServiceStub]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{jwt_jobs_service.port}") as channel:
+        yield jobs_pb2_grpc.JobServiceStub(channel)
+
+
 @pytest.fixture(scope="session")
 async def fake_postiz() -> AsyncIterator[FakePostiz]:
     async with serve_fake_postiz() as fake:
@@ -112,11 +148,9 @@ TEST_POSTS_PER_HOUR = 5
 TEST_POSTIZ_TIMEOUT_SECONDS = 1.0
 
 
-@pytest.fixture(scope="session")
-async def publisher_service(
-    database_url: str, jobs_service: RunningService
-) -> AsyncIterator[RunningService]:
-    config = PublisherSettings(
+def publisher_config(jobs_service: RunningService) -> PublisherSettings:
+    """The Publisher's own settings for tests, calling the given Jobs service."""
+    return PublisherSettings(
         encryption_keys={"test-key": secrets.token_bytes(32)},
         posts_per_hour=TEST_POSTS_PER_HOUR,
         postiz_timeout_seconds=TEST_POSTIZ_TIMEOUT_SECONDS,
@@ -125,6 +159,13 @@ async def publisher_service(
         reconcile_grace_seconds=0,
         jobs_target=f"127.0.0.1:{jobs_service.port}",
     )
+
+
+@pytest.fixture(scope="session")
+async def publisher_service(
+    database_url: str, jobs_service: RunningService
+) -> AsyncIterator[RunningService]:
+    config = publisher_config(jobs_service)
     async with running(publisher_definition(config), settings_for(database_url)) as service:
         yield service
 

@@ -16,38 +16,31 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from google.protobuf import field_mask_pb2
 from jobs.v1 import jobs_pb2, jobs_pb2_grpc
+from publisher.v1 import publisher_pb2, publisher_pb2_grpc
 
 from services.jobs.service import JOBS
+from services.publisher.service import publisher_definition
 from services.runtime.auth import mint_token
 from services.runtime.call_context import Caller, profile_scope
 from services.runtime.interceptors import profile_client_interceptors
 from services.runtime.settings import Settings
-from tests.conftest import REPO, as_profile, new_profile_id, running, settings_for
+from tests.conftest import (
+    REPO,
+    TEST_JWT_SECRET,
+    as_profile,
+    new_profile_id,
+    publisher_config,
+    running,
+    settings_for,
+    signed_in,
+    token_for,
+)
+from tests.fake_postiz import api_root
 
 Code = grpc.StatusCode
-SECRET = secrets.token_urlsafe(64)
-
-
-def signed_in(profile_id: str, token: str) -> tuple[tuple[str, str], ...]:
-    return (*as_profile(profile_id), ("authorization", f"Bearer {token}"))
-
-
-def token_for(*profiles: str, secret: str = SECRET, **options: object) -> str:
-    return mint_token(secret, sub="test-caller", profiles=profiles, **options)
-
-
-@pytest.fixture(scope="module")
-async def jwt_jobs_port(database_url):
-    settings = settings_for(database_url, auth_mode="jwt", auth_jwt_secret=SECRET)
-    async with running(JOBS, settings) as service:
-        yield service.port
-
-
-@pytest.fixture(scope="module")
-async def jwt_jobs(jwt_jobs_port):
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{jwt_jobs_port}") as channel:
-        yield jobs_pb2_grpc.JobServiceStub(channel)
+SECRET = TEST_JWT_SECRET
 
 
 async def status_of(call) -> grpc.aio.AioRpcError:
@@ -60,25 +53,27 @@ def get_job(stub, metadata):
     return stub.GetJob(jobs_pb2.GetJobRequest(job_id=str(uuid.uuid4())), metadata=metadata)
 
 
-async def test_call_with_a_valid_token_acts_for_the_profile(jwt_jobs):
+async def test_call_with_a_valid_token_acts_for_the_profile(jwt_jobs_stub):
     profile_id = new_profile_id()
     metadata = signed_in(profile_id, token_for(profile_id, "other-profile"))
-    job = await jwt_jobs.CreateJob(
+    job = await jwt_jobs_stub.CreateJob(
         jobs_pb2.CreateJobRequest(job=jobs_pb2.Job(kind="k")), metadata=metadata
     )
     assert job.profile_id == profile_id
-    fetched = await jwt_jobs.GetJob(jobs_pb2.GetJobRequest(job_id=job.job_id), metadata=metadata)
+    fetched = await jwt_jobs_stub.GetJob(
+        jobs_pb2.GetJobRequest(job_id=job.job_id), metadata=metadata
+    )
     assert fetched.job_id == job.job_id
 
 
-async def test_call_without_a_token_is_unauthenticated(jwt_jobs):
-    error = await status_of(get_job(jwt_jobs, as_profile(new_profile_id())))
+async def test_call_without_a_token_is_unauthenticated(jwt_jobs_stub):
+    error = await status_of(get_job(jwt_jobs_stub, as_profile(new_profile_id())))
     assert error.code() == Code.UNAUTHENTICATED
     assert "Bearer" in error.details()
 
 
-async def test_streaming_call_without_a_token_is_unauthenticated(jwt_jobs):
-    call = jwt_jobs.WatchJob(
+async def test_streaming_call_without_a_token_is_unauthenticated(jwt_jobs_stub):
+    call = jwt_jobs_stub.WatchJob(
         jobs_pb2.WatchJobRequest(job_id=str(uuid.uuid4())), metadata=as_profile(new_profile_id())
     )
     with pytest.raises(grpc.aio.AioRpcError) as raised:
@@ -110,42 +105,42 @@ BAD_TOKENS = {
 
 
 @pytest.mark.parametrize("make_token", BAD_TOKENS.values(), ids=BAD_TOKENS.keys())
-async def test_bad_token_is_unauthenticated(jwt_jobs, make_token):
+async def test_bad_token_is_unauthenticated(jwt_jobs_stub, make_token):
     profile_id = new_profile_id()
-    error = await status_of(get_job(jwt_jobs, signed_in(profile_id, make_token(profile_id))))
+    error = await status_of(get_job(jwt_jobs_stub, signed_in(profile_id, make_token(profile_id))))
     assert error.code() == Code.UNAUTHENTICATED, error.details()
 
 
-async def test_authorization_without_bearer_is_unauthenticated(jwt_jobs):
+async def test_authorization_without_bearer_is_unauthenticated(jwt_jobs_stub):
     profile_id = new_profile_id()
     metadata = (*as_profile(profile_id), ("authorization", token_for(profile_id)))
-    error = await status_of(get_job(jwt_jobs, metadata))
+    error = await status_of(get_job(jwt_jobs_stub, metadata))
     assert error.code() == Code.UNAUTHENTICATED
 
 
-async def test_profile_outside_the_token_is_permission_denied(jwt_jobs):
+async def test_profile_outside_the_token_is_permission_denied(jwt_jobs_stub):
     error = await status_of(
-        get_job(jwt_jobs, signed_in(new_profile_id(), token_for(new_profile_id())))
+        get_job(jwt_jobs_stub, signed_in(new_profile_id(), token_for(new_profile_id())))
     )
     assert error.code() == Code.PERMISSION_DENIED
     assert "test-caller" in error.details()
 
 
-async def test_access_log_names_the_caller(jwt_jobs, caplog):
+async def test_access_log_names_the_caller(jwt_jobs_stub, caplog):
     caplog.set_level(logging.INFO)
     profile_id = new_profile_id()
-    await status_of(get_job(jwt_jobs, signed_in(profile_id, token_for(profile_id))))
+    await status_of(get_job(jwt_jobs_stub, signed_in(profile_id, token_for(profile_id))))
     assert any(
         "GetJob NOT_FOUND" in record.getMessage() and "caller=test-caller" in record.getMessage()
         for record in caplog.records
     )
 
 
-async def test_client_interceptor_forwards_the_callers_token(jwt_jobs_port):
+async def test_client_interceptor_forwards_the_callers_token(jwt_jobs_service):
     profile_id = new_profile_id()
     caller = Caller("publisher", authorization=f"Bearer {token_for(profile_id)}")
     async with grpc.aio.insecure_channel(
-        f"127.0.0.1:{jwt_jobs_port}", interceptors=profile_client_interceptors()
+        f"127.0.0.1:{jwt_jobs_service.port}", interceptors=profile_client_interceptors()
     ) as channel:
         stub = jobs_pb2_grpc.JobServiceStub(channel)
         with profile_scope(profile_id, caller=caller):
@@ -216,7 +211,7 @@ def _hs256_signed_with(key: str, claims: dict) -> str:
     return f"{header}.{body}.{part(signature)}"
 
 
-async def test_mint_command_prints_a_token_the_service_accepts(jwt_jobs):
+async def test_mint_command_prints_a_token_the_service_accepts(jwt_jobs_stub):
     profile_id = new_profile_id()
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -235,7 +230,7 @@ async def test_mint_command_prints_a_token_the_service_accepts(jwt_jobs):
     )
     out, _ = await asyncio.wait_for(process.communicate(), timeout=30)
     assert process.returncode == 0
-    error = await status_of(get_job(jwt_jobs, signed_in(profile_id, out.decode().strip())))
+    error = await status_of(get_job(jwt_jobs_stub, signed_in(profile_id, out.decode().strip())))
     assert error.code() == Code.NOT_FOUND
 
 
@@ -251,3 +246,50 @@ async def test_mint_command_prints_a_token_the_service_accepts(jwt_jobs):
 def test_misconfigured_auth_stops_the_service_at_start(values):
     with pytest.raises(SystemExit):
         Settings(database_url="postgresql://x", **values)
+
+
+async def test_publish_job_reaches_the_jobs_service_with_the_callers_token(
+    database_url, jwt_jobs_service, jwt_jobs_stub, fake_postiz
+):
+    """Both services in AUTH_MODE=jwt: the Publisher reads and writes the job as the caller."""
+    settings = settings_for(database_url, auth_mode="jwt", auth_jwt_secret=TEST_JWT_SECRET)
+    definition = publisher_definition(publisher_config(jwt_jobs_service))
+    profile_id = new_profile_id()
+    metadata = signed_in(profile_id)
+    organization = fake_postiz.add_organization()
+    fake_postiz.files["signed.mp4"] = b"\x00\x00\x00\x18ftypmp42" + bytes(100)
+    job = await jwt_jobs_stub.CreateJob(
+        jobs_pb2.CreateJobRequest(job=jobs_pb2.Job(kind="video_render")), metadata=metadata
+    )
+    done = jobs_pb2.Job(job_id=job.job_id, status=jobs_pb2.COMPLETED)
+    done.result.update({"video_url": f"{fake_postiz.base_url}/files/signed.mp4"})
+    await jwt_jobs_stub.UpdateJob(
+        jobs_pb2.UpdateJobRequest(
+            job=done, update_mask=field_mask_pb2.FieldMask(paths=["status", "result"])
+        ),
+        metadata=metadata,
+    )
+    async with (
+        running(definition, settings) as publisher,
+        grpc.aio.insecure_channel(f"127.0.0.1:{publisher.port}") as channel,
+    ):
+        stub = publisher_pb2_grpc.PublisherServiceStub(channel)
+        await stub.SetPostizCredentials(
+            publisher_pb2.SetPostizCredentialsRequest(
+                base_url=api_root(fake_postiz), api_key=organization.api_key
+            ),
+            metadata=metadata,
+        )
+        publication = await stub.PublishJob(
+            publisher_pb2.PublishJobRequest(
+                job_id=job.job_id,
+                integration_ids=[organization.integrations[0]["id"]],
+                content="Signed and delivered",
+            ),
+            metadata=metadata,
+        )
+    assert publication.state == publisher_pb2.PUBLICATION_STATE_ACCEPTED
+    written = await jwt_jobs_stub.GetJob(
+        jobs_pb2.GetJobRequest(job_id=job.job_id), metadata=metadata
+    )
+    assert written.result["publication"]["request_id"] == f"job:{job.job_id}"

@@ -151,6 +151,16 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     async def ListJobs(
         self, request: jobs_pb2.ListJobsRequest, context: ServicerContext
     ) -> jobs_pb2.ListJobsResponse:
+        return await self._list(request, all_profiles=False)
+
+    async def ListAllJobs(
+        self, request: jobs_pb2.ListJobsRequest, context: ServicerContext
+    ) -> jobs_pb2.ListJobsResponse:
+        return await self._list(request, all_profiles=True)
+
+    async def _list(
+        self, request: jobs_pb2.ListJobsRequest, all_profiles: bool
+    ) -> jobs_pb2.ListJobsResponse:
         page_size = _page_size(request.page_size)
         job_filter = _filter(request)
         after = None
@@ -160,7 +170,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
                 after = (datetime.fromtimestamp(micros / 1e6, UTC), uuid.UUID(job_id))
             except (TypeError, ValueError, OverflowError):
                 raise InvalidArgument("page_token is not valid") from None
-        jobs = await self._store.list(job_filter, page_size + 1, after)
+        jobs = await self._store.list(job_filter, page_size + 1, after, all_profiles=all_profiles)
         response = jobs_pb2.ListJobsResponse(jobs=[job_message(j) for j in jobs[:page_size]])
         if len(jobs) > page_size:
             last = jobs[page_size - 1]
