@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc.aio import ServicerContext
 
 from services.runtime import errors
@@ -181,7 +182,8 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, call: _CallPipeline) -> grpc.R
             scope = await call.enter(context, started)
             code = grpc.StatusCode.OK
             try:
-                async for response in inner_stream(request_or_iterator, context):
+                requests = _decoded(request_or_iterator, handler.request_streaming)
+                async for response in inner_stream(requests, context):
                     yield response
             except BaseException as error:
                 code, message = call.outcome(context, error)
@@ -206,7 +208,8 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, call: _CallPipeline) -> grpc.R
             scope = await call.enter(context, started)
             code = grpc.StatusCode.OK
             try:
-                return await inner_unary(request_or_iterator, context)
+                requests = _decoded(request_or_iterator, handler.request_streaming)
+                return await inner_unary(requests, context)
             except BaseException as error:
                 code, message = call.outcome(context, error)
                 if message is None:
@@ -224,6 +227,49 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, call: _CallPipeline) -> grpc.R
         )
     return factory(
         behavior,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=_tolerant(handler.request_deserializer),
         response_serializer=handler.response_serializer,
     )
+
+
+class _Undecodable:
+    """A request message protobuf refused to parse (for example nested deeper than it allows).
+
+    gRPC would answer UNKNOWN for a deserializer's exception; the pipeline answers
+    INVALID_ARGUMENT instead, inside the call, so the refusal is logged like any other."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def deserializer(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError as error:
+            return _Undecodable(str(error))
+
+    return deserializer
+
+
+def _refuse_undecodable(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise errors.InvalidArgument(f"the request message cannot be parsed: {request.reason}")
+    return request
+
+
+async def _decoded_stream(requests: Any) -> Any:
+    async for request in requests:
+        yield _refuse_undecodable(request)
+
+
+def _decoded(request_or_iterator: Any, request_streaming: bool) -> Any:
+    """The request, or the requests one by one, with any unparsable message refused."""
+    if request_streaming:
+        return _decoded_stream(request_or_iterator)
+    return _refuse_undecodable(request_or_iterator)
