@@ -8,11 +8,13 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import asyncpg
@@ -292,8 +294,10 @@ class DisposablePostgres:
 
 
 @pytest.fixture
-def disposable_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DisposablePostgres]:
-    server = DisposablePostgres(tmp_path_factory.mktemp("postgres"))
+def disposable_postgres() -> Iterator[DisposablePostgres]:
+    # Not under pytest's temporary root: any pytest run on the machine resets that root to
+    # mode 0700, which locks pgserver's system user out of a data directory inside it.
+    server = DisposablePostgres(Path(tempfile.mkdtemp(prefix="disposable-postgres-")))
     try:
         yield server
     finally:
@@ -325,3 +329,26 @@ async def postiz_profile(
     publisher_stub: publisher_pb2_grpc.PublisherServiceStub, fake_postiz: FakePostiz
 ) -> PostizProfile:
     return await connect_profile(publisher_stub, fake_postiz)
+
+
+_FAULT_FIGURES = pytest.StashKey[dict[str, dict[str, int]]]()
+
+
+@pytest.fixture(scope="session")
+def fault_figures(pytestconfig: pytest.Config) -> dict[str, dict[str, int]]:
+    """Where fault tests put their figures (calls made, faults injected, writes lost, posts
+    duplicated), by test; printed at the end of the run."""
+    return pytestconfig.stash.setdefault(_FAULT_FIGURES, {})
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    figures = config.stash.get(_FAULT_FIGURES, {})
+    if not figures:
+        return
+    terminalreporter.section("fault figures")
+    totals: dict[str, int] = {}
+    for name, values in figures.items():
+        terminalreporter.write_line(f"{name}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
+        for key, value in values.items():
+            totals[key] = totals.get(key, 0) + value
+    terminalreporter.write_line("total: " + ", ".join(f"{k}={v}" for k, v in totals.items()))

@@ -7,7 +7,6 @@ The one exception is an operator's cross-profile read: a READ ONLY transaction t
 `app.operator`, which a service's SELECT-only policy honours.
 """
 
-import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -36,6 +35,8 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.TooManyConnectionsError,
     asyncpg.InterfaceError,
     asyncpg.AdminShutdownError,
+    # asyncpg's protocol state on a connection that broke in the middle of a query.
+    asyncpg.InternalClientError,
     TimeoutError,
 )
 
@@ -115,8 +116,11 @@ class TenantScopedPool:
                     yield connection
                 except BaseException:
                     if not connection.is_closed():
-                        with contextlib.suppress(Exception):
+                        try:
                             await connection.execute("ROLLBACK")
+                        except Exception:
+                            # Its state is unknown: it must never serve another call.
+                            connection.terminate()
                     raise
                 await connection.execute("COMMIT")
         except CONNECTION_ERRORS as error:
