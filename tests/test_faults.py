@@ -8,23 +8,31 @@ Every test records its figures; `make test` prints them under "fault figures" (o
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import uuid
 from dataclasses import dataclass, field
 
 import asyncpg
 import grpc
+import pytest
 from google.protobuf import field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from jobs.v1 import jobs_pb2, jobs_pb2_grpc
+from publisher.v1 import publisher_pb2, publisher_pb2_grpc
 
 from services.jobs.service import JOBS
+from services.publisher.service import publisher_definition
 from tests.conftest import (
+    PostizProfile,
     as_profile,
     new_profile_id,
+    publisher_config,
     running,
     server_process,
     settings_for,
 )
+from tests.fake_postiz import FakePostiz, Organization, api_root, serve_fake_postiz
+from tests.publisher_requests import post_request
 
 Code = grpc.StatusCode
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -230,3 +238,176 @@ async def test_sigterm_under_load_fails_no_call_in_flight(database_url, fault_fi
     assert set(load.statuses) <= {"OK", "UNAVAILABLE", "CANCELLED"}, load.statuses
     assert not failed_yet_stored
     assert set(load.acknowledged) <= stored
+
+
+def _inject(fake: FakePostiz, organization: Organization, fault: str) -> None:
+    if fault == "slow":
+        fake.hang_after_accepting_posts = True  # stores the post, then never answers
+    elif fault == "429":
+        fake.answer_once(
+            organization, "POST", "/posts", 429, {"message": "Too Many"}, {"Retry-After": "0"}
+        )
+    else:
+        fake.answer_once(organization, "POST", "/posts", int(fault), {"msg": "injected"})
+
+
+# What the first call of each fault answers; a retry with the same request_id then posts once.
+POSTIZ_FAULTS = {
+    "500": Code.UNAVAILABLE,
+    "502": Code.UNAVAILABLE,
+    "503": Code.UNAVAILABLE,
+    "504": Code.UNAVAILABLE,
+    "429": Code.RESOURCE_EXHAUSTED,
+    "slow": Code.UNAVAILABLE,
+}
+
+
+async def _connect(stub, fake: FakePostiz) -> PostizProfile:
+    organization = fake.add_organization(posts_per_hour=1000)
+    metadata = as_profile(new_profile_id())
+    await stub.SetPostizCredentials(
+        publisher_pb2.SetPostizCredentialsRequest(
+            base_url=api_root(fake), api_key=organization.api_key
+        ),
+        metadata=metadata,
+    )
+    return PostizProfile(metadata, organization)
+
+
+async def test_postiz_faults_fail_cleanly_and_never_duplicate_a_post(
+    database_url, jobs_service, fault_figures
+):
+    config = dataclasses.replace(publisher_config(jobs_service), posts_per_hour=1000)
+    calls = 0
+    statuses: collections.Counter = collections.Counter()
+    async with (
+        serve_fake_postiz() as fake,
+        running(publisher_definition(config), settings_for(database_url)) as publisher,
+        grpc.aio.insecure_channel(f"127.0.0.1:{publisher.port}") as channel,
+    ):
+        stub = publisher_pb2_grpc.PublisherServiceStub(channel)
+        profile = await _connect(stub, fake)
+        drills = [(n, fault) for n in range(2) for fault in POSTIZ_FAULTS]
+        for n, fault in drills:
+            request = post_request(profile, content=f"Fault drill {n} {fault}")
+            _inject(fake, profile.organization, fault)
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await stub.CreatePost(request, metadata=profile.metadata)
+            calls += 1
+            statuses[raised.value.code().name] += 1
+            assert raised.value.code() == POSTIZ_FAULTS[fault], raised.value.details()
+            fake.release_hanging_posts()
+            retried = await stub.CreatePost(request, metadata=profile.metadata)
+            again = await stub.CreatePost(request, metadata=profile.metadata)
+            calls += 2
+            assert retried.state == again.state == publisher_pb2.PUBLICATION_STATE_ACCEPTED
+            assert [p.post_id for p in retried.posts] == [p.post_id for p in again.posts]
+        contents = collections.Counter(p["content"] for p in profile.organization.live_posts)
+        duplicated = sum(count - 1 for count in contents.values())
+        async with serve_fake_postiz() as doomed:
+            down = await _connect(stub, doomed)
+        for call in (
+            stub.CreatePost(post_request(down), metadata=down.metadata),
+            stub.ListIntegrations(publisher_pb2.ListIntegrationsRequest(), metadata=down.metadata),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await call
+            calls += 1
+            statuses[raised.value.code().name] += 1
+            assert raised.value.code() == Code.UNAVAILABLE
+    fault_figures["Postiz 5xx, 429, slow, down"] = {
+        "calls": calls,
+        "faults": len(drills) + 1,
+        "posts_expected": len(drills),
+        "posts_made": sum(contents.values()),
+        "posts_duplicated": duplicated,
+    }
+    assert set(statuses) <= {"UNAVAILABLE", "RESOURCE_EXHAUSTED"}
+    assert sum(contents.values()) == len(drills)
+    assert duplicated == 0
+    assert not down.organization.posts
+
+
+async def _settled(pool: asyncpg.Pool, database_url: str) -> None:
+    """Waits until no query waits on a lock and every pool connection is idle again (polling:
+    the server's handler ends on its own time after the client gave up)."""
+    connection = await asyncpg.connect(database_url)
+    try:
+        async with asyncio.timeout(20):
+            for _ in range(1000):
+                waiting = await connection.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                )
+                if not waiting and pool.get_idle_size() == pool.get_size():
+                    return
+                await asyncio.sleep(0.02)
+    finally:
+        await connection.close()
+
+
+async def _sessions_idle_in_transaction(database_url: str) -> int:
+    connection = await asyncpg.connect(database_url)
+    try:
+        return await connection.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name = 'jobs' AND state LIKE 'idle in transaction%'"
+        )
+    finally:
+        await connection.close()
+
+
+async def test_call_cancelled_or_past_its_deadline_mid_transaction_rolls_back(
+    database_url, fault_figures
+):
+    settings = settings_for(database_url, db_pool_max_size=2, health_check_interval_seconds=60)
+    interruptions = ["deadline", "cancel"] * 3  # more than the pool holds: a leak would show
+    outcomes: collections.Counter = collections.Counter()
+    async with (
+        running(JOBS, settings) as service,
+        grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel,
+    ):
+        stub = jobs_pb2_grpc.JobServiceStub(channel)
+        profile = as_profile(new_profile_id())
+        job = await stub.CreateJob(
+            jobs_pb2.CreateJobRequest(job=jobs_pb2.Job(kind="k")), metadata=profile
+        )
+        for progress, interruption in enumerate(interruptions, start=1):
+            lock = await _lock_rows(database_url, [job.job_id])
+            call = stub.UpdateJob(
+                _progress(job.job_id, progress),
+                metadata=profile,
+                timeout=0.5 if interruption == "deadline" else None,
+            )
+            if interruption == "cancel":
+                await _lock_waiters_reach(database_url, 1)
+                call.cancel()
+            with pytest.raises((grpc.aio.AioRpcError, asyncio.CancelledError)) as raised:
+                await call
+            code = raised.value.code() if isinstance(raised.value, grpc.aio.AioRpcError) else None
+            outcomes[(code or Code.CANCELLED).name] += 1
+            await _settled(service.pool.pool, database_url)
+            await lock.execute("COMMIT")
+            await lock.close()
+        after = await stub.GetJob(jobs_pb2.GetJobRequest(job_id=job.job_id), metadata=profile)
+        idle_in_transaction = await _sessions_idle_in_transaction(database_url)
+        pool = service.pool.pool
+        pool_state = (pool.get_size(), pool.get_idle_size())
+        concurrent = await asyncio.gather(
+            *(
+                stub.GetJob(jobs_pb2.GetJobRequest(job_id=job.job_id), metadata=profile)
+                for _ in range(10)
+            )
+        )
+        finished = await stub.UpdateJob(_progress(job.job_id, 99), metadata=profile)
+    fault_figures["cancel and deadline mid-transaction"] = {
+        "calls": len(interruptions) + len(concurrent) + 3,
+        "faults": len(interruptions),
+        "half_written": int(after.etag != job.etag or after.progress != 0),
+        "connections_leaked": pool_state[0] - pool_state[1] + idle_in_transaction,
+    }
+    assert outcomes == {"DEADLINE_EXCEEDED": 3, "CANCELLED": 3}
+    assert (after.progress, after.etag) == (0, job.etag)
+    assert idle_in_transaction == 0
+    assert pool_state[0] == pool_state[1]
+    assert finished.progress == 99
