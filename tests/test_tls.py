@@ -1,5 +1,6 @@
 """TLS and mutual TLS on the gRPC port, with certificates made for the test run."""
 
+import dataclasses
 import datetime
 import ipaddress
 import uuid
@@ -13,9 +14,17 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from jobs.v1 import jobs_pb2, jobs_pb2_grpc
+from publisher.v1 import publisher_pb2, publisher_pb2_grpc
 
 from services.jobs.service import JOBS
-from tests.conftest import as_profile, new_profile_id, running, settings_for
+from services.publisher.service import publisher_definition
+from tests.conftest import (
+    as_profile,
+    new_profile_id,
+    publisher_config,
+    running,
+    settings_for,
+)
 
 
 @dataclass
@@ -130,3 +139,31 @@ async def test_mutual_tls_port_serves_only_clients_with_a_certificate_from_its_c
             assert await _get_job(channel) == grpc.StatusCode.UNAVAILABLE
         async with _secure(service.port, pki, client=pki.stranger) as channel:
             assert await _get_job(channel) == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_publisher_calls_jobs_over_mutual_tls(database_url, pki, jobs_service):
+    jobs_settings = _tls_settings(database_url, pki, mutual=True)
+    async with running(JOBS, jobs_settings) as jobs:
+        publisher_settings = dataclasses.replace(
+            jobs_settings,
+            tls_cert=pki.write("publisher.pem", pki.client.cert_pem),
+            tls_key=pki.write("publisher.key", pki.client.key_pem),
+            tls_server_ca=pki.write("ca.pem", pki.ca.cert_pem),
+        )
+        config = dataclasses.replace(
+            publisher_config(jobs_service), jobs_target=f"localhost:{jobs.port}"
+        )
+        async with (
+            running(publisher_definition(config), publisher_settings) as publisher,
+            _secure(publisher.port, pki, client=pki.client) as channel,
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await publisher_pb2_grpc.PublisherServiceStub(channel).PublishJob(
+                    publisher_pb2.PublishJobRequest(
+                        job_id=str(uuid.uuid4()), integration_ids=["i"], content="content"
+                    ),
+                    metadata=as_profile(new_profile_id()),
+                )
+    # NOT_FOUND comes from the Jobs service itself: the TLS handshake went through.
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND, raised.value.details()
+    assert "the Jobs service answered NOT_FOUND" in raised.value.details()

@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from services.runtime.errors import InvalidArgument, Unauthenticated
 
@@ -34,7 +34,7 @@ class Caller:
 
     subject: str
     operator: bool = False
-    authorization: str | None = None
+    authorization: str | None = field(default=None, repr=False)  # a bearer token: never log it
 
 
 _current_caller: ContextVar[Caller | None] = ContextVar("caller", default=None)

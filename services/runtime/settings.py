@@ -49,6 +49,8 @@ class Settings:
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
+    # The CA of the other services' certificates: calls to them use TLS (runtime.channels).
+    tls_server_ca: str = ""
 
     def __post_init__(self) -> None:
         if self.auth_mode not in AUTH_MODES:
@@ -93,4 +95,5 @@ class Settings:
             tls_cert=os.environ.get("GRPC_TLS_CERT", ""),
             tls_key=os.environ.get("GRPC_TLS_KEY", ""),
             tls_client_ca=os.environ.get("GRPC_TLS_CLIENT_CA", ""),
+            tls_server_ca=os.environ.get("GRPC_TLS_SERVER_CA", ""),
         )

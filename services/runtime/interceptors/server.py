@@ -125,9 +125,7 @@ class _CallPipeline:
             caller = await self._authorize(profile_id, context, self.method)
             self._check_scope(caller)
         except errors.DomainError as error:
-            code = status_code_for(error)
-            self.log_access(code, started)
-            await context.abort(code, str(error))
+            await self.abort(context, status_code_for(error), str(error), started)
         if self.cross_profile:
             operator_log.info("operator %s calls %s", caller.subject, self.method)
         return CallScope(profile_id, context.time_remaining(), caller)
@@ -160,6 +158,14 @@ class _CallPipeline:
             return grpc.StatusCode.INTERNAL, "internal error; see the server log"
         return grpc.StatusCode.UNKNOWN, None
 
+    async def abort(
+        self, context: ServicerContext, code: grpc.StatusCode, message: str, started: float
+    ) -> None:
+        """Logs the call, then ends it: grpc.aio sends the status as abort is called, so a
+        line logged after it could come after the caller has its answer."""
+        self.log_access(code, started)
+        await context.abort(code, message)
+
     def log_access(self, code: grpc.StatusCode, started: float) -> None:
         """One line per RPC: method, status, duration and the proved caller; never a body."""
         elapsed_ms = (time.perf_counter() - started) * 1000
@@ -180,7 +186,7 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, call: _CallPipeline) -> grpc.R
         async def streaming(request_or_iterator: Any, context: ServicerContext) -> Any:
             started = time.perf_counter()
             scope = await call.enter(context, started)
-            code = grpc.StatusCode.OK
+            code, logged = grpc.StatusCode.OK, False
             try:
                 requests = _decoded(request_or_iterator, handler.request_streaming)
                 async for response in inner_stream(requests, context):
@@ -189,9 +195,11 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, call: _CallPipeline) -> grpc.R
                 code, message = call.outcome(context, error)
                 if message is None:
                     raise
-                await context.abort(code, message)
+                logged = True
+                await call.abort(context, code, message, started)
             finally:
-                call.log_access(code, started)
+                if not logged:
+                    call.log_access(code, started)
                 scope.close()
 
         behavior: Any = streaming
@@ -206,7 +214,7 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, call: _CallPipeline) -> grpc.R
         async def unary(request_or_iterator: Any, context: ServicerContext) -> Any:
             started = time.perf_counter()
             scope = await call.enter(context, started)
-            code = grpc.StatusCode.OK
+            code, logged = grpc.StatusCode.OK, False
             try:
                 requests = _decoded(request_or_iterator, handler.request_streaming)
                 return await inner_unary(requests, context)
@@ -214,9 +222,11 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, call: _CallPipeline) -> grpc.R
                 code, message = call.outcome(context, error)
                 if message is None:
                     raise
-                await context.abort(code, message)
+                logged = True
+                await call.abort(context, code, message, started)
             finally:
-                call.log_access(code, started)
+                if not logged:
+                    call.log_access(code, started)
                 scope.close()
 
         behavior = unary
