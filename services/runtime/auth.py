@@ -27,6 +27,8 @@ from services.runtime.settings import Settings
 OPERATOR_SCOPE = "operator"
 _BEARER = "bearer "
 _REQUIRED_CLAIMS = ["exp", "sub", "profiles"]
+# Clock skew tolerated between the host that minted a token and the one checking it.
+LEEWAY_SECONDS = 30
 
 
 def _key_text(value: str) -> str:
@@ -67,6 +69,7 @@ class JwtAuthorizer:
                 token,
                 self._key,
                 algorithms=[self._algorithm],
+                leeway=LEEWAY_SECONDS,
                 options={"require": _REQUIRED_CLAIMS, "verify_aud": False},
             )
         except jwt.ExpiredSignatureError:
