@@ -22,7 +22,7 @@ from publisher.v1 import publisher_pb2, publisher_pb2_grpc
 
 from services.jobs.service import JOBS
 from services.publisher.service import publisher_definition
-from services.runtime.auth import mint_token
+from services.runtime.auth import JwtAuthorizer, mint_token
 from services.runtime.call_context import Caller, profile_scope
 from services.runtime.interceptors import profile_client_interceptors
 from services.runtime.settings import Settings
@@ -293,3 +293,35 @@ async def test_publish_job_reaches_the_jobs_service_with_the_callers_token(
         jobs_pb2.GetJobRequest(job_id=job.job_id), metadata=metadata
     )
     assert written.result["publication"]["request_id"] == f"job:{job.job_id}"
+
+
+def test_es256_public_key_may_be_given_as_pem_text(es256_keys):
+    settings = Settings(
+        database_url="postgresql://x", auth_mode="jwt", auth_jwt_public_key=es256_keys[1]
+    )
+    token = mint_token(es256_keys[0], sub="svc", profiles=["p"], algorithm="ES256")
+    assert JwtAuthorizer.from_settings(settings).claims(token)["sub"] == "svc"
+
+
+async def test_mint_command_signs_es256_with_a_private_key_file(es256_jobs, es256_keys, tmp_path):
+    key_file = tmp_path / "private.pem"
+    key_file.write_text(es256_keys[0])
+    profile_id = new_profile_id()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services.runtime.auth",
+        "mint",
+        "--sub",
+        "ops",
+        "--profiles",
+        profile_id,
+        "--private-key",
+        str(key_file),
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert process.returncode == 0
+    error = await status_of(get_job(es256_jobs, signed_in(profile_id, out.decode().strip())))
+    assert error.code() == Code.NOT_FOUND

@@ -50,7 +50,7 @@ STATUS_CODES: dict[type[errors.DomainError], grpc.StatusCode] = {
 # profile_id is None for a cross-profile read. Raises Unauthenticated or PermissionDenied.
 Authorizer = Callable[[str | None, ServicerContext, str], Awaitable[Caller | None]]
 
-UNAUTHENTICATED_OPERATOR = Caller(subject="anonymous (AUTH_MODE=none)", operator=True)
+ANONYMOUS_OPERATOR = Caller(subject="anonymous (AUTH_MODE=none)", operator=True)
 
 
 async def allow_any_caller(
@@ -58,7 +58,7 @@ async def allow_any_caller(
 ) -> Caller | None:
     """Trusts `x-profile-id` as sent, and lets anyone read across profiles (AUTH_MODE=none:
     local debugging with grpcurl, where any profile can be named anyway)."""
-    return UNAUTHENTICATED_OPERATOR if profile_id is None else None
+    return ANONYMOUS_OPERATOR if profile_id is None else None
 
 
 def status_code_for(error: errors.DomainError) -> grpc.StatusCode:
