@@ -8,6 +8,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import asynccontextmanager
@@ -29,6 +30,7 @@ from services.costs.service import costs_definition
 from services.jobs.service import JOBS
 from services.publisher.service import publisher_definition
 from services.publisher.settings import PublisherSettings
+from services.runtime.auth import mint_token
 from services.runtime.embedded_postgres import start_embedded_postgres
 from services.runtime.logs import configure_logging
 from services.runtime.server import RunningService, ServiceDefinition, start_service
@@ -108,6 +110,41 @@ def jobs_stub(jobs_channel: grpc.aio.Channel) -> jobs_pb2_grpc.JobServiceStub:
     return jobs_pb2_grpc.JobServiceStub(jobs_channel)
 
 
+# AUTH_MODE=jwt: the secret the services below verify with, and tokens signed with it.
+# A constant: pytest may load this module twice (as conftest and as tests.conftest).
+TEST_JWT_SECRET = "test-only-hs256-secret-" + "0123456789abcdef" * 3
+
+
+def token_for(*profiles: str, secret: str = TEST_JWT_SECRET, **options: object) -> str:
+    """A token of "test-caller" for these profiles (mint_token's options: operator, ...)."""
+    return mint_token(secret, sub="test-caller", profiles=profiles, **options)
+
+
+def bearer(token: str) -> tuple[str, str]:
+    return ("authorization", f"Bearer {token}")
+
+
+def signed_in(profile_id: str, token: str | None = None) -> tuple[tuple[str, str], ...]:
+    """Metadata acting for the profile with a token (by default one for that profile)."""
+    return (*as_profile(profile_id), bearer(token or token_for(profile_id)))
+
+
+@pytest.fixture(scope="session")
+async def jwt_jobs_service(database_url: str) -> AsyncIterator[RunningService]:
+    """The Jobs service with AUTH_MODE=jwt (HS256, TEST_JWT_SECRET)."""
+    settings = settings_for(database_url, auth_mode="jwt", auth_jwt_secret=TEST_JWT_SECRET)
+    async with running(JOBS, settings) as service:
+        yield service
+
+
+@pytest.fixture(scope="session")
+async def jwt_jobs_stub(
+    jwt_jobs_service: RunningService,
+) -> AsyncIterator[jobs_pb2_grpc.JobServiceStub]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{jwt_jobs_service.port}") as channel:
+        yield jobs_pb2_grpc.JobServiceStub(channel)
+
+
 @pytest.fixture(scope="session")
 async def fake_postiz() -> AsyncIterator[FakePostiz]:
     async with serve_fake_postiz() as fake:
@@ -119,11 +156,9 @@ TEST_POSTS_PER_HOUR = 5
 TEST_POSTIZ_TIMEOUT_SECONDS = 1.0
 
 
-@pytest.fixture(scope="session")
-async def publisher_service(
-    database_url: str, jobs_service: RunningService
-) -> AsyncIterator[RunningService]:
-    config = PublisherSettings(
+def publisher_config(jobs_service: RunningService) -> PublisherSettings:
+    """The Publisher's own settings for tests, calling the given Jobs service."""
+    return PublisherSettings(
         encryption_keys={"test-key": secrets.token_bytes(32)},
         posts_per_hour=TEST_POSTS_PER_HOUR,
         postiz_timeout_seconds=TEST_POSTIZ_TIMEOUT_SECONDS,
@@ -132,6 +167,13 @@ async def publisher_service(
         reconcile_grace_seconds=0,
         jobs_target=f"127.0.0.1:{jobs_service.port}",
     )
+
+
+@pytest.fixture(scope="session")
+async def publisher_service(
+    database_url: str, jobs_service: RunningService
+) -> AsyncIterator[RunningService]:
+    config = publisher_config(jobs_service)
     async with running(publisher_definition(config), settings_for(database_url)) as service:
         yield service
 
@@ -327,8 +369,10 @@ class DisposablePostgres:
 
 
 @pytest.fixture
-def disposable_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DisposablePostgres]:
-    server = DisposablePostgres(tmp_path_factory.mktemp("postgres"))
+def disposable_postgres() -> Iterator[DisposablePostgres]:
+    # Not under pytest's temporary root: any pytest run on the machine resets that root to
+    # mode 0700, which locks pgserver's system user out of a data directory inside it.
+    server = DisposablePostgres(Path(tempfile.mkdtemp(prefix="disposable-postgres-")))
     try:
         yield server
     finally:
@@ -360,3 +404,26 @@ async def postiz_profile(
     publisher_stub: publisher_pb2_grpc.PublisherServiceStub, fake_postiz: FakePostiz
 ) -> PostizProfile:
     return await connect_profile(publisher_stub, fake_postiz)
+
+
+_FAULT_FIGURES = pytest.StashKey[dict[str, dict[str, int]]]()
+
+
+@pytest.fixture(scope="session")
+def fault_figures(pytestconfig: pytest.Config) -> dict[str, dict[str, int]]:
+    """Where fault tests put their figures (calls made, faults injected, writes lost, posts
+    duplicated), by test; printed at the end of the run."""
+    return pytestconfig.stash.setdefault(_FAULT_FIGURES, {})
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    figures = config.stash.get(_FAULT_FIGURES, {})
+    if not figures:
+        return
+    terminalreporter.section("fault figures")
+    totals: dict[str, int] = {}
+    for name, values in figures.items():
+        terminalreporter.write_line(f"{name}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
+        for key, value in values.items():
+            totals[key] = totals.get(key, 0) + value
+    terminalreporter.write_line("total: " + ", ".join(f"{k}={v}" for k, v in totals.items()))

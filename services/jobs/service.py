@@ -35,4 +35,5 @@ JOBS = ServiceDefinition(
     default_port=50051,
     migrations=Path(__file__).parent / "migrations",
     servicers=_servicers,
+    cross_profile_reads=("ListAllJobs",),
 )

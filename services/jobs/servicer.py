@@ -4,7 +4,7 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
-from google.protobuf import empty_pb2, json_format, struct_pb2, timestamp_pb2
+from google.protobuf import empty_pb2, struct_pb2, timestamp_pb2
 from grpc.aio import ServicerContext
 from jobs.v1 import jobs_pb2, jobs_pb2_grpc
 
@@ -13,13 +13,13 @@ from services.jobs.store import JobStore
 from services.jobs.watch import JobWatchHub
 from services.runtime.errors import InvalidArgument
 from services.runtime.page_tokens import decode_page_token, encode_page_token
+from services.runtime.validation import struct_dict, timestamp_datetime
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 MAX_KIND_LENGTH = 100
 MAX_TEXT_LENGTH = 10_000
 MAX_REQUEST_ID_LENGTH = 128
-MAX_STRUCT_BYTES = 1_000_000
 
 
 def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
@@ -74,12 +74,6 @@ def _text(value: str, field: str, limit: int = MAX_TEXT_LENGTH) -> str:
     return value
 
 
-def _dict(message: struct_pb2.Struct, field: str) -> dict:
-    if message.ByteSize() > MAX_STRUCT_BYTES:
-        raise InvalidArgument(f"{field} is larger than {MAX_STRUCT_BYTES} bytes")
-    return json_format.MessageToDict(message)
-
-
 def _changes(job: jobs_pb2.Job, paths: list[str]) -> JobChanges:
     if not paths:
         raise InvalidArgument(
@@ -94,7 +88,7 @@ def _changes(job: jobs_pb2.Job, paths: list[str]) -> JobChanges:
         elif path in ("message", "error"):
             values[path] = _text(getattr(job, path), f"job.{path}")
         elif path in ("data", "result"):
-            values[path] = _dict(getattr(job, path), f"job.{path}")
+            values[path] = struct_dict(getattr(job, path), f"job.{path}")
         else:
             values[path] = None  # JobChanges names the unknown path
     return JobChanges(values)
@@ -104,7 +98,7 @@ def _filter(request: jobs_pb2.ListJobsRequest) -> JobFilter:
     def time_or_none(field: str) -> datetime | None:
         if not request.HasField(field):
             return None
-        return getattr(request, field).ToDatetime(tzinfo=UTC)
+        return timestamp_datetime(getattr(request, field), field)
 
     return JobFilter(
         statuses=tuple(sorted({_status(s, "statuses") for s in request.statuses})),
@@ -132,7 +126,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         if not kind:
             raise InvalidArgument('job.kind is required, for example "video_render"')
         request_id = _text(request.request_id, "request_id", MAX_REQUEST_ID_LENGTH) or None
-        job = await self._store.create(kind, _dict(request.job.data, "job.data"), request_id)
+        job = await self._store.create(kind, struct_dict(request.job.data, "job.data"), request_id)
         return job_message(job)
 
     async def GetJob(
@@ -151,16 +145,27 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     async def ListJobs(
         self, request: jobs_pb2.ListJobsRequest, context: ServicerContext
     ) -> jobs_pb2.ListJobsResponse:
+        return await self._list(request, all_profiles=False)
+
+    async def ListAllJobs(
+        self, request: jobs_pb2.ListJobsRequest, context: ServicerContext
+    ) -> jobs_pb2.ListJobsResponse:
+        return await self._list(request, all_profiles=True)
+
+    async def _list(
+        self, request: jobs_pb2.ListJobsRequest, all_profiles: bool
+    ) -> jobs_pb2.ListJobsResponse:
         page_size = _page_size(request.page_size)
         job_filter = _filter(request)
         after = None
         if request.page_token:
-            micros, job_id = decode_page_token(request.page_token, job_filter.as_key())
+            position = decode_page_token(request.page_token, job_filter.as_key())
             try:
+                micros, job_id = position
                 after = (datetime.fromtimestamp(micros / 1e6, UTC), uuid.UUID(job_id))
-            except (TypeError, ValueError, OverflowError):
+            except (TypeError, ValueError, OverflowError, AttributeError):
                 raise InvalidArgument("page_token is not valid") from None
-        jobs = await self._store.list(job_filter, page_size + 1, after)
+        jobs = await self._store.list(job_filter, page_size + 1, after, all_profiles=all_profiles)
         response = jobs_pb2.ListJobsResponse(jobs=[job_message(j) for j in jobs[:page_size]])
         if len(jobs) > page_size:
             last = jobs[page_size - 1]

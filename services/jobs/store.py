@@ -112,11 +112,19 @@ class JobStore:
             raise _not_found(job_id)
 
     async def list(
-        self, job_filter: JobFilter, limit: int, after: tuple[datetime, uuid.UUID] | None
+        self,
+        job_filter: JobFilter,
+        limit: int,
+        after: tuple[datetime, uuid.UUID] | None,
+        *,
+        all_profiles: bool = False,
     ) -> list[Job]:
-        """Up to `limit` jobs newest first, strictly after the (create_time, job_id) given."""
-        conditions = ["profile_id = $1"]
-        arguments: list[Any] = [require_profile_id()]
+        """Up to `limit` jobs newest first, strictly after the (create_time, job_id) given.
+
+        `all_profiles` (an operator's call only) reads every profile's jobs, read only.
+        """
+        conditions = ["TRUE"] if all_profiles else ["profile_id = $1"]
+        arguments: list[Any] = [] if all_profiles else [require_profile_id()]
 
         def bind(value: Any) -> str:
             arguments.append(value)
@@ -138,7 +146,12 @@ class JobStore:
             ORDER BY create_time DESC, job_id DESC
             LIMIT {bind(limit)}
         """
-        async with self._pool.transaction(readonly=True) as connection:
+        transaction = (
+            self._pool.cross_profile_transaction()
+            if all_profiles
+            else self._pool.transaction(readonly=True)
+        )
+        async with transaction as connection:
             rows = await connection.fetch(query, *arguments)
         return [_job(row) for row in rows]
 

@@ -1,7 +1,8 @@
 """The Jobs service as PublishJob sees it: read a job, write its result back.
 
-Calls carry the current profile and what is left of the caller's deadline (the shared
-profile_client_interceptors), so the Jobs service answers for the same profile only.
+Calls carry the current profile, the caller's token and what is left of the caller's deadline
+(the channel comes from runtime.channels), so the Jobs service answers for the same profile
+and caller only.
 """
 
 from dataclasses import dataclass
@@ -19,7 +20,6 @@ from services.runtime.errors import (
     NotFound,
     Unavailable,
 )
-from services.runtime.interceptors import profile_client_interceptors
 
 # The caller's own deadline, passed on by the interceptor, shortens this.
 CALL_TIMEOUT_SECONDS = 30.0
@@ -55,10 +55,8 @@ def _domain_error(error: grpc.aio.AioRpcError) -> DomainError:
 
 
 class JobsClient:
-    def __init__(self, target: str) -> None:
-        self._channel = grpc.aio.insecure_channel(
-            target, interceptors=profile_client_interceptors()
-        )
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._channel = channel
         self._stub = jobs_pb2_grpc.JobServiceStub(self._channel)
 
     async def aclose(self) -> None:

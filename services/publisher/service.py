@@ -14,6 +14,7 @@ from services.publisher.publishing import Publisher
 from services.publisher.servicer import PublisherServicer
 from services.publisher.settings import PublisherSettings
 from services.publisher.store import PostingPolicy, PublisherStore
+from services.runtime.channels import service_channel
 from services.runtime.database import TenantScopedPool
 from services.runtime.server import ServiceDefinition
 from services.runtime.settings import Settings
@@ -36,7 +37,7 @@ def publisher_definition(config: PublisherSettings | None = None) -> ServiceDefi
             get_attempts=own.postiz_get_attempts,
             retry_base_seconds=own.postiz_retry_base_seconds,
         )
-        jobs = JobsClient(own.jobs_target)
+        jobs = JobsClient(service_channel(own.jobs_target, settings))
         policy = PostingPolicy(
             posts_per_hour=own.posts_per_hour,
             in_flight_seconds=own.postiz_timeout_seconds + IN_FLIGHT_MARGIN_SECONDS,

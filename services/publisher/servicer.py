@@ -2,7 +2,7 @@
 model."""
 
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import datetime
 
 from google.protobuf import empty_pb2, json_format, struct_pb2, timestamp_pb2
 from google.protobuf.message import Message
@@ -12,6 +12,7 @@ from publisher.v1 import publisher_pb2, publisher_pb2_grpc
 from services.publisher import model
 from services.publisher.publishing import Publisher
 from services.runtime.errors import InvalidArgument
+from services.runtime.validation import struct_dict, timestamp_datetime
 
 MAX_REQUEST_ID_LENGTH = 128
 MAX_ID_LENGTH = 256
@@ -34,7 +35,7 @@ def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
 def _time_or_none(message: Message, field: str) -> datetime | None:
     if not message.HasField(field):
         return None
-    return getattr(message, field).ToDatetime(tzinfo=UTC)
+    return timestamp_datetime(getattr(message, field), field)
 
 
 def _text(value: str, field: str, limit: int, required: bool = True) -> str:
@@ -114,8 +115,8 @@ def integration_message(integration: model.Integration) -> publisher_pb2.Integra
     )
 
 
-def _settings(message: struct_pb2.Struct) -> dict:
-    return json_format.MessageToDict(message)
+def _settings(message: struct_pb2.Struct, field: str) -> dict:
+    return struct_dict(message, field)
 
 
 def _postiz_posts(request: publisher_pb2.CreatePostRequest) -> list[dict]:
@@ -143,7 +144,7 @@ def _postiz_posts(request: publisher_pb2.CreatePostRequest) -> list[dict]:
                     "id": _text(post.integration_id, f"{field}.integration_id", MAX_ID_LENGTH)
                 },
                 "value": values,
-                "settings": _settings(post.settings),
+                "settings": _settings(post.settings, f"{field}.settings"),
             }
         )
     return posts
@@ -189,6 +190,9 @@ class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
     ) -> publisher_pb2.PostizCredentials:
         base_url = _text(request.base_url, "base_url", MAX_URL_LENGTH)
         api_key = _text(request.api_key, "api_key", 1024)
+        if not (api_key.isascii() and api_key.isprintable()):
+            # It travels in an HTTP header: anything else cannot be a Postiz key.
+            raise InvalidArgument("api_key must be printable ASCII, as Postiz shows it")
         return credentials_message(await self._publisher.set_credentials(base_url, api_key))
 
     async def GetPostizCredentials(
@@ -273,6 +277,9 @@ class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
             ],
             content=_text(request.content, "content", MAX_CONTENT_LENGTH),
             publish_time=_time_or_none(request, "publish_time"),
-            settings={key: _settings(value) for key, value in request.settings.items()},
+            settings={
+                key: _settings(value, f"settings[{key[:64]!r}]")
+                for key, value in request.settings.items()
+            },
         )
         return publication_message(publication)

@@ -9,10 +9,12 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 
 from services.runtime.errors import InvalidArgument, Unauthenticated
 
 PROFILE_METADATA_KEY = "x-profile-id"
+AUTHORIZATION_METADATA_KEY = "authorization"
 PROFILE_ID_RULE = (
     "1 to 64 characters of letters, digits, '_' or '-', starting with a letter or digit"
 )
@@ -20,6 +22,22 @@ _PROFILE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 _current_profile_id: ContextVar[str | None] = ContextVar("profile_id", default=None)
 _current_deadline: ContextVar[float | None] = ContextVar("deadline", default=None)
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who makes the call, as the server's authorizer proved it.
+
+    `authorization` is the incoming `authorization` metadata value, kept so that calls made
+    to other services while serving this one carry the caller's own token.
+    """
+
+    subject: str
+    operator: bool = False
+    authorization: str | None = field(default=None, repr=False)  # a bearer token: never log it
+
+
+_current_caller: ContextVar[Caller | None] = ContextVar("caller", default=None)
 
 
 def validate_profile_id(profile_id: str) -> str:
@@ -52,6 +70,11 @@ def require_profile_id() -> str:
     return profile_id
 
 
+def current_caller() -> Caller | None:
+    """Who makes the running call, or None outside a call or when nobody was proved."""
+    return _current_caller.get()
+
+
 def remaining_seconds() -> float | None:
     """Seconds left before the running call's deadline, or None when it has none."""
     deadline = _current_deadline.get()
@@ -59,27 +82,39 @@ def remaining_seconds() -> float | None:
 
 
 class CallScope:
-    """The current call's profile and deadline, set until `close()`.
+    """The current call's profile, caller and deadline, set until `close()`.
 
     The server interceptor opens one per RPC; `profile_scope` is the same as a `with` block.
+    A cross-profile read (an operator's call) has no profile: `profile_id` is None.
     """
 
-    __slots__ = ("_deadline_token", "_profile_token")
+    __slots__ = ("_caller_token", "_deadline_token", "_profile_token")
 
-    def __init__(self, profile_id: str, time_remaining: float | None = None) -> None:
+    def __init__(
+        self,
+        profile_id: str | None,
+        time_remaining: float | None = None,
+        caller: Caller | None = None,
+    ) -> None:
         deadline = None if time_remaining is None else time.monotonic() + time_remaining
-        self._profile_token = _current_profile_id.set(validate_profile_id(profile_id))
+        if profile_id is not None:
+            validate_profile_id(profile_id)
+        self._profile_token = _current_profile_id.set(profile_id)
         self._deadline_token = _current_deadline.set(deadline)
+        self._caller_token = _current_caller.set(caller)
 
     def close(self) -> None:
+        _current_caller.reset(self._caller_token)
         _current_deadline.reset(self._deadline_token)
         _current_profile_id.reset(self._profile_token)
 
 
 @contextmanager
-def profile_scope(profile_id: str, time_remaining: float | None = None) -> Iterator[None]:
-    """Acts for profile_id (and the call's deadline) until the block ends."""
-    scope = CallScope(profile_id, time_remaining)
+def profile_scope(
+    profile_id: str | None, time_remaining: float | None = None, caller: Caller | None = None
+) -> Iterator[None]:
+    """Acts for profile_id (and the call's deadline and caller) until the block ends."""
+    scope = CallScope(profile_id, time_remaining, caller)
     try:
         yield
     finally:

@@ -3,9 +3,10 @@
 Every transaction first runs `set_config('app.profile_id', …, true)` for the calling profile
 and switches to the service's role, which neither owns the tables nor bypasses row-level
 security. A query that forgets its `WHERE profile_id = …` still sees only that profile's rows.
+The one exception is an operator's cross-profile read: a READ ONLY transaction that sets
+`app.operator`, which a service's SELECT-only policy honours.
 """
 
-import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -13,8 +14,8 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 
-from services.runtime.call_context import require_profile_id
-from services.runtime.errors import Unavailable
+from services.runtime.call_context import current_caller, require_profile_id
+from services.runtime.errors import PermissionDenied, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.TooManyConnectionsError,
     asyncpg.InterfaceError,
     asyncpg.AdminShutdownError,
+    # asyncpg's protocol state on a connection that broke in the middle of a query.
+    asyncpg.InternalClientError,
     TimeoutError,
 )
 
@@ -85,6 +88,27 @@ class TenantScopedPool:
             f"SELECT set_config('role', {self._role_literal}, true), "
             f"set_config('app.profile_id', {_literal(require_profile_id())}, true)"
         )
+        async with self._scoped(begin) as connection:
+            yield connection
+
+    @asynccontextmanager
+    async def cross_profile_transaction(self) -> AsyncIterator[asyncpg.Connection]:
+        """A READ ONLY transaction that sees every profile's rows, for an operator's call only
+        (PermissionDenied otherwise); the schema must have a SELECT policy on `app.operator`."""
+        caller = current_caller()
+        if caller is None or not caller.operator:
+            raise PermissionDenied("reading across profiles needs a token with scope operator")
+        begin = (
+            "BEGIN READ ONLY; "
+            f"SELECT set_config('role', {self._role_literal}, true), "
+            "set_config('app.operator', 'on', true)"
+        )
+        async with self._scoped(begin) as connection:
+            yield connection
+
+    @asynccontextmanager
+    async def _scoped(self, begin: str) -> AsyncIterator[asyncpg.Connection]:
+        """Runs `begin`, then commits, or rolls back on any error or cancellation."""
         try:
             async with self.pool.acquire() as connection:
                 await connection.execute(begin)
@@ -92,8 +116,11 @@ class TenantScopedPool:
                     yield connection
                 except BaseException:
                     if not connection.is_closed():
-                        with contextlib.suppress(Exception):
+                        try:
                             await connection.execute("ROLLBACK")
+                        except Exception:
+                            # Its state is unknown: it must never serve another call.
+                            connection.terminate()
                     raise
                 await connection.execute("COMMIT")
         except CONNECTION_ERRORS as error:

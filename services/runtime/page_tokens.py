@@ -1,9 +1,10 @@
 """Opaque page tokens for keyset pagination (AIP-158).
 
 A token carries the last row's sort key, the filters it was made for and the profile it was
-made for, under a checksum, so a tampered token or one reused with other filters is refused
-with INVALID_ARGUMENT instead of silently paging the wrong list. It is not a secret: a cursor
-can only move within the caller's own rows.
+made for ("*" for an operator's read across profiles), under a checksum, so a tampered token
+or one reused with other filters or another profile is refused with INVALID_ARGUMENT instead
+of silently paging the wrong list. It is not a secret: a cursor can only move within the
+caller's own rows.
 """
 
 import base64
@@ -12,7 +13,7 @@ import hmac
 import json
 from typing import Any
 
-from services.runtime.call_context import require_profile_id
+from services.runtime.call_context import current_caller, current_profile_id, require_profile_id
 from services.runtime.errors import InvalidArgument
 
 _KEY = b"page-token-v1"
@@ -22,8 +23,18 @@ def _digest(body: bytes) -> bytes:
     return hmac.new(_KEY, body, hashlib.blake2b).digest()[:12]
 
 
+def _scope() -> str:
+    """The profile the list belongs to; "*" (never a profile id) for an operator's read."""
+    profile_id = current_profile_id()
+    if profile_id is None:
+        caller = current_caller()
+        if caller is not None and caller.operator:
+            return "*"
+    return require_profile_id()
+
+
 def _fingerprint(filters: Any) -> str:
-    canonical = json.dumps([require_profile_id(), filters], sort_keys=True, default=str)
+    canonical = json.dumps([_scope(), filters], sort_keys=True, default=str)
     return hashlib.blake2b(canonical.encode(), digest_size=8).hexdigest()
 
 

@@ -1,9 +1,10 @@
 """Server start-up and shutdown, the same for every service.
 
 A service contributes a ServiceDefinition; this module adds what every gRPC service of the
-suite has: the profile interceptor, health (NOT_SERVING while the database is unreachable),
-reflection for grpcurl, message-size and keepalive options, migrations at start-up, and a
-graceful shutdown on SIGTERM or SIGINT in a fixed order.
+suite has: the profile interceptor with the authorizer AUTH_MODE names, optional TLS, health
+(NOT_SERVING while the database is unreachable), reflection for grpcurl, message-size and
+keepalive options, migrations at start-up, and a graceful shutdown on SIGTERM or SIGINT in a
+fixed order.
 """
 
 import argparse
@@ -24,8 +25,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.runtime.auth import authorizer_for
 from services.runtime.database import CONNECTION_ERRORS, TenantScopedPool, create_pool
-from services.runtime.interceptors.server import Authorizer, ProfileInterceptor, allow_any_caller
+from services.runtime.interceptors.server import Authorizer, ProfileInterceptor
 from services.runtime.logs import configure_logging
 from services.runtime.migrations import apply_migrations
 from services.runtime.settings import Settings
@@ -51,11 +53,17 @@ class ServiceDefinition:
     # Loads reference data kept in the repo (Costs' price catalog) after the SQL migrations,
     # as the schema owner: the service's own role may only read it.
     reference_data: Callable[[asyncpg.Connection], Awaitable[None]] | None = None
+    # RPC names that read across profiles: operator scope only, no x-profile-id.
+    cross_profile_reads: tuple[str, ...] = ()
 
     @property
     def database_role(self) -> str:
         """The role queries run as: no ownership, no BYPASSRLS (made by the migrations)."""
         return f"{self.name}_service"
+
+    @property
+    def cross_profile_methods(self) -> frozenset[str]:
+        return frozenset(f"/{self.grpc_service}/{name}" for name in self.cross_profile_reads)
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -73,6 +81,18 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         # otherwise a second server on a taken port fails loudly instead of splitting traffic.
         ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
     ]
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS for the gRPC port when a certificate is set; mutual TLS when a client CA is too."""
+    if not settings.tls_cert:
+        return None
+    client_ca = Path(settings.tls_client_ca).read_bytes() if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(Path(settings.tls_key).read_bytes(), Path(settings.tls_cert).read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
 
 
 async def connect(settings: Settings, application_name: str) -> asyncpg.Pool:
@@ -171,16 +191,23 @@ class RunningService:
 async def start_service(
     definition: ServiceDefinition,
     settings: Settings,
-    authorize: Authorizer = allow_any_caller,
+    authorize: Authorizer | None = None,
 ) -> RunningService:
-    """Connects, migrates (unless disabled), registers everything and starts serving."""
+    """Connects, migrates (unless disabled), registers everything and starts serving.
+
+    `authorize` defaults to the authorizer settings.auth_mode names."""
     raw_pool = await connect(settings, application_name=definition.name)
     if settings.migrate_on_start:
         async with raw_pool.acquire() as connection:
             await migrate(definition, connection)
     pool = TenantScopedPool(raw_pool, definition.database_role)
     server = grpc.aio.server(
-        interceptors=[ProfileInterceptor(authorize)], options=server_options(settings)
+        interceptors=[
+            ProfileInterceptor(
+                authorize or authorizer_for(settings), definition.cross_profile_methods
+            )
+        ],
+        options=server_options(settings),
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -189,10 +216,21 @@ async def start_service(
     reflection.enable_server_reflection(
         [definition.grpc_service, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    credentials = server_credentials(settings)
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     await server.start()
     log.info(
-        "%s serving %s on %s:%d", definition.name, definition.grpc_service, settings.host, port
+        "%s serving %s on %s:%d (auth %s%s)",
+        definition.name,
+        definition.grpc_service,
+        settings.host,
+        port,
+        settings.auth_mode,
+        ", mutual TLS" if settings.tls_client_ca else ", TLS" if settings.tls_cert else "",
     )
     return RunningService(definition, settings, server, pool, health_servicer, resources, port)
 

@@ -1,7 +1,9 @@
 """Configuration from environment variables, read once at start-up (see the README's table)."""
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+AUTH_MODES = ("none", "jwt")
 
 
 def env_int(name: str, default: int) -> int:
@@ -42,6 +44,29 @@ class Settings:
     max_connection_age_seconds: float = 300.0
     db_connect_timeout_seconds: float = 60.0
     workers: int = 1
+    # Who may act for a profile (services.runtime.auth): "none" trusts x-profile-id.
+    auth_mode: str = "none"
+    auth_jwt_secret: str = field(default="", repr=False)
+    auth_jwt_public_key: str = ""  # PEM text or a file path
+    # TLS on the gRPC port (file paths); a client CA makes it mutual TLS.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    # The CA of the other services' certificates: calls to them use TLS (runtime.channels).
+    tls_server_ca: str = ""
+
+    def __post_init__(self) -> None:
+        if self.auth_mode not in AUTH_MODES:
+            raise SystemExit(f"AUTH_MODE must be one of {', '.join(AUTH_MODES)}")
+        if self.auth_mode == "jwt" and bool(self.auth_jwt_secret) == bool(self.auth_jwt_public_key):
+            raise SystemExit(
+                "AUTH_MODE=jwt needs exactly one of AUTH_JWT_SECRET (HS256) "
+                "or AUTH_JWT_PUBLIC_KEY (ES256)"
+            )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise SystemExit("GRPC_TLS_CERT and GRPC_TLS_KEY go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise SystemExit("GRPC_TLS_CLIENT_CA needs GRPC_TLS_CERT and GRPC_TLS_KEY")
 
     @classmethod
     def from_environment(cls, default_port: int) -> "Settings":
@@ -68,4 +93,11 @@ class Settings:
                 "DB_CONNECT_TIMEOUT_SECONDS", cls.db_connect_timeout_seconds
             ),
             workers=env_int("GRPC_WORKERS", cls.workers),
+            auth_mode=os.environ.get("AUTH_MODE", cls.auth_mode).strip().lower() or "none",
+            auth_jwt_secret=os.environ.get("AUTH_JWT_SECRET", ""),
+            auth_jwt_public_key=os.environ.get("AUTH_JWT_PUBLIC_KEY", ""),
+            tls_cert=os.environ.get("GRPC_TLS_CERT", ""),
+            tls_key=os.environ.get("GRPC_TLS_KEY", ""),
+            tls_client_ca=os.environ.get("GRPC_TLS_CLIENT_CA", ""),
+            tls_server_ca=os.environ.get("GRPC_TLS_SERVER_CA", ""),
         )

@@ -1,8 +1,9 @@
 """The client interceptors for service-to-service calls made while serving a call.
 
-It attaches the current profile's `x-profile-id` and passes on what is left of the incoming
-call's deadline, so a downstream service acts for the same profile and never works past the
-moment the original caller gives up.
+It attaches the current profile's `x-profile-id` and the caller's own `authorization` token,
+and passes on what is left of the incoming call's deadline, so a downstream service acts for
+the same profile, on the same caller's authority, and never works past the moment the
+original caller gives up.
 """
 
 from typing import Any
@@ -11,7 +12,9 @@ import grpc
 from grpc.aio import ClientCallDetails
 
 from services.runtime.call_context import (
+    AUTHORIZATION_METADATA_KEY,
     PROFILE_METADATA_KEY,
+    current_caller,
     current_profile_id,
     remaining_seconds,
 )
@@ -22,6 +25,9 @@ def _with_call_context(details: ClientCallDetails) -> ClientCallDetails:
     profile_id = current_profile_id()
     if profile_id is not None and PROFILE_METADATA_KEY not in metadata:
         metadata.add(PROFILE_METADATA_KEY, profile_id)
+    caller = current_caller()
+    if caller is not None and caller.authorization and AUTHORIZATION_METADATA_KEY not in metadata:
+        metadata.add(AUTHORIZATION_METADATA_KEY, caller.authorization)
     timeout = details.timeout
     remaining = remaining_seconds()
     if remaining is not None:

@@ -2,7 +2,9 @@
 
 For each RPC it reads and validates `x-profile-id`, authorizes the caller, scopes the call to
 that profile, turns domain errors into gRPC status codes and writes one access line. Health and
-reflection are exempt so that probes and `grpcurl list` need no profile.
+reflection are exempt so that probes and `grpcurl list` need no profile. The service's
+cross-profile reads take no profile: only an operator may call them, and an operator may call
+nothing else.
 """
 
 import asyncio
@@ -12,12 +14,19 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc.aio import ServicerContext
 
 from services.runtime import errors
-from services.runtime.call_context import CallScope, profile_id_from_metadata
+from services.runtime.call_context import (
+    Caller,
+    CallScope,
+    current_caller,
+    profile_id_from_metadata,
+)
 
 access_log = logging.getLogger("services.access")
+operator_log = logging.getLogger("services.operator")
 log = logging.getLogger(__name__)
 
 EXEMPT_SERVICE_PREFIXES = (
@@ -37,11 +46,19 @@ STATUS_CODES: dict[type[errors.DomainError], grpc.StatusCode] = {
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 
-Authorizer = Callable[[str, ServicerContext, str], Awaitable[None]]
+# (profile_id, context, method) → the proved caller, or None when nobody needs proving.
+# profile_id is None for a cross-profile read. Raises Unauthenticated or PermissionDenied.
+Authorizer = Callable[[str | None, ServicerContext, str], Awaitable[Caller | None]]
+
+ANONYMOUS_OPERATOR = Caller(subject="anonymous (AUTH_MODE=none)", operator=True)
 
 
-async def allow_any_caller(profile_id: str, context: ServicerContext, method: str) -> None:
-    """Trusts `x-profile-id` as sent (local debugging with grpcurl)."""
+async def allow_any_caller(
+    profile_id: str | None, context: ServicerContext, method: str
+) -> Caller | None:
+    """Trusts `x-profile-id` as sent, and lets anyone read across profiles (AUTH_MODE=none:
+    local debugging with grpcurl, where any profile can be named anyway)."""
+    return ANONYMOUS_OPERATOR if profile_id is None else None
 
 
 def status_code_for(error: errors.DomainError) -> grpc.StatusCode:
@@ -59,8 +76,13 @@ class ProfileInterceptor(grpc.aio.ServerInterceptor):
     PermissionDenied. Handlers never see a call it refused.
     """
 
-    def __init__(self, authorize: Authorizer = allow_any_caller) -> None:
+    def __init__(
+        self,
+        authorize: Authorizer = allow_any_caller,
+        cross_profile_methods: frozenset[str] = frozenset(),
+    ) -> None:
         self._authorize = authorize
+        self._cross_profile_methods = cross_profile_methods
         # Wrapping costs more than a lookup; handlers are fixed once a server starts.
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
@@ -76,7 +98,8 @@ class ProfileInterceptor(grpc.aio.ServerInterceptor):
             return cached[1]
         if handler is None or method.startswith(EXEMPT_SERVICE_PREFIXES):
             return handler
-        wrapped = _wrap_handler(handler, _CallPipeline(method, self._authorize))
+        pipeline = _CallPipeline(method, self._authorize, method in self._cross_profile_methods)
+        wrapped = _wrap_handler(handler, pipeline)
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 
@@ -84,22 +107,40 @@ class ProfileInterceptor(grpc.aio.ServerInterceptor):
 class _CallPipeline:
     """What happens around one method's handler on every call."""
 
-    __slots__ = ("_authorize", "method")
+    __slots__ = ("_authorize", "cross_profile", "method")
 
-    def __init__(self, method: str, authorize: Authorizer) -> None:
+    def __init__(self, method: str, authorize: Authorizer, cross_profile: bool = False) -> None:
         self.method = method
         self._authorize = authorize
+        self.cross_profile = cross_profile
 
     async def enter(self, context: ServicerContext, started: float) -> CallScope:
         """The call's scope, or an abort (logged) when the caller is refused."""
         try:
-            profile_id = profile_id_from_metadata(context.invocation_metadata())
-            await self._authorize(profile_id, context, self.method)
+            profile_id = (
+                None
+                if self.cross_profile
+                else profile_id_from_metadata(context.invocation_metadata())
+            )
+            caller = await self._authorize(profile_id, context, self.method)
+            self._check_scope(caller)
         except errors.DomainError as error:
-            code = status_code_for(error)
-            self.log_access(code, started)
-            await context.abort(code, str(error))
-        return CallScope(profile_id, context.time_remaining())
+            await self.abort(context, status_code_for(error), str(error), started)
+        if self.cross_profile:
+            operator_log.info("operator %s calls %s", caller.subject, self.method)
+        return CallScope(profile_id, context.time_remaining(), caller)
+
+    def _check_scope(self, caller: Caller | None) -> None:
+        """Operator scope is for the cross-profile reads, and only for them."""
+        operator = caller is not None and caller.operator
+        if self.cross_profile and not operator:
+            raise errors.PermissionDenied(
+                f"{self.method} reads across profiles: it needs a token with scope operator"
+            )
+        if operator and not self.cross_profile:
+            raise errors.PermissionDenied(
+                f"an operator token may call only the cross-profile reads, not {self.method}"
+            )
 
     def outcome(
         self, context: ServicerContext, error: BaseException
@@ -117,10 +158,24 @@ class _CallPipeline:
             return grpc.StatusCode.INTERNAL, "internal error; see the server log"
         return grpc.StatusCode.UNKNOWN, None
 
+    async def abort(
+        self, context: ServicerContext, code: grpc.StatusCode, message: str, started: float
+    ) -> None:
+        """Logs the call, then ends it: grpc.aio sends the status as abort is called, so a
+        line logged after it could come after the caller has its answer."""
+        self.log_access(code, started)
+        await context.abort(code, message)
+
     def log_access(self, code: grpc.StatusCode, started: float) -> None:
-        """One line per RPC: method, status and duration; never a message body."""
+        """One line per RPC: method, status, duration and the proved caller; never a body."""
         elapsed_ms = (time.perf_counter() - started) * 1000
-        access_log.info("%s %s %.1fms", self.method, code.name, elapsed_ms)
+        caller = current_caller()
+        if caller is None:
+            access_log.info("%s %s %.1fms", self.method, code.name, elapsed_ms)
+        else:
+            access_log.info(
+                "%s %s %.1fms caller=%s", self.method, code.name, elapsed_ms, caller.subject
+            )
 
 
 def _wrap_handler(handler: grpc.RpcMethodHandler, call: _CallPipeline) -> grpc.RpcMethodHandler:
@@ -131,17 +186,20 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, call: _CallPipeline) -> grpc.R
         async def streaming(request_or_iterator: Any, context: ServicerContext) -> Any:
             started = time.perf_counter()
             scope = await call.enter(context, started)
-            code = grpc.StatusCode.OK
+            code, logged = grpc.StatusCode.OK, False
             try:
-                async for response in inner_stream(request_or_iterator, context):
+                requests = _decoded(request_or_iterator, handler.request_streaming)
+                async for response in inner_stream(requests, context):
                     yield response
             except BaseException as error:
                 code, message = call.outcome(context, error)
                 if message is None:
                     raise
-                await context.abort(code, message)
+                logged = True
+                await call.abort(context, code, message, started)
             finally:
-                call.log_access(code, started)
+                if not logged:
+                    call.log_access(code, started)
                 scope.close()
 
         behavior: Any = streaming
@@ -156,16 +214,19 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, call: _CallPipeline) -> grpc.R
         async def unary(request_or_iterator: Any, context: ServicerContext) -> Any:
             started = time.perf_counter()
             scope = await call.enter(context, started)
-            code = grpc.StatusCode.OK
+            code, logged = grpc.StatusCode.OK, False
             try:
-                return await inner_unary(request_or_iterator, context)
+                requests = _decoded(request_or_iterator, handler.request_streaming)
+                return await inner_unary(requests, context)
             except BaseException as error:
                 code, message = call.outcome(context, error)
                 if message is None:
                     raise
-                await context.abort(code, message)
+                logged = True
+                await call.abort(context, code, message, started)
             finally:
-                call.log_access(code, started)
+                if not logged:
+                    call.log_access(code, started)
                 scope.close()
 
         behavior = unary
@@ -176,6 +237,49 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, call: _CallPipeline) -> grpc.R
         )
     return factory(
         behavior,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=_tolerant(handler.request_deserializer),
         response_serializer=handler.response_serializer,
     )
+
+
+class _Undecodable:
+    """A request message protobuf refused to parse (for example nested deeper than it allows).
+
+    gRPC would answer UNKNOWN for a deserializer's exception; the pipeline answers
+    INVALID_ARGUMENT instead, inside the call, so the refusal is logged like any other."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def deserializer(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError as error:
+            return _Undecodable(str(error))
+
+    return deserializer
+
+
+def _refuse_undecodable(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise errors.InvalidArgument(f"the request message cannot be parsed: {request.reason}")
+    return request
+
+
+async def _decoded_stream(requests: Any) -> Any:
+    async for request in requests:
+        yield _refuse_undecodable(request)
+
+
+def _decoded(request_or_iterator: Any, request_streaming: bool) -> Any:
+    """The request, or the requests one by one, with any unparsable message refused."""
+    if request_streaming:
+        return _decoded_stream(request_or_iterator)
+    return _refuse_undecodable(request_or_iterator)

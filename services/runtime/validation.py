@@ -1,0 +1,63 @@
+"""Checks every service applies to the free-form parts of a request (Structs, timestamps), so
+hostile input is refused with INVALID_ARGUMENT naming the field and the limit, and never
+reaches the database as something Postgres would refuse (NUL characters, NaN, year 10000).
+"""
+
+import math
+from datetime import UTC, datetime
+
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+
+from services.runtime.errors import InvalidArgument
+
+MAX_STRUCT_BYTES = 1_000_000
+MAX_STRUCT_DEPTH = 32
+# Timestamp's own range (AIP-142): 0001-01-01 to 9999-12-31.
+_MIN_SECONDS = -62_135_596_800
+_MAX_SECONDS = 253_402_300_799
+
+
+def _check_value(value: struct_pb2.Value, field: str, depth: int, max_depth: int) -> None:
+    kind = value.WhichOneof("kind")
+    if kind == "number_value" and not math.isfinite(value.number_value):
+        raise InvalidArgument(f"{field} must not hold NaN or infinite numbers")
+    if kind == "string_value" and "\x00" in value.string_value:
+        raise InvalidArgument(f"{field} must not contain NUL characters")
+    if kind == "struct_value":
+        _check_struct(value.struct_value, field, depth + 1, max_depth)
+    elif kind == "list_value":
+        if depth + 1 > max_depth:
+            raise InvalidArgument(f"{field} is nested deeper than {max_depth} levels")
+        for item in value.list_value.values:
+            _check_value(item, field, depth + 1, max_depth)
+
+
+def _check_struct(message: struct_pb2.Struct, field: str, depth: int, max_depth: int) -> None:
+    if depth > max_depth:
+        raise InvalidArgument(f"{field} is nested deeper than {max_depth} levels")
+    for key, value in message.fields.items():
+        if "\x00" in key:
+            raise InvalidArgument(f"{field} must not contain NUL characters")
+        _check_value(value, field, depth, max_depth)
+
+
+def struct_dict(
+    message: struct_pb2.Struct,
+    field: str,
+    *,
+    max_bytes: int = MAX_STRUCT_BYTES,
+    max_depth: int = MAX_STRUCT_DEPTH,
+) -> dict:
+    """The Struct as a dict that JSON and jsonb can hold; InvalidArgument when it is larger
+    than max_bytes, nested deeper than max_depth, or holds NUL, NaN or infinity."""
+    if message.ByteSize() > max_bytes:
+        raise InvalidArgument(f"{field} is larger than {max_bytes} bytes")
+    _check_struct(message, field, 1, max_depth)
+    return json_format.MessageToDict(message)
+
+
+def timestamp_datetime(stamp: timestamp_pb2.Timestamp, field: str) -> datetime:
+    """An aware datetime; InvalidArgument outside years 1 to 9999 or with bad nanos."""
+    if not _MIN_SECONDS <= stamp.seconds <= _MAX_SECONDS or not 0 <= stamp.nanos < 10**9:
+        raise InvalidArgument(f"{field} must be a time between years 1 and 9999")
+    return stamp.ToDatetime(tzinfo=UTC)
