@@ -3,7 +3,7 @@ characters, SQL fragments, extreme numbers, deep or huge Structs, odd enum value
 profile ids and metadata). Every reply is OK or a deliberate status, never UNKNOWN or INTERNAL;
 a refused call changes nothing in the database.
 
-Adding a service (Costs): one `FuzzTarget` fixture and one three-line test like those below.
+Adding a service: one `FuzzTarget` fixture and one three-line test like those below.
 """
 
 import base64
@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
+from costs.v1 import costs_pb2
 from google.protobuf import descriptor
 from hypothesis import strategies as st
 from jobs.v1 import jobs_pb2
@@ -112,6 +113,34 @@ async def publisher_target(publisher_stub, jobs_stub, fake_postiz) -> FuzzTarget
     )
 
 
+@pytest.fixture(scope="module")
+async def costs_target(costs_stub) -> FuzzTarget:
+    profile_id = new_profile_id()
+    await costs_stub.RecordElevenLabsTTS(
+        costs_pb2.RecordElevenLabsTTSRequest(
+            request_id="seed", model_id="eleven_flash_v2_5", characters=1000
+        ),
+        metadata=as_profile(profile_id),
+    )
+    return FuzzTarget(
+        stub=costs_stub,
+        service=costs_pb2.DESCRIPTOR.services_by_name["CostService"],
+        schema="costs",
+        profile_id=profile_id,
+        plausible={
+            "request_id": st.sampled_from(["seed", "r-1", "r-2"]),
+            "model_id": st.sampled_from(["eleven_flash_v2_5", "eleven_v3", "unknown-model"]),
+            "model": st.sampled_from(["gemini-2.5-pro", "gemini-2.5-flash", "unknown-model"]),
+            "provider": st.sampled_from(["elevenlabs", "gemini", "acme"]),
+            "unit": st.sampled_from(["characters", "seconds"]),
+            "quantity": st.sampled_from(["1", "0.5", "-1", "1e400", "NaN", "12.345"]),
+            "limit_usd": st.sampled_from(["50", "0", "-1", "0.000000001", "1e30"]),
+            "estimated_cost_usd": st.sampled_from(["1.25", "0", "-3", "abc"]),
+            "job_id": st.sampled_from([str(uuid.uuid4()), "not-a-uuid"]),
+        },
+    )
+
+
 def _request(target: FuzzTarget, method: descriptor.MethodDescriptor) -> st.SearchStrategy:
     one = messages(method.input_type._concrete_class, target.plausible)
     return st.lists(one, max_size=4) if method.client_streaming else one
@@ -160,6 +189,11 @@ async def test_jobs_rpc_answers_hostile_input_deliberately(jobs_target, admin, r
 )
 async def test_publisher_rpc_answers_hostile_input_deliberately(publisher_target, admin, rpc):
     await fuzz(publisher_target, admin, rpc)
+
+
+@pytest.mark.parametrize("rpc", _rpcs(costs_pb2.DESCRIPTOR.services_by_name["CostService"]))
+async def test_costs_rpc_answers_hostile_input_deliberately(costs_target, admin, rpc):
+    await fuzz(costs_target, admin, rpc)
 
 
 def _forged_jwt(header: str, body: str, signature: str) -> str:

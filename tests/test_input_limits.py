@@ -8,7 +8,7 @@ from google.protobuf import struct_pb2, timestamp_pb2
 from jobs.v1 import jobs_pb2
 from publisher.v1 import publisher_pb2
 
-from services.runtime.validation import MAX_STRUCT_DEPTH
+from services.runtime.fields import MAX_STRUCT_DEPTH
 
 Code = grpc.StatusCode
 

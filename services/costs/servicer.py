@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from costs.v1 import costs_pb2, costs_pb2_grpc
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import Message
 from grpc.aio import ServicerContext
 
@@ -30,6 +30,7 @@ from services.costs.model import (
 from services.costs.recorder import Recorder
 from services.costs.store import CostStore
 from services.runtime.errors import InvalidArgument
+from services.runtime.fields import optional_datetime, struct_message, text, timestamp_message
 from services.runtime.page_tokens import decode_page_token, encode_page_token
 
 DEFAULT_PAGE_SIZE = 50
@@ -50,27 +51,8 @@ def decimal_text(value: Decimal) -> str:
     return format(value.normalize(), "f")
 
 
-def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
-
-
-def _struct(value: dict) -> struct_pb2.Struct:
-    message = struct_pb2.Struct()
-    message.update(value)
-    return message
-
-
 def _text(value: str, field: str, *, required: bool = False, limit: int = MAX_NAME_LENGTH) -> str:
-    value = value.strip()
-    if required and not value:
-        raise InvalidArgument(f"{field} is required")
-    if len(value) > limit:
-        raise InvalidArgument(f"{field} is longer than {limit} characters")
-    if "\x00" in value:
-        raise InvalidArgument(f"{field} must not contain NUL characters")
-    return value
+    return text(value.strip(), field, limit=limit, required=required)
 
 
 def _request_id(value: str) -> str:
@@ -116,15 +98,9 @@ def _decimal(value: str, field: str, *, positive: bool = False) -> Decimal:
     return number
 
 
-def _time(request: Message, field: str) -> datetime | None:
-    if not request.HasField(field):
-        return None
-    return getattr(request, field).ToDatetime(tzinfo=UTC)
-
-
 def _occurred_at(request: Message) -> datetime:
     now = datetime.now(UTC)
-    value = _time(request, "occurred_at")
+    value = optional_datetime(request, "occurred_at")
     if value is None:
         return now
     if value > now + CLOCK_SKEW:
@@ -208,13 +184,13 @@ def entry_message(entry: CostEntry) -> costs_pb2.CostEntry:
         provider=entry.provider,
         model=entry.model,
         job_id=str(entry.job_id) if entry.job_id else "",
-        occurred_at=_timestamp(entry.occurred_at),
-        recorded_at=_timestamp(entry.recorded_at),
+        occurred_at=timestamp_message(entry.occurred_at),
+        recorded_at=timestamp_message(entry.recorded_at),
         usage=entry.usage,
         cost_usd=decimal_text(entry.cost_usd),
         priced=entry.priced,
         applied_prices=[_applied_price_message(a) for a in entry.applied_prices],
-        attributes=_struct(entry.attributes),
+        attributes=struct_message(entry.attributes),
     )
 
 
@@ -281,8 +257,8 @@ def budget_message(status: BudgetStatus) -> costs_pb2.BudgetStatus:
         spent_usd=decimal_text(status.spent_usd),
         remaining_usd=decimal_text(status.remaining_usd),
         state=costs_pb2.BudgetState.Value(status.state),
-        period_start=_timestamp(status.period_start),
-        resets_at=_timestamp(status.resets_at),
+        period_start=timestamp_message(status.period_start),
+        resets_at=timestamp_message(status.resets_at),
     )
 
 
@@ -368,7 +344,10 @@ class CostServicer(costs_pb2_grpc.CostServiceServicer):
     async def GetCostSummary(
         self, request: costs_pb2.GetCostSummaryRequest, context: ServicerContext
     ) -> costs_pb2.CostSummary:
-        start, end = _time(request, "start_time"), _time(request, "end_time")
+        start, end = (
+            optional_datetime(request, "start_time"),
+            optional_datetime(request, "end_time"),
+        )
         if start is None or end is None:
             raise InvalidArgument("start_time and end_time are required")
         summary = await self._store.summary(
@@ -389,8 +368,8 @@ class CostServicer(costs_pb2_grpc.CostServiceServicer):
             job_id=_job_id(request.job_id),
             provider=_text(request.provider, "provider").lower(),
             model=_text(request.model, "model"),
-            start=_time(request, "start_time"),
-            end=_time(request, "end_time"),
+            start=optional_datetime(request, "start_time"),
+            end=optional_datetime(request, "end_time"),
             unpriced_only=request.unpriced_only,
         )
         after = None

@@ -4,7 +4,7 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
-from google.protobuf import empty_pb2, struct_pb2, timestamp_pb2
+from google.protobuf import empty_pb2
 from grpc.aio import ServicerContext
 from jobs.v1 import jobs_pb2, jobs_pb2_grpc
 
@@ -12,26 +12,20 @@ from services.jobs.model import UPDATABLE_FIELDS, Job, JobChanges, JobFilter, Jo
 from services.jobs.store import JobStore
 from services.jobs.watch import JobWatchHub
 from services.runtime.errors import InvalidArgument
+from services.runtime.fields import (
+    struct_dict,
+    struct_message,
+    text,
+    timestamp_datetime,
+    timestamp_message,
+)
 from services.runtime.page_tokens import decode_page_token, encode_page_token
-from services.runtime.validation import struct_dict, timestamp_datetime
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 MAX_KIND_LENGTH = 100
 MAX_TEXT_LENGTH = 10_000
 MAX_REQUEST_ID_LENGTH = 128
-
-
-def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
-
-
-def _struct(value: dict) -> struct_pb2.Struct:
-    message = struct_pb2.Struct()
-    message.update(value)
-    return message
 
 
 def job_message(job: Job) -> jobs_pb2.Job:
@@ -42,11 +36,11 @@ def job_message(job: Job) -> jobs_pb2.Job:
         status=jobs_pb2.JobStatus.Value(job.status),
         progress=job.progress,
         message=job.message,
-        data=_struct(job.data),
-        result=_struct(job.result),
+        data=struct_message(job.data),
+        result=struct_message(job.result),
         error=job.error,
-        create_time=_timestamp(job.create_time),
-        update_time=_timestamp(job.update_time),
+        create_time=timestamp_message(job.create_time),
+        update_time=timestamp_message(job.update_time),
         etag=job.etag,
     )
 
@@ -67,11 +61,7 @@ def _status(value: int, field: str) -> JobStatus:
 
 
 def _text(value: str, field: str, limit: int = MAX_TEXT_LENGTH) -> str:
-    if len(value) > limit:
-        raise InvalidArgument(f"{field} is longer than {limit} characters")
-    if "\x00" in value:
-        raise InvalidArgument(f"{field} must not contain NUL characters")
-    return value
+    return text(value, field, limit=limit)
 
 
 def _changes(job: jobs_pb2.Job, paths: list[str]) -> JobChanges:

@@ -2,17 +2,20 @@
 model."""
 
 from collections.abc import AsyncIterator
-from datetime import datetime
 
-from google.protobuf import empty_pb2, json_format, struct_pb2, timestamp_pb2
-from google.protobuf.message import Message
+from google.protobuf import empty_pb2, json_format, struct_pb2
 from grpc.aio import ServicerContext
 from publisher.v1 import publisher_pb2, publisher_pb2_grpc
 
 from services.publisher import model
 from services.publisher.publishing import Publisher
 from services.runtime.errors import InvalidArgument
-from services.runtime.validation import struct_dict, timestamp_datetime
+from services.runtime.fields import (
+    optional_datetime,
+    struct_dict,
+    text,
+    timestamp_message,
+)
 
 MAX_REQUEST_ID_LENGTH = 128
 MAX_ID_LENGTH = 256
@@ -26,26 +29,8 @@ _POST_TYPES = {
 }
 
 
-def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
-
-
-def _time_or_none(message: Message, field: str) -> datetime | None:
-    if not message.HasField(field):
-        return None
-    return timestamp_datetime(getattr(message, field), field)
-
-
 def _text(value: str, field: str, limit: int, required: bool = True) -> str:
-    if required and not value:
-        raise InvalidArgument(f"{field} is required")
-    if len(value) > limit:
-        raise InvalidArgument(f"{field} is longer than {limit} characters")
-    if "\x00" in value:
-        raise InvalidArgument(f"{field} must not contain NUL characters")
-    return value
+    return text(value, field, limit=limit, required=required)
 
 
 def _url(value: str, field: str) -> str:
@@ -59,8 +44,8 @@ def credentials_message(stored: model.StoredCredentials) -> publisher_pb2.Postiz
     return publisher_pb2.PostizCredentials(
         base_url=stored.base_url,
         api_key_fingerprint=stored.api_key_fingerprint,
-        verify_time=_timestamp(stored.verify_time),
-        update_time=_timestamp(stored.update_time),
+        verify_time=timestamp_message(stored.verify_time),
+        update_time=timestamp_message(stored.update_time),
     )
 
 
@@ -79,9 +64,9 @@ def publication_message(publication: model.Publication) -> publisher_pb2.Publica
         ],
         error=publication.error,
         attempt_count=publication.attempt_count,
-        publish_time=_timestamp(publication.publish_time),
-        create_time=_timestamp(publication.create_time),
-        update_time=_timestamp(publication.update_time),
+        publish_time=timestamp_message(publication.publish_time),
+        create_time=timestamp_message(publication.create_time),
+        update_time=timestamp_message(publication.update_time),
     )
 
 
@@ -92,7 +77,7 @@ def post_message(post: model.PostizPost) -> publisher_pb2.Post:
     return publisher_pb2.Post(
         id=post.id,
         content=post.content,
-        publish_time=_timestamp(post.publish_time),
+        publish_time=timestamp_message(post.publish_time),
         release_url=post.release_url,
         state=_POST_STATES.get(f"POST_STATE_{post.state}", publisher_pb2.POST_STATE_UNSPECIFIED),
         group=post.group,
@@ -162,7 +147,7 @@ def _draft(request: publisher_pb2.CreatePostRequest) -> model.PublicationDraft:
         request_id=request_id,
         job_id=_text(request.job_id, "job_id", MAX_ID_LENGTH, required=False),
         post_type=post_type,
-        publish_time=_time_or_none(request, "publish_time"),
+        publish_time=optional_datetime(request, "publish_time"),
         posts=_postiz_posts(request),
         tags=[{"value": tag.value, "label": tag.label or tag.value} for tag in request.tags],
         short_link=request.short_link,
@@ -244,8 +229,8 @@ class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
     async def ListPosts(
         self, request: publisher_pb2.ListPostsRequest, context: ServicerContext
     ) -> publisher_pb2.ListPostsResponse:
-        start = _time_or_none(request, "start_time")
-        end = _time_or_none(request, "end_time")
+        start = optional_datetime(request, "start_time")
+        end = optional_datetime(request, "end_time")
         if start is None or end is None:
             raise InvalidArgument("start_time and end_time are required")
         posts = await self._publisher.list_posts(start, end)
@@ -256,8 +241,8 @@ class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
     ) -> publisher_pb2.Post:
         post = await self._publisher.get_post(
             _text(request.post_id, "post_id", MAX_ID_LENGTH),
-            _time_or_none(request, "start_time"),
-            _time_or_none(request, "end_time"),
+            optional_datetime(request, "start_time"),
+            optional_datetime(request, "end_time"),
         )
         return post_message(post)
 
@@ -276,7 +261,7 @@ class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
                 _text(i, "integration_ids", MAX_ID_LENGTH) for i in request.integration_ids
             ],
             content=_text(request.content, "content", MAX_CONTENT_LENGTH),
-            publish_time=_time_or_none(request, "publish_time"),
+            publish_time=optional_datetime(request, "publish_time"),
             settings={
                 key: _settings(value, f"settings[{key[:64]!r}]")
                 for key, value in request.settings.items()

@@ -1,12 +1,14 @@
-"""Checks every service applies to the free-form parts of a request (Structs, timestamps), so
-hostile input is refused with INVALID_ARGUMENT naming the field and the limit, and never
-reaches the database as something Postgres would refuse (NUL characters, NaN, year 10000).
+"""Request and reply fields every servicer converts and checks the same way: text, Structs,
+timestamps. Hostile input is refused with INVALID_ARGUMENT naming the field and the limit,
+and never reaches the database as something Postgres would refuse (NUL characters, NaN,
+year 10000).
 """
 
 import math
 from datetime import UTC, datetime
 
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf.message import Message
 
 from services.runtime.errors import InvalidArgument
 
@@ -61,3 +63,34 @@ def timestamp_datetime(stamp: timestamp_pb2.Timestamp, field: str) -> datetime:
     if not _MIN_SECONDS <= stamp.seconds <= _MAX_SECONDS or not 0 <= stamp.nanos < 10**9:
         raise InvalidArgument(f"{field} must be a time between years 1 and 9999")
     return stamp.ToDatetime(tzinfo=UTC)
+
+
+def optional_datetime(message: Message, field: str) -> datetime | None:
+    """The named Timestamp field as an aware datetime, or None when it is unset."""
+    if not message.HasField(field):
+        return None
+    return timestamp_datetime(getattr(message, field), field)
+
+
+def text(value: str, field: str, *, limit: int, required: bool = False) -> str:
+    """The string unchanged; InvalidArgument when required and empty, longer than limit
+    characters, or holding a NUL character (which Postgres text cannot store)."""
+    if required and not value:
+        raise InvalidArgument(f"{field} is required")
+    if len(value) > limit:
+        raise InvalidArgument(f"{field} is longer than {limit} characters")
+    if "\x00" in value:
+        raise InvalidArgument(f"{field} must not contain NUL characters")
+    return value
+
+
+def timestamp_message(value: datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def struct_message(value: dict) -> struct_pb2.Struct:
+    message = struct_pb2.Struct()
+    message.update(value)
+    return message
