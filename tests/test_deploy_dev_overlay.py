@@ -22,7 +22,14 @@ from jobs.v1 import jobs_pb2, jobs_pb2_grpc
 
 from services.jobs.service import JOBS
 from services.runtime.server import ServiceDefinition
-from tests.conftest import ServerProcess, as_profile, new_profile_id, server_process, with_database
+from tests.conftest import (
+    ServerProcess,
+    new_profile_id,
+    server_process,
+    signed_in,
+    token_for,
+    with_database,
+)
 from tests.kubernetes_manifests import (
     DEPLOY,
     OVERLAYS,
@@ -197,7 +204,12 @@ async def test_the_login_role_reaches_its_own_schema_only(
 
 
 async def test_jobs_serves_calls_as_its_login_role(dev_pods):
-    metadata = as_profile(new_profile_id())
+    profile_id = new_profile_id()
+    manifests = render(DEV)
+    variables = container_environment(manifests, server_container(manifests, JOBS.name))
+    metadata = signed_in(
+        profile_id, token_for(profile_id, secret=resolved(manifests, variables["AUTH_JWT_SECRET"]))
+    )
     async with grpc.aio.insecure_channel(f"127.0.0.1:{dev_pods[JOBS.name].port}") as channel:
         jobs = jobs_pb2_grpc.JobServiceStub(channel)
         job = await jobs.CreateJob(
