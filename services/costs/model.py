@@ -290,6 +290,7 @@ class GroupBy(enum.StrEnum):
     DAY = "DAY"
     MONTH = "MONTH"
     JOB = "JOB"
+    PROFILE = "PROFILE"
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,6 +303,7 @@ class SummaryRow:
     day: date | None = None
     month: str = ""
     job_id: uuid.UUID | None = None
+    profile_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,5 +63,6 @@ def costs_definition(
         default_port=50052,
         migrations=Path(__file__).parent / "migrations",
         servicers=costs_servicers(spool_path, spool_retry_seconds),
+        cross_profile_reads=("GetAllProfilesCostSummary",),
         reference_data=load_price_catalog,
     )

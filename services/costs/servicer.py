@@ -229,6 +229,7 @@ def _row_message(row: SummaryRow) -> costs_pb2.CostSummaryRow:
         job_id=str(row.job_id) if row.job_id else "",
         cost_usd=decimal_text(row.cost_usd),
         line_count=row.line_count,
+        profile_id=row.profile_id,
     )
 
 
@@ -344,14 +345,25 @@ class CostServicer(costs_pb2_grpc.CostServiceServicer):
     async def GetCostSummary(
         self, request: costs_pb2.GetCostSummaryRequest, context: ServicerContext
     ) -> costs_pb2.CostSummary:
-        start, end = (
-            optional_datetime(request, "start_time"),
-            optional_datetime(request, "end_time"),
-        )
+        return await self._summary(request, all_profiles=False)
+
+    async def GetAllProfilesCostSummary(
+        self, request: costs_pb2.GetCostSummaryRequest, context: ServicerContext
+    ) -> costs_pb2.CostSummary:
+        return await self._summary(request, all_profiles=True)
+
+    async def _summary(
+        self, request: costs_pb2.GetCostSummaryRequest, *, all_profiles: bool
+    ) -> costs_pb2.CostSummary:
+        start = optional_datetime(request, "start_time")
+        end = optional_datetime(request, "end_time")
         if start is None or end is None:
             raise InvalidArgument("start_time and end_time are required")
         summary = await self._store.summary(
-            TimeRange(start, end), _job_id(request.job_id), _group_by(list(request.group_by))
+            TimeRange(start, end),
+            _job_id(request.job_id),
+            _group_by(list(request.group_by)),
+            all_profiles=all_profiles,
         )
         return costs_pb2.CostSummary(
             total_cost_usd=decimal_text(summary.total_cost_usd),

@@ -48,6 +48,7 @@ _GROUP_COLUMNS = {
     GroupBy.DAY: ("day", "day"),
     GroupBy.MONTH: ("to_char(day, 'YYYY-MM')", "month"),
     GroupBy.JOB: ("job_id", "job_id"),
+    GroupBy.PROFILE: ("profile_id", "profile_id"),
 }
 
 
@@ -270,13 +271,20 @@ class CostStore:
         return [_entry(row) for row in rows]
 
     async def summary(
-        self, time_range: TimeRange, job_id: uuid.UUID | None, group_by: Sequence[GroupBy]
+        self,
+        time_range: TimeRange,
+        job_id: uuid.UUID | None,
+        group_by: Sequence[GroupBy],
+        *,
+        all_profiles: bool = False,
     ) -> CostSummary:
         """Whole days come from the daily rollup, the ragged edges from the lines themselves,
-        so the answer is exact for any range and fast for long ones."""
+        so the answer is exact for any range and fast for long ones. `all_profiles`: every
+        profile's lines, for an operator's call only."""
         first_day, last_day = time_range.whole_days
         (edge1_start, edge1_end), (edge2_start, edge2_end) = time_range.edges
         job_condition = "AND job_id = $8" if job_id else "AND $8::uuid IS NULL"
+        profile_condition = "$1::text IS NULL" if all_profiles else "profile_id = $1"
         fields = [_GROUP_COLUMNS[g][1] for g in group_by]
         select = ", ".join(
             ["priced", *(f"{_GROUP_COLUMNS[g][0]} AS {_GROUP_COLUMNS[g][1]}" for g in group_by)]
@@ -284,14 +292,14 @@ class CostStore:
         positions = ", ".join(str(n) for n in range(1, len(group_by) + 2))
         query = f"""
             WITH lines AS (
-                SELECT day, provider, model, job_id, priced, cost_usd, line_count
+                SELECT profile_id, day, provider, model, job_id, priced, cost_usd, line_count
                 FROM costs.daily_costs
-                WHERE profile_id = $1 AND day >= $2 AND day < $3 {job_condition}
+                WHERE {profile_condition} AND day >= $2 AND day < $3 {job_condition}
                 UNION ALL
-                SELECT (occurred_at AT TIME ZONE 'UTC')::date, provider, model, job_id, priced,
-                       cost_usd, 1
+                SELECT profile_id, (occurred_at AT TIME ZONE 'UTC')::date, provider, model,
+                       job_id, priced, cost_usd, 1
                 FROM costs.entries
-                WHERE profile_id = $1 {job_condition}
+                WHERE {profile_condition} {job_condition}
                   AND ((occurred_at >= $4 AND occurred_at < $5)
                        OR (occurred_at >= $6 AND occurred_at < $7))
             )
@@ -300,10 +308,15 @@ class CostStore:
             GROUP BY {positions}
             ORDER BY {positions}
         """
-        async with self._pool.transaction(readonly=True) as connection:
+        transaction = (
+            self._pool.cross_profile_transaction()
+            if all_profiles
+            else self._pool.transaction(readonly=True)
+        )
+        async with transaction as connection:
             rows = await connection.fetch(
                 query,
-                require_profile_id(),
+                None if all_profiles else require_profile_id(),
                 first_day,
                 max(first_day, last_day),
                 edge1_start,
