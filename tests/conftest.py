@@ -69,6 +69,7 @@ def settings_for(database_url: str, **overrides: object) -> Settings:
         "port": 0,
         "health_check_interval_seconds": 0.2,
         "shutdown_grace_seconds": 5.0,
+        "metrics_port": 0,
     }
     return Settings(**(values | overrides))
 
@@ -182,7 +183,12 @@ async def server_process(
         "-m",
         f"services.{service}",
         env=os.environ
-        | {"DATABASE_URL": database_url, "GRPC_HOST": "127.0.0.1", "GRPC_PORT": "0"}
+        | {
+            "DATABASE_URL": database_url,
+            "GRPC_HOST": "127.0.0.1",
+            "GRPC_PORT": "0",
+            "METRICS_PORT": "0",
+        }
         | env,
         stderr=asyncio.subprocess.PIPE,
         cwd=REPO,

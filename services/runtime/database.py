@@ -15,6 +15,7 @@ import asyncpg
 
 from services.runtime.call_context import require_profile_id
 from services.runtime.errors import Unavailable
+from services.runtime.metrics import POSTGRES_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +68,12 @@ async def create_pool(
 class TenantScopedPool:
     """Hands out connections inside a transaction scoped to the current call's profile."""
 
-    def __init__(self, pool: asyncpg.Pool, role: str) -> None:
+    def __init__(self, pool: asyncpg.Pool, role: str, service: str | None = None) -> None:
         self.pool = pool
         self.role = role
+        self.service = service or role  # the `service` label of its metrics
         self._role_literal = _literal(role)
+        self._waiting = 0
 
     @asynccontextmanager
     async def transaction(self, *, readonly: bool = False) -> AsyncIterator[asyncpg.Connection]:
@@ -86,7 +89,12 @@ class TenantScopedPool:
             f"set_config('app.profile_id', {_literal(require_profile_id())}, true)"
         )
         try:
-            async with self.pool.acquire() as connection:
+            self._waiting += 1
+            try:
+                connection = await self.pool.acquire()
+            finally:
+                self._waiting -= 1
+            try:
                 await connection.execute(begin)
                 try:
                     yield connection
@@ -96,9 +104,26 @@ class TenantScopedPool:
                             await connection.execute("ROLLBACK")
                     raise
                 await connection.execute("COMMIT")
+            finally:
+                await self.pool.release(connection)
         except CONNECTION_ERRORS as error:
+            POSTGRES_ERRORS.labels(self.service, "connection").inc()
             log.warning("database unavailable: %s", error)
             raise Unavailable("the database is unavailable; retry shortly") from error
+        except asyncpg.PostgresError:
+            POSTGRES_ERRORS.labels(self.service, "query").inc()
+            raise
+
+    def usage(self) -> dict[str, int]:
+        """Connections by state, for the pool gauges."""
+        size = self.pool.get_size()
+        idle = self.pool.get_idle_size()
+        return {
+            "in_use": size - idle,
+            "idle": idle,
+            "max": self.pool.get_max_size(),
+            "waiting": self._waiting,
+        }
 
     async def is_reachable(self) -> bool:
         """True when a connection answers a trivial query."""

@@ -25,8 +25,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.runtime.database import CONNECTION_ERRORS, TenantScopedPool, create_pool
+from services.runtime.interceptors.metrics import MetricsInterceptor
 from services.runtime.interceptors.server import Authorizer, ProfileInterceptor, allow_any_caller
 from services.runtime.logs import configure_logging
+from services.runtime.metrics import POOLS, MetricsServer, serve_metrics
 from services.runtime.migrations import apply_migrations
 from services.runtime.settings import Settings
 from services.runtime.workers import run_workers
@@ -53,6 +55,18 @@ class ServiceDefinition:
     def database_role(self) -> str:
         """The role queries run as: no ownership, no BYPASSRLS (made by the migrations)."""
         return f"{self.name}_service"
+
+    @property
+    def default_metrics_port(self) -> int:
+        """9091, 9092, 9093 for gRPC ports 50051, 50052, 50053: one machine runs them all."""
+        return self.default_port - 50051 + 9091
+
+
+def server_interceptors(
+    authorize: Authorizer = allow_any_caller,
+) -> list[grpc.aio.ServerInterceptor]:
+    """Outermost first: metrics see every call, refused ones included."""
+    return [MetricsInterceptor(), ProfileInterceptor(authorize)]
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -109,6 +123,7 @@ class RunningService:
         health_servicer: health.aio.HealthServicer,
         resources: AsyncExitStack,
         port: int,
+        metrics: MetricsServer | None = None,
     ) -> None:
         self.definition = definition
         self.settings = settings
@@ -116,6 +131,7 @@ class RunningService:
         self.pool = pool
         self.health = health_servicer
         self.port = port
+        self.metrics = metrics
         self._resources = resources
         self._monitor = asyncio.create_task(self._watch_database())
 
@@ -151,7 +167,10 @@ class RunningService:
         # Long-lived streams (WatchJob) end here instead of holding the whole grace period.
         await self._resources.aclose()
         await stopping
+        POOLS.remove(self.pool)
         await self.pool.close()
+        if self.metrics is not None:
+            self.metrics.stop()
         log.info("%s stopped", self.definition.name)
 
 
@@ -164,9 +183,9 @@ async def start_service(
     raw_pool = await connect(settings, application_name=definition.name)
     if settings.migrate_on_start:
         await migrate(definition, raw_pool)
-    pool = TenantScopedPool(raw_pool, definition.database_role)
+    pool = TenantScopedPool(raw_pool, definition.database_role, service=definition.name)
     server = grpc.aio.server(
-        interceptors=[ProfileInterceptor(authorize)], options=server_options(settings)
+        interceptors=server_interceptors(authorize), options=server_options(settings)
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -176,11 +195,17 @@ async def start_service(
         [definition.grpc_service, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    POOLS.add(definition.name, pool)
+    metrics = None
+    if settings.metrics_port is not None:
+        metrics = serve_metrics(settings.host, settings.metrics_port)
     await server.start()
     log.info(
         "%s serving %s on %s:%d", definition.name, definition.grpc_service, settings.host, port
     )
-    return RunningService(definition, settings, server, pool, health_servicer, resources, port)
+    return RunningService(
+        definition, settings, server, pool, health_servicer, resources, port, metrics
+    )
 
 
 async def serve(definition: ServiceDefinition, settings: Settings) -> None:
@@ -226,7 +251,7 @@ def main_for(definition: ServiceDefinition) -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     configure_logging()
-    settings = Settings.from_environment(definition.default_port)
+    settings = Settings.from_environment(definition.default_port, definition.default_metrics_port)
     if args.workers is not None:
         settings = dataclasses.replace(settings, workers=args.workers)
     if args.command == "migrate":

@@ -25,6 +25,16 @@ def env_bool(name: str, default: bool) -> bool:
     return default if raw == "" else raw in ("1", "true", "yes", "on")
 
 
+def env_port_or_off(name: str, default: int | None) -> int | None:
+    """A port; unset gives the default, empty or `off` gives None (switched off)."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    if raw.strip().lower() in ("", "off"):
+        return None
+    return env_int(name, 0)
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str
@@ -39,9 +49,12 @@ class Settings:
     max_connection_age_seconds: float = 300.0
     db_connect_timeout_seconds: float = 60.0
     workers: int = 1
+    metrics_port: int | None = None  # None: no /metrics endpoint; 0: any free port
 
     @classmethod
-    def from_environment(cls, default_port: int) -> "Settings":
+    def from_environment(
+        cls, default_port: int, default_metrics_port: int | None = None
+    ) -> "Settings":
         database_url = os.environ.get("DATABASE_URL", "")
         if not database_url:
             raise SystemExit("DATABASE_URL is required (make run sets it for you)")
@@ -64,4 +77,5 @@ class Settings:
                 "DB_CONNECT_TIMEOUT_SECONDS", cls.db_connect_timeout_seconds
             ),
             workers=env_int("GRPC_WORKERS", cls.workers),
+            metrics_port=env_port_or_off("METRICS_PORT", default_metrics_port),
         )

@@ -19,7 +19,10 @@ log = logging.getLogger(__name__)
 async def run_workers(service: str, settings: Settings) -> int:
     if settings.port == 0:
         raise SystemExit("GRPC_WORKERS > 1 needs a fixed GRPC_PORT: workers must share one port")
-    environment = os.environ | {"GRPC_WORKERS": str(settings.workers)}
+    # Workers cannot share one /metrics port, and separate counters would not add up.
+    environment = os.environ | {"GRPC_WORKERS": str(settings.workers), "METRICS_PORT": "off"}
+    if settings.metrics_port is not None:
+        log.warning("%s: no /metrics endpoint with GRPC_WORKERS > 1", service)
     workers = [
         await asyncio.create_subprocess_exec(
             sys.executable, "-m", f"services.{service}", "serve", "--worker", env=environment
