@@ -250,7 +250,7 @@ def main_for(definition: ServiceDefinition) -> None:
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    configure_logging()
+    configure_logging(service=definition.name)
     settings = Settings.from_environment(definition.default_port, definition.default_metrics_port)
     if args.workers is not None:
         settings = dataclasses.replace(settings, workers=args.workers)

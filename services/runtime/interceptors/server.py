@@ -120,7 +120,13 @@ class _CallPipeline:
     def log_access(self, code: grpc.StatusCode, started: float) -> None:
         """One line per RPC: method, status and duration; never a message body."""
         elapsed_ms = (time.perf_counter() - started) * 1000
-        access_log.info("%s %s %.1fms", self.method, code.name, elapsed_ms)
+        access_log.info(
+            "%s %s %.1fms",
+            self.method,
+            code.name,
+            elapsed_ms,
+            extra={"method": self.method, "status": code.name, "duration_ms": round(elapsed_ms, 2)},
+        )
 
 
 def _wrap_handler(handler: grpc.RpcMethodHandler, call: _CallPipeline) -> grpc.RpcMethodHandler:
