@@ -7,6 +7,7 @@ from typing import Any
 import grpc
 
 from services.runtime.interceptors import profile_client_interceptors
+from services.runtime.tracing import client_interceptors
 from suite_client.errors import error_interceptors
 
 DEFAULT_DEADLINE_SECONDS = 30.0
@@ -64,10 +65,15 @@ def suite_channel(
     True for the system's root certificates, or credentials of your own. Each call carries
     the current profile (see `profile_scope`) unless its metadata names one, never outlives
     the deadline of the call being served, and raises the exceptions of suite_client.errors.
-    `interceptors` run innermost (tracing, for example).
+    Calls are traced when tracing is on. `interceptors` run innermost.
     """
     options = [("grpc.service_config", service_config(grpc_service, deadline_seconds, retry))]
-    chain = [*error_interceptors(), *profile_client_interceptors(), *(interceptors or [])]
+    chain = [
+        *error_interceptors(),
+        *profile_client_interceptors(),
+        *client_interceptors(),
+        *(interceptors or []),
+    ]
     if tls is False:
         return grpc.aio.insecure_channel(target, options=options, interceptors=chain)
     credentials = grpc.ssl_channel_credentials() if tls is True else tls

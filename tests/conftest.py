@@ -19,6 +19,10 @@ import asyncpg
 import grpc
 import pytest
 from jobs.v1 import jobs_pb2_grpc
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from publisher.v1 import publisher_pb2, publisher_pb2_grpc
 
 from services.jobs.service import JOBS
@@ -60,6 +64,16 @@ async def database_url(admin_database_url: str) -> AsyncIterator[str]:
 @pytest.fixture(scope="session", autouse=True)
 def _logging() -> None:
     configure_logging("INFO")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def span_exporter() -> InMemorySpanExporter:
+    """Tracing is on for every service the tests start; their spans end up here."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    return exporter
 
 
 def settings_for(database_url: str, **overrides: object) -> Settings:

@@ -16,6 +16,7 @@ import asyncpg
 from services.runtime.call_context import require_profile_id
 from services.runtime.errors import Unavailable
 from services.runtime.metrics import POSTGRES_ERRORS
+from services.runtime.tracing import tracing_enabled, transaction_span
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,12 @@ class TenantScopedPool:
         self.service = service or role  # the `service` label of its metrics
         self._role_literal = _literal(role)
         self._waiting = 0
+        self._traced = tracing_enabled()
+
+    def _span(self, readonly: bool) -> contextlib.AbstractContextManager:
+        return (
+            transaction_span(self.service, readonly) if self._traced else contextlib.nullcontext()
+        )
 
     @asynccontextmanager
     async def transaction(self, *, readonly: bool = False) -> AsyncIterator[asyncpg.Connection]:
@@ -88,31 +95,32 @@ class TenantScopedPool:
             f"SELECT set_config('role', {self._role_literal}, true), "
             f"set_config('app.profile_id', {_literal(require_profile_id())}, true)"
         )
-        try:
-            self._waiting += 1
+        with self._span(readonly):
             try:
-                connection = await self.pool.acquire()
-            finally:
-                self._waiting -= 1
-            try:
-                await connection.execute(begin)
+                self._waiting += 1
                 try:
-                    yield connection
-                except BaseException:
-                    if not connection.is_closed():
-                        with contextlib.suppress(Exception):
-                            await connection.execute("ROLLBACK")
-                    raise
-                await connection.execute("COMMIT")
-            finally:
-                await self.pool.release(connection)
-        except CONNECTION_ERRORS as error:
-            POSTGRES_ERRORS.labels(self.service, "connection").inc()
-            log.warning("database unavailable: %s", error)
-            raise Unavailable("the database is unavailable; retry shortly") from error
-        except asyncpg.PostgresError:
-            POSTGRES_ERRORS.labels(self.service, "query").inc()
-            raise
+                    connection = await self.pool.acquire()
+                finally:
+                    self._waiting -= 1
+                try:
+                    await connection.execute(begin)
+                    try:
+                        yield connection
+                    except BaseException:
+                        if not connection.is_closed():
+                            with contextlib.suppress(Exception):
+                                await connection.execute("ROLLBACK")
+                        raise
+                    await connection.execute("COMMIT")
+                finally:
+                    await self.pool.release(connection)
+            except CONNECTION_ERRORS as error:
+                POSTGRES_ERRORS.labels(self.service, "connection").inc()
+                log.warning("database unavailable: %s", error)
+                raise Unavailable("the database is unavailable; retry shortly") from error
+            except asyncpg.PostgresError:
+                POSTGRES_ERRORS.labels(self.service, "query").inc()
+                raise
 
     def usage(self) -> dict[str, int]:
         """Connections by state, for the pool gauges."""

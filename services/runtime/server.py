@@ -31,6 +31,11 @@ from services.runtime.logs import configure_logging
 from services.runtime.metrics import POOLS, MetricsServer, serve_metrics
 from services.runtime.migrations import apply_migrations
 from services.runtime.settings import Settings
+from services.runtime.tracing import (
+    configure_tracing,
+    inner_server_interceptors,
+    outer_server_interceptors,
+)
 from services.runtime.workers import run_workers
 
 log = logging.getLogger(__name__)
@@ -65,8 +70,13 @@ class ServiceDefinition:
 def server_interceptors(
     authorize: Authorizer = allow_any_caller,
 ) -> list[grpc.aio.ServerInterceptor]:
-    """Outermost first: metrics see every call, refused ones included."""
-    return [MetricsInterceptor(), ProfileInterceptor(authorize)]
+    """Outermost first: metrics and traces see every call, refused ones included."""
+    return [
+        MetricsInterceptor(),
+        *outer_server_interceptors(),
+        ProfileInterceptor(authorize),
+        *inner_server_interceptors(),
+    ]
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -251,6 +261,7 @@ def main_for(definition: ServiceDefinition) -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     configure_logging(service=definition.name)
+    configure_tracing(definition.name)
     settings = Settings.from_environment(definition.default_port, definition.default_metrics_port)
     if args.workers is not None:
         settings = dataclasses.replace(settings, workers=args.workers)

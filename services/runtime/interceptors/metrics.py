@@ -15,6 +15,8 @@ import grpc
 from grpc.aio import ServicerContext
 from prometheus_client import Counter, Histogram
 
+from services.runtime.interceptors.handlers import behavior_of, with_behavior
+
 _LABELS = ["grpc_type", "grpc_service", "grpc_method"]
 
 STARTED = Counter("grpc_server_started_total", "RPCs started on the server.", _LABELS)
@@ -96,25 +98,15 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
 
-_FACTORIES = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
-
-
 def _wrap_handler(handler: grpc.RpcMethodHandler, metrics: _MethodMetrics) -> grpc.RpcMethodHandler:
-    inner_stream = handler.unary_stream or handler.stream_stream
-    # A streaming handler may be an async generator, or a coroutine that calls context.write
-    # (the health service's Watch); the latter is wrapped like a unary one.
-    if handler.response_streaming and inspect.isasyncgenfunction(inner_stream):
+    inner = behavior_of(handler)
+    if inspect.isasyncgenfunction(inner):
 
         async def streaming(request_or_iterator: Any, context: ServicerContext) -> Any:
             started = metrics.start()
             code = grpc.StatusCode.OK
             try:
-                async for response in inner_stream(request_or_iterator, context):
+                async for response in inner(request_or_iterator, context):
                     yield response
                 code = context.code() or code
             except BaseException as error:
@@ -123,32 +115,19 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, metrics: _MethodMetrics) -> gr
             finally:
                 metrics.finish(code, started)
 
-        behavior: Any = streaming
-    else:
-        inner = (
-            handler.unary_unary
-            or handler.stream_unary
-            or handler.unary_stream
-            or handler.stream_stream
-        )
+        return with_behavior(handler, streaming)
 
-        async def awaited(request_or_iterator: Any, context: ServicerContext) -> Any:
-            started = metrics.start()
-            code = grpc.StatusCode.OK
-            try:
-                response = await inner(request_or_iterator, context)
-                code = context.code() or code
-                return response
-            except BaseException as error:
-                code = _code_of(context, error)
-                raise
-            finally:
-                metrics.finish(code, started)
+    async def awaited(request_or_iterator: Any, context: ServicerContext) -> Any:
+        started = metrics.start()
+        code = grpc.StatusCode.OK
+        try:
+            response = await inner(request_or_iterator, context)
+            code = context.code() or code
+            return response
+        except BaseException as error:
+            code = _code_of(context, error)
+            raise
+        finally:
+            metrics.finish(code, started)
 
-        behavior = awaited
-    factory = _FACTORIES[handler.request_streaming, handler.response_streaming]
-    return factory(
-        behavior,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+    return with_behavior(handler, awaited)
