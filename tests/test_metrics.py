@@ -1,24 +1,20 @@
 """Prometheus metrics, scraped over HTTP from the running services as calls are made."""
 
-import asyncio
 import re
 import uuid
 
 import grpc
 import httpx
 import pytest
-from jobs.v1 import jobs_pb2, jobs_pb2_grpc
+from jobs.v1 import jobs_pb2
 from publisher.v1 import publisher_pb2
 
-from services.jobs.service import JOBS
 from services.runtime.settings import Settings
 from tests.conftest import (
     TEST_POSTS_PER_HOUR,
     as_profile,
     new_profile_id,
-    running,
     server_process,
-    settings_for,
 )
 from tests.metrics_scrape import sample, scrape
 from tests.publisher_requests import expect_status, post_request
@@ -157,26 +153,6 @@ def test_metrics_port_defaults_per_service_and_can_be_switched_off(monkeypatch, 
     else:
         monkeypatch.setenv("METRICS_PORT", raw)
     assert Settings.from_environment(50051, 9091).metrics_port == port
-
-
-async def test_database_outage_is_counted_as_postgres_connection_errors(disposable_postgres):
-    settings = settings_for(disposable_postgres.url)
-    labels = {"service": "jobs", "kind": "connection"}
-    async with (
-        running(JOBS, settings) as service,
-        grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel,
-    ):
-        before = sample(await scrape(service), "postgres_errors_total", **labels)
-        await asyncio.to_thread(disposable_postgres.stop)
-        stub = jobs_pb2_grpc.JobServiceStub(channel)
-        await expect_status(
-            stub.GetJob(
-                jobs_pb2.GetJobRequest(job_id=str(uuid.uuid4())),
-                metadata=as_profile(new_profile_id()),
-            ),
-            Code.UNAVAILABLE,
-        )
-        assert sample(await scrape(service), "postgres_errors_total", **labels) == before + 1
 
 
 async def test_service_process_serves_metrics_on_the_port_it_logs(database_url):

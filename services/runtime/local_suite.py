@@ -36,7 +36,10 @@ The suite is up. Try it with grpcurl (installed in .venv/bin):
   .venv/bin/grpcurl -plaintext -H 'x-profile-id: store-1' -d '{{}}' \\
       localhost:50051 jobs.v1.JobService/ListJobs
   .venv/bin/grpcurl -plaintext localhost:50053 describe publisher.v1.PublisherService
+  .venv/bin/suitectl health
+  .venv/bin/suitectl jobs list --profile store-1
 
+Metrics: http://localhost:9091/metrics (Jobs), http://localhost:9093/metrics (Publisher)
 Database: {database}
 Press Ctrl-C to stop.
 """

@@ -28,7 +28,8 @@ _TRACED_CALLS = negate(any_of(health_check(), service_prefix("grpc.reflection"))
 
 
 def configure_tracing(service: str) -> None:
-    """Exports spans over OTLP (gRPC) when OTEL_EXPORTER_OTLP_ENDPOINT is set."""
+    """Exports spans over OTLP (gRPC) when OTEL_EXPORTER_OTLP_ENDPOINT is set, as
+    OTEL_SERVICE_NAME or the service's name."""
     if not os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         return
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -36,7 +37,8 @@ def configure_tracing(service: str) -> None:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: service}))
+    name = os.environ.get("OTEL_SERVICE_NAME") or service
+    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: name}))
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
 

@@ -79,7 +79,10 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self) -> None:
         # Handlers are fixed once a server starts; wrapping once per method keeps calls cheap.
+        # (An inner interceptor that wraps on every call, like tracing's, is rewrapped, but
+        # its method's metrics are still made once.)
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._metrics: dict[str, _MethodMetrics] = {}
 
     async def intercept_service(
         self,
@@ -93,7 +96,10 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             return cached[1]
         if handler is None:
             return handler
-        wrapped = _wrap_handler(handler, _MethodMetrics(method, handler))
+        metrics = self._metrics.get(method)
+        if metrics is None:
+            metrics = self._metrics[method] = _MethodMetrics(method, handler)
+        wrapped = _wrap_handler(handler, metrics)
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 
