@@ -1,12 +1,13 @@
 """Prometheus metrics, scraped over HTTP from the running services as calls are made."""
 
 import re
+import socket
 import uuid
 
 import grpc
 import httpx
 import pytest
-from jobs.v1 import jobs_pb2
+from jobs.v1 import jobs_pb2, jobs_pb2_grpc
 from publisher.v1 import publisher_pb2
 
 from services.runtime.settings import Settings
@@ -166,3 +167,38 @@ async def test_service_process_serves_metrics_on_the_port_it_logs(database_url):
             response = await client.get(f"http://127.0.0.1:{logged.group(1)}/metrics")
         assert "grpc_server_handled_total" in response.text
         assert await server.terminate() == 0
+
+
+def _free_ports(count: int) -> list[int]:
+    """Distinct ports free now: each probe stays bound until all are picked."""
+    probes = [socket.socket() for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
+
+
+async def test_workers_sharing_a_port_are_counted_together_on_one_metrics_port(database_url):
+    grpc_port, metrics_port = _free_ports(2)
+    async with server_process(
+        "jobs",
+        database_url,
+        GRPC_PORT=str(grpc_port),
+        GRPC_WORKERS="2",
+        METRICS_PORT=str(metrics_port),
+    ) as server:
+        for _ in range(4):
+            # A channel of its own per call: new connections spread over the workers.
+            async with grpc.aio.insecure_channel(
+                f"127.0.0.1:{server.port}", options=[("grpc.use_local_subchannel_pool", 1)]
+            ) as channel:
+                await _get_missing_job(jobs_pb2_grpc.JobServiceStub(channel), as_profile("store-1"))
+        async with httpx.AsyncClient() as client:
+            text = (await client.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
+        assert server.port == grpc_port
+        assert await server.terminate() == 0
+    labels = {**GET_JOB, "grpc_code": "NOT_FOUND"}
+    assert sample(text, "grpc_server_handled_total", **labels) == 4

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Protocol
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import REGISTRY, Counter, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, start_http_server
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -101,9 +102,14 @@ class MetricsServer:
         self.thread.join()
 
 
-def serve_metrics(host: str, port: int) -> MetricsServer:
-    """Serves the default registry at http://host:port/metrics in a daemon thread."""
-    httpd, thread = start_http_server(port, addr=metrics_host(host))
+def serve_metrics(host: str, port: int, multiprocess_directory: str | None = None) -> MetricsServer:
+    """Serves the default registry at http://host:port/metrics in a daemon thread, or the sum
+    of the worker processes writing to `multiprocess_directory` (PROMETHEUS_MULTIPROC_DIR)."""
+    registry: Collector = REGISTRY
+    if multiprocess_directory is not None:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=multiprocess_directory)
+    httpd, thread = start_http_server(port, addr=metrics_host(host), registry=registry)
     server = MetricsServer(httpd, thread)
     log.info("metrics on http://%s:%d/metrics", host, server.port)
     return server
