@@ -22,9 +22,9 @@ class RetryPolicy:
     backoff. The suite's writes are safe to repeat: they roll back when they fail, and
     CreateJob and CreatePost are idempotent per request_id."""
 
-    max_attempts: int = 4
-    initial_backoff_seconds: float = 0.1
-    max_backoff_seconds: float = 2.0
+    max_attempts: int = 5
+    initial_backoff_seconds: float = 0.05
+    max_backoff_seconds: float = 0.5
     backoff_multiplier: float = 2.0
 
     def as_config(self) -> dict:
@@ -41,13 +41,21 @@ def service_config(
     grpc_service: str, deadline_seconds: float | None, retry: RetryPolicy | None
 ) -> str:
     """round_robin over every address the target resolves to (a headless Kubernetes service
-    gives one per replica), the default deadline and the retry policy for the service."""
+    gives one per replica), the default deadline and the retry policy for the service.
+
+    No client-side health checking (`healthCheckConfig`): its background Watch streams made
+    children forked by the calling process crash (seen with subprocess's `user=`)."""
     method: dict = {"name": [{"service": grpc_service}]}
     if deadline_seconds is not None:
         method["timeout"] = f"{deadline_seconds}s"
     if retry is not None:
         method["retryPolicy"] = retry.as_config()
-    return json.dumps({"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": [method]})
+    return json.dumps(
+        {
+            "loadBalancingConfig": [{"round_robin": {}}],
+            "methodConfig": [method],
+        }
+    )
 
 
 def suite_channel(

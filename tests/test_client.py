@@ -126,3 +126,36 @@ async def test_calls_act_for_the_profile_in_scope_unless_the_call_names_another(
                 jobs_pb2.GetJobRequest(job_id=job.job_id),
                 metadata=suite_client.profile_metadata(new_profile_id()),
             )
+
+
+async def _answer_ok(attempt: int, context) -> jobs_pb2.Job:
+    return jobs_pb2.Job(job_id="j-1")
+
+
+@asynccontextmanager
+async def two_replicas() -> AsyncIterator[tuple[str, list, list]]:
+    """Two fake replicas behind one target (as DNS gives a headless service's pods); yields
+    it and the attempts each replica saw."""
+    async with (
+        fake_get_job(_answer_ok) as (one, one_attempts),
+        fake_get_job(_answer_ok) as (two, two_attempts),
+    ):
+        yield f"ipv4:{one},{two}", one_attempts, two_attempts
+
+
+async def test_calls_are_spread_over_every_replica_of_the_target():
+    async with (
+        two_replicas() as (target, first, second),
+        suite_client.jobs_channel(target) as channel,
+    ):
+        stub = suite_client.JobServiceStub(channel)
+        for _ in range(100):  # round_robin takes a replica once it is connected
+            await stub.GetJob(
+                jobs_pb2.GetJobRequest(job_id="j-1"),
+                metadata=suite_client.profile_metadata("store-1"),
+                wait_for_ready=True,
+            )
+            if first and second:
+                break
+    assert first
+    assert second
