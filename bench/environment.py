@@ -151,6 +151,7 @@ async def start_suite(database_url: str, *, workers: int, noop: bool) -> AsyncIt
             GRPC_HOST="127.0.0.1",
             GRPC_PORT=str(jobs_port),
             GRPC_WORKERS=str(workers),
+            METRICS_PORT="0",
             MIGRATE_ON_START="false",
             DB_POOL_MAX_SIZE=str(POOL_SIZE),
         )

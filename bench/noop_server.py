@@ -1,13 +1,14 @@
-"""The gRPC ceiling: a no-op unary handler on grpc.aio, optionally behind the profile
-interceptor. `python -m bench.noop_server PORT [--interceptor]`."""
+"""The gRPC ceiling: a no-op unary handler on grpc.aio, optionally behind the interceptors
+every service runs. `python -m bench.noop_server PORT [--interceptor]`."""
 
 import argparse
 import asyncio
 
 import grpc
 
-from services.runtime.interceptors import ProfileInterceptor
+from services.runtime.interceptors.server import allow_any_caller
 from services.runtime.logs import configure_logging
+from services.runtime.server import server_interceptors
 
 METHOD = "/bench.Noop/Call"
 
@@ -17,7 +18,9 @@ async def _noop(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
 
 
 async def serve(port: int, interceptor: bool) -> None:
-    server = grpc.aio.server(interceptors=[ProfileInterceptor()] if interceptor else [])
+    server = grpc.aio.server(
+        interceptors=server_interceptors(allow_any_caller) if interceptor else []
+    )
     handler = grpc.unary_unary_rpc_method_handler(_noop)
     server.add_generic_rpc_handlers(
         [grpc.method_handlers_generic_handler("bench.Noop", {"Call": handler})]

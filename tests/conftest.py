@@ -24,6 +24,10 @@ import pytest
 from costs.v1 import costs_pb2, costs_pb2_grpc
 from google.protobuf import timestamp_pb2
 from jobs.v1 import jobs_pb2_grpc
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from publisher.v1 import publisher_pb2, publisher_pb2_grpc
 
 from services.costs.service import costs_definition
@@ -71,6 +75,16 @@ def _logging() -> None:
     configure_logging("INFO")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def span_exporter() -> InMemorySpanExporter:
+    """Tracing is on for every service the tests start; their spans end up here."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    return exporter
+
+
 def settings_for(database_url: str, **overrides: object) -> Settings:
     values: dict = {
         "database_url": database_url,
@@ -78,6 +92,7 @@ def settings_for(database_url: str, **overrides: object) -> Settings:
         "port": 0,
         "health_check_interval_seconds": 0.2,
         "shutdown_grace_seconds": 5.0,
+        "metrics_port": 0,
     }
     return Settings(**(values | overrides))
 
@@ -300,7 +315,12 @@ async def server_process(
         "-m",
         f"services.{service}",
         env=os.environ
-        | {"DATABASE_URL": database_url, "GRPC_HOST": "127.0.0.1", "GRPC_PORT": "0"}
+        | {
+            "DATABASE_URL": database_url,
+            "GRPC_HOST": "127.0.0.1",
+            "GRPC_PORT": "0",
+            "METRICS_PORT": "0",
+        }
         | env,
         stderr=asyncio.subprocess.PIPE,
         cwd=REPO,

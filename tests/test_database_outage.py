@@ -1,4 +1,5 @@
-"""When Postgres goes away: clear UNAVAILABLE, health NOT_SERVING, and recovery by itself."""
+"""When Postgres goes away: clear UNAVAILABLE, counted as a Postgres connection error, health
+NOT_SERVING, and recovery by itself."""
 
 import asyncio
 
@@ -10,6 +11,7 @@ from jobs.v1 import jobs_pb2, jobs_pb2_grpc
 
 from services.jobs.service import JOBS
 from tests.conftest import as_profile, new_profile_id, running, settings_for
+from tests.metrics_scrape import sample, scrape
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -39,12 +41,15 @@ async def test_outage_gives_unavailable_and_recovers_without_restart(disposable_
 
         await asyncio.to_thread(disposable_postgres.stop)
         await _health_becomes(updates, NOT_SERVING)
+        errors = {"service": "jobs", "kind": "connection"}
+        errors_before = sample(await scrape(service), "postgres_errors_total", **errors)
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await stub.GetJob(jobs_pb2.GetJobRequest(job_id=job.job_id), metadata=profile)
         assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "retry" in raised.value.details()
         alive = await health.Check(health_pb2.HealthCheckRequest(service=""))
         assert alive.status == SERVING  # liveness: not restarted for the database's outage
+        assert sample(await scrape(service), "postgres_errors_total", **errors) == errors_before + 1
 
         await asyncio.to_thread(disposable_postgres.start)
         await _health_becomes(updates, SERVING)

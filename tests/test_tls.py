@@ -166,4 +166,4 @@ async def test_publisher_calls_jobs_over_mutual_tls(database_url, pki, jobs_serv
                 )
     # NOT_FOUND comes from the Jobs service itself: the TLS handshake went through.
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND, raised.value.details()
-    assert "the Jobs service answered NOT_FOUND" in raised.value.details()
+    assert "JobService/GetJob answered NOT_FOUND" in raised.value.details()

@@ -26,6 +26,7 @@ from tenacity import (
 )
 from tenacity.wait import wait_random_exponential
 
+from services.publisher.metrics import POSTIZ_REQUESTS
 from services.publisher.model import (
     CreatedPost,
     Integration,
@@ -208,18 +209,29 @@ class PostizClient:
     ) -> httpx.Response:
         url = account.base_url.rstrip("/") + path
         headers = {"Authorization": account.api_key, **kwargs.pop("headers", {})}
+        outcome = "error"
         try:
             response = await self._http.request(method, url, headers=headers, **kwargs)
+            outcome = str(response.status_code)
+        except asyncio.CancelledError:
+            # The caller gave up, or POST /posts ran out of its total time.
+            outcome = "cancelled"
+            raise
         except (httpx.ConnectError, httpx.ConnectTimeout) as error:
+            outcome = "unreachable"
             raise PostizUnreachable(
                 f"cannot reach Postiz at {account.base_url}: {type(error).__name__}"
             ) from None
         except httpx.TimeoutException:
+            outcome = "timeout"
             raise Unavailable(f"Postiz at {account.base_url} did not answer in time") from None
         except httpx.TransportError as error:
+            outcome = "error"
             raise Unavailable(
                 f"Postiz at {account.base_url} failed: {type(error).__name__}"
             ) from None
+        finally:
+            POSTIZ_REQUESTS.labels(method, "/" + path.split("/")[1], outcome).inc()
         raise_for_postiz_status(response)
         return response
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from services.publisher.api_key_cipher import ApiKeyCipher, api_key_fingerprint
 from services.publisher.jobs_client import JobsClient
+from services.publisher.metrics import RATE_LIMIT_REFUSALS
 from services.publisher.model import (
     MISSING_CREDENTIALS,
     CreatedPost,
@@ -181,6 +182,7 @@ class Publisher:
             )
             raise
         except PostizRateLimited as error:
+            RATE_LIMIT_REFUSALS.labels("postiz_429").inc()
             await self._store.finish_attempt(
                 request_id,
                 attempt,

@@ -7,6 +7,7 @@ from pathlib import Path
 import grpc
 from publisher.v1 import publisher_pb2_grpc
 
+import suite_client
 from services.publisher.api_key_cipher import ApiKeyCipher
 from services.publisher.jobs_client import JobsClient
 from services.publisher.postiz import PostizClient
@@ -14,7 +15,7 @@ from services.publisher.publishing import Publisher
 from services.publisher.servicer import PublisherServicer
 from services.publisher.settings import PublisherSettings
 from services.publisher.store import PostingPolicy, PublisherStore
-from services.runtime.channels import service_channel
+from services.runtime.channels import channel_credentials
 from services.runtime.database import TenantScopedPool
 from services.runtime.server import ServiceDefinition
 from services.runtime.settings import Settings
@@ -37,7 +38,9 @@ def publisher_definition(config: PublisherSettings | None = None) -> ServiceDefi
             get_attempts=own.postiz_get_attempts,
             retry_base_seconds=own.postiz_retry_base_seconds,
         )
-        jobs = JobsClient(service_channel(own.jobs_target, settings))
+        jobs = JobsClient(
+            suite_client.jobs_channel(own.jobs_target, tls=channel_credentials(settings) or False)
+        )
         policy = PostingPolicy(
             posts_per_hour=own.posts_per_hour,
             in_flight_seconds=own.postiz_timeout_seconds + IN_FLIGHT_MARGIN_SECONDS,

@@ -7,6 +7,7 @@ from typing import Any
 
 import asyncpg
 
+from services.publisher.metrics import RATE_LIMIT_REFUSALS
 from services.publisher.model import (
     CreatedPost,
     Publication,
@@ -305,6 +306,7 @@ class PublisherStore:
     ) -> None:
         if rate_limited_until is not None and rate_limited_until > now:
             wait = (rate_limited_until - now).total_seconds()
+            RATE_LIMIT_REFUSALS.labels("postiz_wait").inc()
             raise ResourceExhausted(
                 f"Postiz asked this profile to wait before posting again; retry in {wait:.0f}s",
                 wait,
@@ -319,6 +321,7 @@ class PublisherStore:
         )
         if used >= policy.posts_per_hour:
             wait = (oldest + _HOUR - now).total_seconds()
+            RATE_LIMIT_REFUSALS.labels("posts_per_hour").inc()
             raise ResourceExhausted(
                 f"this profile's Postiz budget of {policy.posts_per_hour} posts an hour is "
                 f"spent; retry in {wait:.0f}s",

@@ -7,6 +7,7 @@ The one exception is an operator's cross-profile read: a READ ONLY transaction t
 `app.operator`, which a service's SELECT-only policy honours.
 """
 
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -16,6 +17,8 @@ import asyncpg
 
 from services.runtime.call_context import current_caller, require_profile_id
 from services.runtime.errors import PermissionDenied, Unavailable
+from services.runtime.metrics import POSTGRES_ERRORS
+from services.runtime.tracing import tracing_enabled, transaction_span
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +73,13 @@ async def create_pool(
 class TenantScopedPool:
     """Hands out connections inside a transaction scoped to the current call's profile."""
 
-    def __init__(self, pool: asyncpg.Pool, role: str) -> None:
+    def __init__(self, pool: asyncpg.Pool, role: str, service: str | None = None) -> None:
         self.pool = pool
         self.role = role
+        self.service = service or role  # the `service` label of its metrics
         self._role_literal = _literal(role)
+        self._waiting = 0
+        self._traced = tracing_enabled()
 
     @asynccontextmanager
     async def transaction(self, *, readonly: bool = False) -> AsyncIterator[asyncpg.Connection]:
@@ -109,23 +115,51 @@ class TenantScopedPool:
     @asynccontextmanager
     async def _scoped(self, begin: str) -> AsyncIterator[asyncpg.Connection]:
         """Runs `begin`, then commits, or rolls back on any error or cancellation."""
-        try:
-            async with self.pool.acquire() as connection:
-                await connection.execute(begin)
+        span = (
+            transaction_span(self.service, begin.startswith("BEGIN READ ONLY"))
+            if self._traced
+            else contextlib.nullcontext()
+        )
+        with span:
+            try:
+                self._waiting += 1
                 try:
-                    yield connection
-                except BaseException:
-                    if not connection.is_closed():
-                        try:
-                            await connection.execute("ROLLBACK")
-                        except Exception:
-                            # Its state is unknown: it must never serve another call.
-                            connection.terminate()
-                    raise
-                await connection.execute("COMMIT")
-        except CONNECTION_ERRORS as error:
-            log.warning("database unavailable: %s", error)
-            raise Unavailable("the database is unavailable; retry shortly") from error
+                    connection = await self.pool.acquire()
+                finally:
+                    self._waiting -= 1
+                try:
+                    await connection.execute(begin)
+                    try:
+                        yield connection
+                    except BaseException:
+                        if not connection.is_closed():
+                            try:
+                                await connection.execute("ROLLBACK")
+                            except Exception:
+                                # Its state is unknown: it must never serve another call.
+                                connection.terminate()
+                        raise
+                    await connection.execute("COMMIT")
+                finally:
+                    await self.pool.release(connection)
+            except CONNECTION_ERRORS as error:
+                POSTGRES_ERRORS.labels(self.service, "connection").inc()
+                log.warning("database unavailable: %s", error)
+                raise Unavailable("the database is unavailable; retry shortly") from error
+            except asyncpg.PostgresError:
+                POSTGRES_ERRORS.labels(self.service, "query").inc()
+                raise
+
+    def usage(self) -> dict[str, int]:
+        """Connections by state, for the pool gauges."""
+        size = self.pool.get_size()
+        idle = self.pool.get_idle_size()
+        return {
+            "in_use": size - idle,
+            "idle": idle,
+            "max": self.pool.get_max_size(),
+            "waiting": self._waiting,
+        }
 
     async def is_reachable(self) -> bool:
         """True when a connection answers a trivial query."""

@@ -40,7 +40,10 @@ The suite is up. Try it with grpcurl (installed in .venv/bin):
       -d '{{"request_id": "tts-1", "model_id": "eleven_flash_v2_5", "characters": 1200}}' \\
       localhost:50052 costs.v1.CostService/RecordElevenLabsTTS
   .venv/bin/grpcurl -plaintext localhost:50053 describe publisher.v1.PublisherService
+  .venv/bin/suitectl health
+  .venv/bin/suitectl jobs list --profile store-1
 
+Metrics: http://localhost:9091/metrics (Jobs), http://localhost:9093/metrics (Publisher)
 Database: {database}
 Press Ctrl-C to stop.
 """

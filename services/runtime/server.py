@@ -27,10 +27,17 @@ from grpc_reflection.v1alpha import reflection
 
 from services.runtime.auth import authorizer_for
 from services.runtime.database import CONNECTION_ERRORS, TenantScopedPool, create_pool
+from services.runtime.interceptors.metrics import MetricsInterceptor
 from services.runtime.interceptors.server import Authorizer, ProfileInterceptor
 from services.runtime.logs import configure_logging
+from services.runtime.metrics import POOLS, MetricsServer, serve_metrics
 from services.runtime.migrations import apply_migrations
 from services.runtime.settings import Settings
+from services.runtime.tracing import (
+    configure_tracing,
+    inner_server_interceptors,
+    outer_server_interceptors,
+)
 from services.runtime.workers import run_workers
 
 log = logging.getLogger(__name__)
@@ -64,6 +71,23 @@ class ServiceDefinition:
     @property
     def cross_profile_methods(self) -> frozenset[str]:
         return frozenset(f"/{self.grpc_service}/{name}" for name in self.cross_profile_reads)
+
+    @property
+    def default_metrics_port(self) -> int:
+        """9091, 9092, 9093 for gRPC ports 50051, 50052, 50053: one machine runs them all."""
+        return self.default_port - 50051 + 9091
+
+
+def server_interceptors(
+    authorize: Authorizer, cross_profile_methods: frozenset[str] = frozenset()
+) -> list[grpc.aio.ServerInterceptor]:
+    """Outermost first: metrics and traces see every call, refused ones included."""
+    return [
+        MetricsInterceptor(),
+        *outer_server_interceptors(),
+        ProfileInterceptor(authorize, cross_profile_methods),
+        *inner_server_interceptors(),
+    ]
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -135,6 +159,7 @@ class RunningService:
         health_servicer: health.aio.HealthServicer,
         resources: AsyncExitStack,
         port: int,
+        metrics: MetricsServer | None = None,
     ) -> None:
         self.definition = definition
         self.settings = settings
@@ -142,6 +167,7 @@ class RunningService:
         self.pool = pool
         self.health = health_servicer
         self.port = port
+        self.metrics = metrics
         self._resources = resources
         self._monitor = asyncio.create_task(self._watch_database())
 
@@ -184,7 +210,10 @@ class RunningService:
         # Long-lived streams (WatchJob) end here instead of holding the whole grace period.
         await self._resources.aclose()
         await stopping
+        POOLS.remove(self.pool)
         await self.pool.close()
+        if self.metrics is not None:
+            self.metrics.stop()
         log.info("%s stopped", self.definition.name)
 
 
@@ -200,13 +229,11 @@ async def start_service(
     if settings.migrate_on_start:
         async with raw_pool.acquire() as connection:
             await migrate(definition, connection)
-    pool = TenantScopedPool(raw_pool, definition.database_role)
+    pool = TenantScopedPool(raw_pool, definition.database_role, service=definition.name)
     server = grpc.aio.server(
-        interceptors=[
-            ProfileInterceptor(
-                authorize or authorizer_for(settings), definition.cross_profile_methods
-            )
-        ],
+        interceptors=server_interceptors(
+            authorize or authorizer_for(settings), definition.cross_profile_methods
+        ),
         options=server_options(settings),
     )
     health_servicer = health.aio.HealthServicer()
@@ -222,6 +249,10 @@ async def start_service(
         port = server.add_insecure_port(address)
     else:
         port = server.add_secure_port(address, credentials)
+    POOLS.add(definition.name, pool)
+    metrics = None
+    if settings.metrics_port is not None:
+        metrics = serve_metrics(settings.host, settings.metrics_port)
     await server.start()
     log.info(
         "%s serving %s on %s:%d (auth %s%s)",
@@ -232,7 +263,9 @@ async def start_service(
         settings.auth_mode,
         ", mutual TLS" if settings.tls_client_ca else ", TLS" if settings.tls_cert else "",
     )
-    return RunningService(definition, settings, server, pool, health_servicer, resources, port)
+    return RunningService(
+        definition, settings, server, pool, health_servicer, resources, port, metrics
+    )
 
 
 async def serve(definition: ServiceDefinition, settings: Settings) -> None:
@@ -278,8 +311,9 @@ def main_for(definition: ServiceDefinition) -> None:
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    configure_logging()
-    settings = Settings.from_environment(definition.default_port)
+    configure_logging(service=definition.name)
+    configure_tracing(definition.name)
+    settings = Settings.from_environment(definition.default_port, definition.default_metrics_port)
     if args.workers is not None:
         settings = dataclasses.replace(settings, workers=args.workers)
     if args.command == "migrate":

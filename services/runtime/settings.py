@@ -27,6 +27,16 @@ def env_bool(name: str, default: bool) -> bool:
     return default if raw == "" else raw in ("1", "true", "yes", "on")
 
 
+def env_port_or_off(name: str, default: int | None) -> int | None:
+    """A port; unset gives the default, empty or `off` gives None (switched off)."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    if raw.strip().lower() in ("", "off"):
+        return None
+    return env_int(name, 0)
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str
@@ -68,8 +78,12 @@ class Settings:
         if self.tls_client_ca and not self.tls_cert:
             raise SystemExit("GRPC_TLS_CLIENT_CA needs GRPC_TLS_CERT and GRPC_TLS_KEY")
 
+    metrics_port: int | None = None  # None: no /metrics endpoint; 0: any free port
+
     @classmethod
-    def from_environment(cls, default_port: int) -> "Settings":
+    def from_environment(
+        cls, default_port: int, default_metrics_port: int | None = None
+    ) -> "Settings":
         database_url = os.environ.get("DATABASE_URL", "")
         if not database_url:
             raise SystemExit("DATABASE_URL is required (make run sets it for you)")
@@ -100,4 +114,5 @@ class Settings:
             tls_key=os.environ.get("GRPC_TLS_KEY", ""),
             tls_client_ca=os.environ.get("GRPC_TLS_CLIENT_CA", ""),
             tls_server_ca=os.environ.get("GRPC_TLS_SERVER_CA", ""),
+            metrics_port=env_port_or_off("METRICS_PORT", default_metrics_port),
         )

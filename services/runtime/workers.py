@@ -10,7 +10,9 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 
+from services.runtime.metrics import serve_metrics
 from services.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -19,7 +21,14 @@ log = logging.getLogger(__name__)
 async def run_workers(service: str, settings: Settings) -> int:
     if settings.port == 0:
         raise SystemExit("GRPC_WORKERS > 1 needs a fixed GRPC_PORT: workers must share one port")
-    environment = os.environ | {"GRPC_WORKERS": str(settings.workers)}
+    # The supervisor serves /metrics, adding up what the workers write to a shared directory
+    # (prometheus_client's multiprocess mode).
+    metrics_directory = tempfile.TemporaryDirectory(prefix=f"{service}-metrics-")
+    environment = os.environ | {
+        "GRPC_WORKERS": str(settings.workers),
+        "METRICS_PORT": "off",
+        "PROMETHEUS_MULTIPROC_DIR": metrics_directory.name,
+    }
     workers = [
         await asyncio.create_subprocess_exec(
             sys.executable, "-m", f"services.{service}", "serve", "--worker", env=environment
@@ -27,6 +36,9 @@ async def run_workers(service: str, settings: Settings) -> int:
         for _ in range(settings.workers)
     ]
     log.info("%s: %d workers on port %d", service, len(workers), settings.port)
+    metrics = None
+    if settings.metrics_port is not None:
+        metrics = serve_metrics(settings.host, settings.metrics_port, metrics_directory.name)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -40,6 +52,9 @@ async def run_workers(service: str, settings: Settings) -> int:
             worker.send_signal(signal.SIGTERM)
     codes = await asyncio.gather(*exits)
     stop_requested.cancel()
+    if metrics is not None:
+        metrics.stop()
+    metrics_directory.cleanup()
     if died_alone:
         log.error("a worker exited unexpectedly (codes %s); stopping the others", codes)
         return 1

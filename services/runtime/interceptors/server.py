@@ -170,11 +170,17 @@ class _CallPipeline:
         """One line per RPC: method, status, duration and the proved caller; never a body."""
         elapsed_ms = (time.perf_counter() - started) * 1000
         caller = current_caller()
+        fields = {"method": self.method, "status": code.name, "duration_ms": round(elapsed_ms, 2)}
         if caller is None:
-            access_log.info("%s %s %.1fms", self.method, code.name, elapsed_ms)
+            access_log.info("%s %s %.1fms", self.method, code.name, elapsed_ms, extra=fields)
         else:
             access_log.info(
-                "%s %s %.1fms caller=%s", self.method, code.name, elapsed_ms, caller.subject
+                "%s %s %.1fms caller=%s",
+                self.method,
+                code.name,
+                elapsed_ms,
+                caller.subject,
+                extra=fields | {"caller": caller.subject},
             )
 
 

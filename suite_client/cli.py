@@ -1,0 +1,252 @@
+"""`suitectl`: what operators of the suite do by hand, in one command.
+
+Built on suite_client: the same channels, retries, deadlines and errors as any caller.
+"""
+
+import argparse
+import asyncio
+import getpass
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import suite_client
+from services.runtime import errors
+from services.runtime.call_context import PROFILE_ID_RULE, validate_profile_id
+from services.runtime.logs import configure_logging
+from suite_client import jobs_pb2, publisher_pb2
+
+EXIT_FAILED = 1
+HEALTH_TIMEOUT_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class ServiceTarget:
+    name: str
+    grpc_service: str
+    environment: str  # the variable naming its target
+    default_target: str
+
+
+# Costs joins this list (and `migrate`'s) once its service is part of the suite.
+SERVICES = [
+    ServiceTarget("jobs", suite_client.JOBS_SERVICE, "JOBS_TARGET", "localhost:50051"),
+    ServiceTarget(
+        "publisher", suite_client.PUBLISHER_SERVICE, "PUBLISHER_TARGET", "localhost:50053"
+    ),
+]
+SERVICE_BY_NAME = {service.name: service for service in SERVICES}
+
+
+class CommandFailed(Exception):
+    """Ends the command with a message on stderr and exit status 1."""
+
+
+def _channel(args: argparse.Namespace, service: ServiceTarget) -> grpc.aio.Channel:
+    return suite_client.suite_channel(
+        getattr(args, f"{service.name}_target"),
+        service.grpc_service,
+        tls=args.tls,
+        deadline_seconds=args.timeout,
+    )
+
+
+async def _migrate(args: argparse.Namespace) -> None:
+    # Server code, imported only here: the other commands need nothing but the client.
+    from services.jobs.service import JOBS
+    from services.publisher.service import PUBLISHER
+    from services.runtime.server import migrate_only
+    from services.runtime.settings import Settings
+
+    for definition in (JOBS, PUBLISHER):
+        await migrate_only(definition, Settings.from_environment(definition.default_port))
+        print(f"{definition.name}: migrations applied")
+
+
+async def _health(args: argparse.Namespace) -> None:
+    async def check(service: ServiceTarget) -> tuple[ServiceTarget, str]:
+        async with _channel(args, service) as channel:
+            try:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=service.grpc_service),
+                    timeout=min(args.timeout, HEALTH_TIMEOUT_SECONDS),
+                )
+            except suite_client.SuiteError as error:
+                return service, f"UNREACHABLE ({error.code.name}: {error.details})"
+        return service, health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    services = [SERVICE_BY_NAME[name] for name in args.services] or SERVICES
+    results = await asyncio.gather(*(check(service) for service in services))
+    for service, status in results:
+        print(f"{service.name:<10} {getattr(args, f'{service.name}_target'):<28} {status}")
+    if any(status != "SERVING" for _, status in results):
+        raise CommandFailed("not every service is serving")
+
+
+def _read_api_key() -> str:
+    """From stdin, so that the key is never in argv or the shell's history."""
+    if sys.stdin.isatty():
+        key = getpass.getpass("Postiz API key (not echoed): ")
+    else:
+        key = sys.stdin.readline()
+    key = key.strip()
+    if not key:
+        raise CommandFailed("no API key on stdin; pipe it in or type it when asked")
+    return key
+
+
+async def _postiz_set_credentials(args: argparse.Namespace) -> None:
+    request = publisher_pb2.SetPostizCredentialsRequest(
+        base_url=args.base_url, api_key=_read_api_key()
+    )
+    async with _channel(args, SERVICE_BY_NAME["publisher"]) as channel:
+        with suite_client.profile_scope(args.profile):
+            stored = await suite_client.PublisherServiceStub(channel).SetPostizCredentials(request)
+    print(f"profile {args.profile}: Postiz key {stored.api_key_fingerprint} for {stored.base_url}")
+
+
+async def _jobs_list(args: argparse.Namespace) -> None:
+    request = jobs_pb2.ListJobsRequest(
+        page_size=min(args.limit, 500),
+        statuses=[jobs_pb2.JobStatus.Value(status) for status in args.status],
+        kind=args.kind,
+    )
+    jobs: list[jobs_pb2.Job] = []
+    async with _channel(args, SERVICE_BY_NAME["jobs"]) as channel:
+        stub = suite_client.JobServiceStub(channel)
+        with suite_client.profile_scope(args.profile):
+            while len(jobs) < args.limit:
+                page = await stub.ListJobs(request)
+                jobs.extend(page.jobs)
+                if not page.next_page_token:
+                    break
+                request.page_token = page.next_page_token
+    for job in jobs[: args.limit]:
+        if args.json:
+            print(json.dumps(json_format.MessageToDict(job)))
+        else:
+            print(
+                f"{job.job_id}  {jobs_pb2.JobStatus.Name(job.status):<10} {job.progress:>3}%  "
+                f"{job.update_time.ToDatetime():%Y-%m-%d %H:%M:%S}  {job.kind}"
+            )
+
+
+def _profile_id(value: str) -> str:
+    try:
+        return validate_profile_id(value)
+    except errors.InvalidArgument:
+        raise argparse.ArgumentTypeError(f"a profile id is {PROFILE_ID_RULE}") from None
+
+
+def _service_name(value: str) -> str:
+    if value not in SERVICE_BY_NAME:
+        raise argparse.ArgumentTypeError(f"one of {', '.join(SERVICE_BY_NAME)}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="suitectl",
+        description="Operate the video pipeline suite: migrations, health, Postiz credentials, "
+        "jobs.",
+        epilog="Targets come from JOBS_TARGET and PUBLISHER_TARGET unless given; the database "
+        "from DATABASE_URL.",
+    )
+    for service in SERVICES:
+        parser.add_argument(
+            f"--{service.name}-target",
+            default=os.environ.get(service.environment, service.default_target),
+            metavar="HOST:PORT",
+            help=f"the {service.name} service (default ${service.environment} or "
+            f"{service.default_target})",
+        )
+    parser.add_argument("--tls", action="store_true", help="connect with TLS (system roots)")
+    parser.add_argument(
+        "--timeout", type=float, default=30.0, metavar="SECONDS", help="deadline of each call"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    migrate = commands.add_parser(
+        "migrate",
+        help="apply every service's database migrations (DATABASE_URL) and exit",
+        description="Apply the pending migrations of every service to DATABASE_URL, each "
+        "under its advisory lock; safe to run while services are up.",
+    )
+    migrate.set_defaults(run=_migrate)
+
+    health = commands.add_parser(
+        "health",
+        help="check that every service is serving",
+        description="Ask each service's gRPC health endpoint; exit 1 unless all are SERVING.",
+    )
+    health.add_argument(
+        "services",
+        nargs="*",
+        type=_service_name,
+        metavar="SERVICE",
+        help=f"only these ({', '.join(SERVICE_BY_NAME)}; default all)",
+    )
+    health.set_defaults(run=_health)
+
+    postiz = commands.add_parser("postiz", help="a profile's Postiz connection")
+    postiz_commands = postiz.add_subparsers(dest="postiz_command", required=True, metavar="ACTION")
+    credentials = postiz_commands.add_parser(
+        "set-credentials",
+        help="set a profile's Postiz API key, read from stdin",
+        description="Set the Postiz base URL and API key of a profile. The key is read from\n"
+        "stdin (typed without echo on a terminal), never from the command line, so it\n"
+        "stays out of shell history and process lists. Postiz checks it before it is stored.",
+        epilog="example:\n  pass show postiz/store-1 | suitectl postiz set-credentials \\\n"
+        "      --profile store-1 --base-url https://api.postiz.com/public/v1",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    credentials.add_argument("--profile", required=True, type=_profile_id, help="profile id")
+    credentials.add_argument(
+        "--base-url",
+        required=True,
+        help="the Postiz public API root, e.g. https://api.postiz.com/public/v1",
+    )
+    credentials.set_defaults(run=_postiz_set_credentials)
+
+    jobs = commands.add_parser("jobs", help="a profile's jobs")
+    jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
+    listing = jobs_commands.add_parser(
+        "list",
+        help="list a profile's jobs, newest first",
+        description="List a profile's jobs, newest first: id, status, progress, last change, kind.",
+    )
+    listing.add_argument("--profile", required=True, type=_profile_id, help="profile id")
+    listing.add_argument(
+        "--status",
+        action="append",
+        default=[],
+        choices=[name for name, number in jobs_pb2.JobStatus.items() if number],
+        help="only jobs in this state (repeatable)",
+    )
+    listing.add_argument("--kind", default="", help="only jobs of this kind")
+    listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    listing.add_argument("--json", action="store_true", help="one JSON object per job")
+    listing.set_defaults(run=_jobs_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(os.environ.get("LOG_LEVEL", "WARNING"))
+    command: Callable[[argparse.Namespace], Awaitable[None]] = args.run
+    try:
+        asyncio.run(command(args))
+    except (CommandFailed, suite_client.SuiteError) as error:
+        print(f"suitectl: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""`suitectl`, run as operators run it (the installed command) against the started suite."""
+
+import asyncio
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from jobs.v1 import jobs_pb2
+from publisher.v1 import publisher_pb2
+
+from tests.conftest import as_profile, new_profile_id
+from tests.fake_postiz import api_root
+
+SUITECTL = Path(sys.executable).parent / "suitectl"
+
+
+@dataclass
+class Outcome:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+async def suitectl(*args: str, stdin: str = "", **env: str) -> Outcome:
+    process = await asyncio.create_subprocess_exec(
+        SUITECTL,
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=os.environ | env,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(stdin.encode()), 60)
+    assert process.returncode is not None
+    return Outcome(process.returncode, stdout.decode(), stderr.decode())
+
+
+@pytest.fixture
+def targets(jobs_service, publisher_service) -> list[str]:
+    return [
+        f"--jobs-target=127.0.0.1:{jobs_service.port}",
+        f"--publisher-target=127.0.0.1:{publisher_service.port}",
+    ]
+
+
+async def test_help_names_every_command():
+    outcome = await suitectl("--help")
+    assert outcome.exit_code == 0
+    for command in ("migrate", "health", "postiz", "jobs"):
+        assert command in outcome.stdout
+
+
+async def test_health_reports_every_service_serving(targets):
+    outcome = await suitectl(*targets, "health")
+    assert outcome.exit_code == 0, outcome.stderr
+    lines = outcome.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["jobs", "publisher"]
+    assert all(line.endswith("SERVING") for line in lines)
+
+
+async def test_health_fails_when_a_service_cannot_be_reached(targets):
+    outcome = await suitectl(*targets, "--jobs-target=127.0.0.1:1", "health")
+    assert outcome.exit_code == 1
+    assert "UNREACHABLE" in outcome.stdout
+    assert "not every service is serving" in outcome.stderr
+
+
+async def test_jobs_list_shows_the_profiles_jobs_and_no_others(targets, jobs_stub):
+    profile_id = new_profile_id()
+    mine = [
+        await jobs_stub.CreateJob(
+            jobs_pb2.CreateJobRequest(job=jobs_pb2.Job(kind=f"render-{n}")),
+            metadata=as_profile(profile_id),
+        )
+        for n in range(2)
+    ]
+    other = await jobs_stub.CreateJob(
+        jobs_pb2.CreateJobRequest(job=jobs_pb2.Job(kind="other")),
+        metadata=as_profile(new_profile_id()),
+    )
+    outcome = await suitectl(*targets, "jobs", "list", "--profile", profile_id)
+    assert outcome.exit_code == 0, outcome.stderr
+    assert [line.split()[0] for line in outcome.stdout.splitlines()] == [
+        job.job_id for job in reversed(mine)
+    ]
+    assert other.job_id not in outcome.stdout
+
+
+async def test_jobs_list_as_json_gives_one_parsable_job_per_line(targets, jobs_stub):
+    profile_id = new_profile_id()
+    job = await jobs_stub.CreateJob(
+        jobs_pb2.CreateJobRequest(job=jobs_pb2.Job(kind="render")),
+        metadata=as_profile(profile_id),
+    )
+    outcome = await suitectl(*targets, "jobs", "list", "--profile", profile_id, "--json")
+    assert [json.loads(line)["jobId"] for line in outcome.stdout.splitlines()] == [job.job_id]
+
+
+async def test_postiz_set_credentials_reads_the_key_from_stdin(
+    targets, publisher_stub, fake_postiz
+):
+    organization = fake_postiz.add_organization()
+    profile_id = new_profile_id()
+    outcome = await suitectl(
+        *targets,
+        "postiz",
+        "set-credentials",
+        "--profile",
+        profile_id,
+        "--base-url",
+        api_root(fake_postiz),
+        stdin=organization.api_key + "\n",
+    )
+    assert outcome.exit_code == 0, outcome.stderr
+    assert organization.api_key not in outcome.stdout + outcome.stderr
+    stored = await publisher_stub.GetPostizCredentials(
+        publisher_pb2.GetPostizCredentialsRequest(), metadata=as_profile(profile_id)
+    )
+    assert stored.base_url == api_root(fake_postiz)
+    assert stored.api_key_fingerprint in outcome.stdout
+
+
+async def test_postiz_set_credentials_without_a_key_on_stdin_fails(targets, fake_postiz):
+    outcome = await suitectl(
+        *targets,
+        "postiz",
+        "set-credentials",
+        "--profile",
+        new_profile_id(),
+        "--base-url",
+        api_root(fake_postiz),
+    )
+    assert outcome.exit_code == 1
+    assert "no API key on stdin" in outcome.stderr
+
+
+async def test_a_refused_call_ends_with_the_services_answer(targets, fake_postiz):
+    outcome = await suitectl(
+        *targets,
+        "postiz",
+        "set-credentials",
+        "--profile",
+        new_profile_id(),
+        "--base-url",
+        api_root(fake_postiz),
+        stdin="not-a-key-postiz-knows\n",
+    )
+    assert outcome.exit_code == 1
+    assert "SetPostizCredentials answered FAILED_PRECONDITION" in outcome.stderr
+
+
+async def test_migrate_applies_every_services_migrations(database_url):
+    outcome = await suitectl("migrate", DATABASE_URL=database_url)
+    assert outcome.exit_code == 0, outcome.stderr
+    assert outcome.stdout.splitlines() == [
+        "jobs: migrations applied",
+        "publisher: migrations applied",
+    ]
