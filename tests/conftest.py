@@ -346,7 +346,11 @@ async def server_process(
         yield server
     finally:
         if process.returncode is None:
-            process.kill()
+            process.terminate()  # a graceful stop, which also writes out buffered log lines
+            try:
+                await asyncio.wait_for(process.wait(), 15)
+            except TimeoutError:
+                process.kill()
         await process.wait()
         await collector
 

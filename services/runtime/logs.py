@@ -4,11 +4,19 @@
 `LOG_FORMAT=json` writes one JSON object per line instead, for log pipelines: time, level,
 service, logger, profile_id, trace_id and message always; method, status and duration_ms on
 access lines; error with the traceback when there is one.
+
+Lines reach stderr through a buffer flushed four times a second, and at once for warnings
+and errors: a write per line hands the GIL to gRPC's poller thread every time, which cost
+more than all the rest of the access line.
 """
 
+import atexit
+import io
 import json
 import logging
 import os
+import sys
+import threading
 from datetime import UTC, datetime
 
 from opentelemetry import trace
@@ -16,6 +24,7 @@ from opentelemetry import trace
 from services.runtime.call_context import current_profile_id
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(profile_prefix)s%(message)s"
+FLUSH_INTERVAL_SECONDS = 0.25
 
 # Fields a log call may pass with `extra` that JSON lines carry as they are.
 ACCESS_FIELDS = ("method", "status", "duration_ms")
@@ -64,19 +73,53 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+class BufferedStderrHandler(logging.StreamHandler):
+    """Writes to stderr through a buffer that a daemon thread flushes periodically; records
+    of WARNING and above are flushed at once."""
+
+    def __init__(self) -> None:
+        stream = io.TextIOWrapper(
+            io.FileIO(sys.stderr.fileno(), "w", closefd=False),
+            encoding="utf-8",
+            errors="backslashreplace",
+        )
+        super().__init__(stream)
+        self._stopped = threading.Event()
+        threading.Thread(target=self._flush_periodically, daemon=True, name="log-flush").start()
+        atexit.register(self.close)
+
+    def _flush_periodically(self) -> None:
+        while not self._stopped.wait(FLUSH_INTERVAL_SECONDS):
+            self.flush()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.stream.write(self.format(record) + self.terminator)
+            if record.levelno >= logging.WARNING:
+                self.flush()
+        except Exception:
+            self.handleError(record)
+
+    def close(self) -> None:
+        self._stopped.set()
+        self.flush()
+        super().close()
+
+
 def configure_logging(level: str | None = None, service: str | None = None) -> None:
-    """Installs the profile-aware record factory and one stderr handler, readable lines or
-    JSON (`LOG_FORMAT=json`).
+    """Installs the profile-aware record factory and one buffered stderr handler, readable
+    lines or JSON (`LOG_FORMAT=json`).
 
     The profile is captured when a record is made, so it is right even for handlers that
     format later or in another thread.
     """
     logging.setLogRecordFactory(_record_with_profile)
-    logging.basicConfig(
-        level=(level or os.environ.get("LOG_LEVEL", "INFO")).upper(),
-        format=LOG_FORMAT,
-        force=True,
-    )
-    if os.environ.get("LOG_FORMAT", "").strip().lower() == "json":
-        for handler in logging.getLogger().handlers:
-            handler.setFormatter(JsonFormatter(service))
+    handler = BufferedStderrHandler()
+    json_lines = os.environ.get("LOG_FORMAT", "").strip().lower() == "json"
+    handler.setFormatter(JsonFormatter(service) if json_lines else logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    for old in root.handlers[:]:
+        root.removeHandler(old)
+        old.close()
+    root.addHandler(handler)
+    root.setLevel((level or os.environ.get("LOG_LEVEL", "INFO")).upper())
