@@ -11,6 +11,7 @@ more than all the rest of the access line.
 """
 
 import atexit
+import contextlib
 import io
 import json
 import logging
@@ -99,6 +100,12 @@ class BufferedStderrHandler(logging.StreamHandler):
                 self.flush()
         except Exception:
             self.handleError(record)
+
+    def flush(self) -> None:
+        # stderr may be gone by the time atexit or the flusher gets here (a test runner that
+        # redirected it has closed it): the lines are lost either way, the process must not be.
+        with contextlib.suppress(OSError, ValueError):
+            super().flush()
 
     def close(self) -> None:
         self._stopped.set()

@@ -9,7 +9,6 @@ When it is not, none of this is on the call path.
 
 import inspect
 import os
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -19,7 +18,7 @@ from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_serv
 from opentelemetry.instrumentation.grpc.filters import any_of, health_check, negate, service_prefix
 
 from services.runtime.call_context import current_profile_id
-from services.runtime.interceptors.handlers import behavior_of, with_behavior
+from services.runtime.interceptors.handlers import WrappingInterceptor, behavior_of, with_behavior
 
 PROFILE_ATTRIBUTE = "app.profile_id"  # the name the tenant scoping gives it in Postgres
 
@@ -85,25 +84,9 @@ def _name_profile_on_span() -> None:
         trace.get_current_span().set_attribute(PROFILE_ATTRIBUTE, profile_id)
 
 
-class _ProfileSpanInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self) -> None:
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        if handler is None:
-            return handler
-        wrapped = _naming_profile(handler)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+class _ProfileSpanInterceptor(WrappingInterceptor):
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        return _naming_profile(handler)
 
 
 def _naming_profile(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:

@@ -1,5 +1,7 @@
-"""Rebuilding a gRPC method handler around a new behavior, keeping its call type."""
+"""Rebuilding a gRPC method handler around a new behavior, keeping its call type, and the
+interceptor base that does so once per method."""
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -28,3 +30,32 @@ def with_behavior(handler: grpc.RpcMethodHandler, behavior: Any) -> grpc.RpcMeth
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
+
+
+class WrappingInterceptor(grpc.aio.ServerInterceptor):
+    """A server interceptor that wraps each method's handler once and reuses the wrapping:
+    handlers are fixed once a server starts, and wrapping costs more than a lookup. (A
+    handler an inner interceptor rebuilds on every call is wrapped again each time.)"""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """The handler to run for `method` instead of `handler` (or `handler` itself)."""
+        raise NotImplementedError
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self.wrap(method, handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped

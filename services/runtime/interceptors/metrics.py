@@ -8,14 +8,13 @@ profile interceptor, so calls refused for want of a profile are counted too.
 import asyncio
 import inspect
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 from grpc.aio import ServicerContext
 from prometheus_client import Counter, Histogram
 
-from services.runtime.interceptors.handlers import behavior_of, with_behavior
+from services.runtime.interceptors.handlers import WrappingInterceptor, behavior_of, with_behavior
 
 _LABELS = ["grpc_type", "grpc_service", "grpc_method"]
 
@@ -74,34 +73,19 @@ class _MethodMetrics:
         handled.inc()
 
 
-class MetricsInterceptor(grpc.aio.ServerInterceptor):
+class MetricsInterceptor(WrappingInterceptor):
     """Counts every RPC by method and status code and observes its duration."""
 
     def __init__(self) -> None:
-        # Handlers are fixed once a server starts; wrapping once per method keeps calls cheap.
-        # (An inner interceptor that wraps on every call, like tracing's, is rewrapped, but
-        # its method's metrics are still made once.)
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        super().__init__()
+        # Made once per method, even when an inner interceptor rebuilds the handler per call.
         self._metrics: dict[str, _MethodMetrics] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        if handler is None:
-            return handler
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         metrics = self._metrics.get(method)
         if metrics is None:
             metrics = self._metrics[method] = _MethodMetrics(method, handler)
-        wrapped = _wrap_handler(handler, metrics)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+        return _wrap_handler(handler, metrics)
 
 
 def _wrap_handler(handler: grpc.RpcMethodHandler, metrics: _MethodMetrics) -> grpc.RpcMethodHandler:

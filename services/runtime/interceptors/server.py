@@ -24,6 +24,7 @@ from services.runtime.call_context import (
     current_caller,
     profile_id_from_metadata,
 )
+from services.runtime.interceptors.handlers import WrappingInterceptor
 
 access_log = logging.getLogger("services.access")
 operator_log = logging.getLogger("services.operator")
@@ -68,7 +69,7 @@ def status_code_for(error: errors.DomainError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-class ProfileInterceptor(grpc.aio.ServerInterceptor):
+class ProfileInterceptor(WrappingInterceptor):
     """Runs before every handler of every service.
 
     `authorize` is the one place where the proof that the caller may act for the profile
@@ -81,27 +82,15 @@ class ProfileInterceptor(grpc.aio.ServerInterceptor):
         authorize: Authorizer = allow_any_caller,
         cross_profile_methods: frozenset[str] = frozenset(),
     ) -> None:
+        super().__init__()
         self._authorize = authorize
         self._cross_profile_methods = cross_profile_methods
-        # Wrapping costs more than a lookup; handlers are fixed once a server starts.
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        if handler is None or method.startswith(EXEMPT_SERVICE_PREFIXES):
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if method.startswith(EXEMPT_SERVICE_PREFIXES):
             return handler
         pipeline = _CallPipeline(method, self._authorize, method in self._cross_profile_methods)
-        wrapped = _wrap_handler(handler, pipeline)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+        return _wrap_handler(handler, pipeline)
 
 
 class _CallPipeline:
