@@ -17,6 +17,7 @@ from costs.v1 import costs_pb2, costs_pb2_grpc
 from services.costs.service import costs_definition
 from services.runtime.server import RunningService
 from tests.conftest import Metadata, as_profile, new_profile_id, running, settings_for
+from tests.metrics_scrape import sample, scrape
 
 
 class StoppablePostgres:
@@ -104,6 +105,7 @@ async def test_records_while_the_database_is_down_are_replayed_once_when_it_is_b
         channel, stub = stub_for(service)
         async with channel:
             assert not (await record(stub, profile, "before")).spooled
+            waiting = sample(await scrape(service), "costs_spool_lines")  # process-wide
             await postgres.stop()
 
             assert (await record(stub, profile, "during")).spooled
@@ -125,11 +127,13 @@ async def test_records_while_the_database_is_down_are_replayed_once_when_it_is_b
             )
             assert (streamed.accepted, streamed.spooled) == (2, 2)
             assert (tmp_path / "spool.jsonl").stat().st_size > 0
+            assert sample(await scrape(service), "costs_spool_lines") == waiting + 4
 
             await postgres.start()
             await eventually_recorded(
                 stub, profile, ["before", "during", "streamed-0", "streamed-1"]
             )
+            assert sample(await scrape(service), "costs_spool_lines") == waiting
 
 
 async def test_a_service_restarted_with_a_non_empty_spool_replays_it_on_start(postgres, tmp_path):

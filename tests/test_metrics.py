@@ -7,6 +7,7 @@ import uuid
 import grpc
 import httpx
 import pytest
+from costs.v1 import costs_pb2
 from jobs.v1 import jobs_pb2, jobs_pb2_grpc
 from publisher.v1 import publisher_pb2
 
@@ -15,6 +16,7 @@ from tests.conftest import (
     TEST_POSTS_PER_HOUR,
     as_profile,
     new_profile_id,
+    record_tts,
     server_process,
 )
 from tests.metrics_scrape import sample, scrape
@@ -204,3 +206,37 @@ async def test_workers_sharing_a_port_are_counted_together_on_one_metrics_port(d
         await server.terminate()
     labels = {**GET_JOB, "grpc_code": "NOT_FOUND"}
     assert sample(text, "grpc_server_handled_total", **labels) == 4
+
+
+async def test_costs_lines_are_counted_by_outcome(costs_service, costs_stub):
+    profile = as_profile(new_profile_id())
+
+    async def counts() -> dict[str, float]:
+        text = await scrape(costs_service)
+        return {
+            outcome: sample(text, "costs_lines_recorded_total", outcome=outcome)
+            for outcome in ("stored", "duplicate")
+        }
+
+    before = await counts()
+    await record_tts(costs_stub, profile, request_id="once")
+    await costs_stub.RecordElevenLabsTTS(
+        costs_pb2.RecordElevenLabsTTSRequest(
+            request_id="once", model_id="eleven_flash_v2_5", characters=1
+        ),
+        metadata=profile,
+    )
+    lines = [
+        costs_pb2.UsageLine(
+            elevenlabs_tts=costs_pb2.RecordElevenLabsTTSRequest(
+                request_id=f"batch-{n}", model_id="eleven_flash_v2_5", characters=1
+            )
+        )
+        for n in range(3)
+    ]
+    await costs_stub.StreamUsage(
+        iter([costs_pb2.StreamUsageRequest(lines=lines)]), metadata=profile
+    )
+    after = await counts()
+    assert after["stored"] - before["stored"] == 4
+    assert after["duplicate"] - before["duplicate"] == 1

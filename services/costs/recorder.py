@@ -6,6 +6,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 
+from services.costs.metrics import LINES_RECORDED
 from services.costs.model import CostEntry, UsageLine
 from services.costs.spool import Spool
 from services.costs.store import CostStore
@@ -43,22 +44,27 @@ class Recorder:
     async def record(self, line: UsageLine) -> CostEntry | None:
         """The recorded line (the first one for a repeated request_id), or None if spooled."""
         try:
-            entry, _ = await self._store.record(line)
+            entry, new = await self._store.record(line)
         except Unavailable:
             await self._spool_lines([line])
             return None
+        LINES_RECORDED.labels("stored" if new else "duplicate").inc()
         return entry
 
     async def record_many(self, lines: Sequence[UsageLine]) -> tuple[int, int]:
         """(accepted, spooled): spooled lines count as accepted; duplicates are neither."""
         try:
-            return await self._store.record_many(lines), 0
+            stored = await self._store.record_many(lines)
         except Unavailable:
             await self._spool_lines(lines)
             return len(lines), len(lines)
+        LINES_RECORDED.labels("stored").inc(stored)
+        LINES_RECORDED.labels("duplicate").inc(len(lines) - stored)
+        return stored, 0
 
     async def _spool_lines(self, lines: Sequence[UsageLine]) -> None:
         await self._spool.append(require_profile_id(), lines)
+        LINES_RECORDED.labels("spooled").inc(len(lines))
         self._spooled.set()
 
     async def replay(self) -> int:

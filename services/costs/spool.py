@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from itertools import groupby
 from pathlib import Path
 
+from services.costs.metrics import SPOOL_LINES
 from services.costs.model import UsageLine
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ class Spool:
         self._replaying = path.with_name(path.name + ".replaying")
         self._append_lock = asyncio.Lock()
         self._drain_lock = asyncio.Lock()
+        # What a previous run left counts as waiting too.
+        SPOOL_LINES.inc(sum(len(self._read(p)) for p in (path, self._replaying) if p.exists()))
 
     def is_empty(self) -> bool:
         return not any(p.exists() and p.stat().st_size > 0 for p in (self.path, self._replaying))
@@ -47,6 +50,7 @@ class Spool:
         )
         async with self._append_lock:
             await asyncio.to_thread(self._write, text)
+        SPOOL_LINES.inc(len(lines))
         log.warning("database unavailable: %d line(s) spooled to %s", len(lines), self.path)
 
     def _write(self, text: str) -> None:
@@ -80,6 +84,7 @@ class Spool:
                     await record(profile_id, lines)
                     drained += len(lines)
                 self._replaying.unlink()
+                SPOOL_LINES.dec(len(entries))  # only once the whole file is confirmed
                 await asyncio.to_thread(_fsync_directory, self.path.parent)
                 log.info("replayed %d spooled line(s) from %s", len(entries), self.path)
 
