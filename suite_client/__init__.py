@@ -18,6 +18,8 @@ deadline (30 s unless the call sets its own). Inside a call being served, the pr
 what is left of the deadline are passed on by themselves.
 """
 
+from costs.v1 import costs_pb2
+from costs.v1.costs_pb2_grpc import CostServiceStub
 from jobs.v1 import jobs_pb2
 from jobs.v1.jobs_pb2_grpc import JobServiceStub
 from publisher.v1 import publisher_pb2
@@ -61,6 +63,7 @@ __all__ = [
     "JOBS_SERVICE",
     "PUBLISHER_SERVICE",
     "Conflict",
+    "CostServiceStub",
     "DeadlineExceeded",
     "FailedPrecondition",
     "InvalidArgument",
@@ -74,6 +77,7 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "costs_channel",
+    "costs_pb2",
     "error_from",
     "jobs_channel",
     "jobs_pb2",

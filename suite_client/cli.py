@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import grpc
 from google.protobuf import json_format
@@ -20,7 +21,7 @@ import suite_client
 from services.runtime import errors
 from services.runtime.call_context import PROFILE_ID_RULE, validate_profile_id
 from services.runtime.logs import configure_logging
-from suite_client import jobs_pb2, publisher_pb2
+from suite_client import costs_pb2, jobs_pb2, publisher_pb2
 
 EXIT_FAILED = 1
 HEALTH_TIMEOUT_SECONDS = 5.0
@@ -34,9 +35,9 @@ class ServiceTarget:
     default_target: str
 
 
-# Costs joins this list (and `migrate`'s) once its service is part of the suite.
 SERVICES = [
     ServiceTarget("jobs", suite_client.JOBS_SERVICE, "JOBS_TARGET", "localhost:50051"),
+    ServiceTarget("costs", suite_client.COSTS_SERVICE, "COSTS_TARGET", "localhost:50052"),
     ServiceTarget(
         "publisher", suite_client.PUBLISHER_SERVICE, "PUBLISHER_TARGET", "localhost:50053"
     ),
@@ -59,12 +60,13 @@ def _channel(args: argparse.Namespace, service: ServiceTarget) -> grpc.aio.Chann
 
 async def _migrate(args: argparse.Namespace) -> None:
     # Server code, imported only here: the other commands need nothing but the client.
+    from services.costs.service import costs_definition
     from services.jobs.service import JOBS
     from services.publisher.service import PUBLISHER
     from services.runtime.server import migrate_only
     from services.runtime.settings import Settings
 
-    for definition in (JOBS, PUBLISHER):
+    for definition in (JOBS, costs_definition(), PUBLISHER):
         await migrate_only(definition, Settings.from_environment(definition.default_port))
         print(f"{definition.name}: migrations applied")
 
@@ -137,6 +139,36 @@ async def _jobs_list(args: argparse.Namespace) -> None:
             )
 
 
+def _month(value: str) -> datetime:
+    try:
+        return datetime.strptime(value, "%Y-%m").replace(tzinfo=UTC)
+    except ValueError:
+        raise argparse.ArgumentTypeError("a month is YYYY-MM, for example 2026-11") from None
+
+
+async def _costs_month(args: argparse.Namespace) -> None:
+    start = args.month or datetime.now(UTC).replace(
+        day=1, hour=0, minute=0, second=0, microsecond=0
+    )
+    end = (start + timedelta(days=32)).replace(day=1)
+    request = costs_pb2.GetCostSummaryRequest(group_by=[costs_pb2.PROVIDER, costs_pb2.MODEL])
+    request.start_time.FromDatetime(start)
+    request.end_time.FromDatetime(end)
+    async with _channel(args, SERVICE_BY_NAME["costs"]) as channel:
+        with suite_client.profile_scope(args.profile):
+            summary = await suite_client.CostServiceStub(channel).GetCostSummary(request)
+    if args.json:
+        print(json.dumps(json_format.MessageToDict(summary)))
+        return
+    print(f"profile {args.profile}, {start:%Y-%m}: {summary.total_cost_usd} USD")
+    for row in summary.rows:
+        print(
+            f"  {row.provider:<12} {row.model:<28} {row.cost_usd:>14} USD  {row.line_count} lines"
+        )
+    for row in summary.unpriced_rows:
+        print(f"  {row.provider:<12} {row.model:<28} {'unpriced':>14}      {row.line_count} lines")
+
+
 def _profile_id(value: str) -> str:
     try:
         return validate_profile_id(value)
@@ -154,9 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="suitectl",
         description="Operate the video pipeline suite: migrations, health, Postiz credentials, "
-        "jobs.",
-        epilog="Targets come from JOBS_TARGET and PUBLISHER_TARGET unless given; the database "
-        "from DATABASE_URL.",
+        "jobs, costs.",
+        epilog="Targets come from JOBS_TARGET, COSTS_TARGET and PUBLISHER_TARGET unless given; "
+        "the database from DATABASE_URL.",
     )
     for service in SERVICES:
         parser.add_argument(
@@ -233,6 +265,21 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
     listing.add_argument("--json", action="store_true", help="one JSON object per job")
     listing.set_defaults(run=_jobs_list)
+
+    costs = commands.add_parser("costs", help="a profile's spending")
+    costs_commands = costs.add_subparsers(dest="costs_command", required=True, metavar="ACTION")
+    month = costs_commands.add_parser(
+        "month",
+        help="what a profile spent in a calendar month, by provider and model",
+        description="Total and rows by provider and model for one UTC calendar month; usage "
+        "the price catalog had no price for is listed apart as unpriced.",
+    )
+    month.add_argument("--profile", required=True, type=_profile_id, help="profile id")
+    month.add_argument(
+        "--month", type=_month, metavar="YYYY-MM", help="the month (default: this one)"
+    )
+    month.add_argument("--json", action="store_true", help="the summary as one JSON object")
+    month.set_defaults(run=_costs_month)
     return parser
 
 

@@ -11,7 +11,7 @@ import pytest
 from jobs.v1 import jobs_pb2
 from publisher.v1 import publisher_pb2
 
-from tests.conftest import as_profile, new_profile_id
+from tests.conftest import as_profile, new_profile_id, record_tts
 from tests.fake_postiz import api_root
 
 SUITECTL = Path(sys.executable).parent / "suitectl"
@@ -39,9 +39,10 @@ async def suitectl(*args: str, stdin: str = "", **env: str) -> Outcome:
 
 
 @pytest.fixture
-def targets(jobs_service, publisher_service) -> list[str]:
+def targets(jobs_service, costs_service, publisher_service) -> list[str]:
     return [
         f"--jobs-target=127.0.0.1:{jobs_service.port}",
+        f"--costs-target=127.0.0.1:{costs_service.port}",
         f"--publisher-target=127.0.0.1:{publisher_service.port}",
     ]
 
@@ -49,7 +50,7 @@ def targets(jobs_service, publisher_service) -> list[str]:
 async def test_help_names_every_command():
     outcome = await suitectl("--help")
     assert outcome.exit_code == 0
-    for command in ("migrate", "health", "postiz", "jobs"):
+    for command in ("migrate", "health", "postiz", "jobs", "costs"):
         assert command in outcome.stdout
 
 
@@ -57,7 +58,7 @@ async def test_health_reports_every_service_serving(targets):
     outcome = await suitectl(*targets, "health")
     assert outcome.exit_code == 0, outcome.stderr
     lines = outcome.stdout.splitlines()
-    assert [line.split()[0] for line in lines] == ["jobs", "publisher"]
+    assert [line.split()[0] for line in lines] == ["jobs", "costs", "publisher"]
     assert all(line.endswith("SERVING") for line in lines)
 
 
@@ -157,5 +158,32 @@ async def test_migrate_applies_every_services_migrations(database_url):
     assert outcome.exit_code == 0, outcome.stderr
     assert outcome.stdout.splitlines() == [
         "jobs: migrations applied",
+        "costs: migrations applied",
         "publisher: migrations applied",
     ]
+
+
+async def test_costs_month_shows_the_profiles_spend_by_model(targets, costs_stub):
+    profile_id = new_profile_id()
+    await record_tts(costs_stub, as_profile(profile_id), characters=2000, request_id="a")
+    await record_tts(costs_stub, as_profile(new_profile_id()), characters=9000, request_id="a")
+    outcome = await suitectl(*targets, "costs", "month", "--profile", profile_id)
+    assert outcome.exit_code == 0, outcome.stderr
+    lines = outcome.stdout.splitlines()
+    assert lines[0].endswith(": 0.1 USD")
+    assert lines[1].split()[:3] == ["elevenlabs", "eleven_flash_v2_5", "0.1"]
+    assert len(lines) == 2
+
+
+async def test_costs_of_a_month_without_spend_is_zero(targets):
+    outcome = await suitectl(
+        *targets, "costs", "month", "--profile", new_profile_id(), "--month", "2020-01", "--json"
+    )
+    assert outcome.exit_code == 0, outcome.stderr
+    assert json.loads(outcome.stdout)["totalCostUsd"] == "0"
+
+
+async def test_costs_month_refuses_a_malformed_month(targets):
+    outcome = await suitectl(*targets, "costs", "month", "--profile", "p", "--month", "11/2026")
+    assert outcome.exit_code == 2
+    assert "YYYY-MM" in outcome.stderr
