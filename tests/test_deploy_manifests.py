@@ -3,6 +3,7 @@ the health names the probes ask for, the environment, the commands; and each ove
 together (its references resolve, prod's images are pinned)."""
 
 import json
+import os
 from importlib.util import find_spec
 
 import pytest
@@ -14,6 +15,7 @@ from tests.kubernetes_manifests import (
     BASE,
     DEPLOY,
     OVERLAYS,
+    Manifest,
     container_environment,
     containers,
     environment_variables_read,
@@ -40,16 +42,55 @@ def test_the_base_has_one_manifest_per_service_the_code_defines():
 def test_the_server_container_listens_on_the_service_port(service: ServiceDefinition):
     manifests = render(BASE)
     container = server_container(manifests, service.name)
-    assert [port["containerPort"] for port in container["ports"]] == [service.default_port]
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports == {"grpc": service.default_port, "metrics": service.default_metrics_port}
     config = container_environment(manifests, container)
     assert config["GRPC_PORT"].value == str(service.default_port)
+    assert config["METRICS_PORT"].value == str(service.default_metrics_port)
+
+
+@SERVICES
+def test_prometheus_is_told_where_the_metrics_are(service: ServiceDefinition):
+    deployment = find(render(BASE), "Deployment", service.name)
+    assert deployment["spec"]["template"]["metadata"]["annotations"] == {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(service.default_metrics_port),
+        "prometheus.io/path": "/metrics",
+    }
+
+
+@pytest.fixture(scope="module")
+def monitored(tmp_path_factory: pytest.TempPathFactory) -> tuple[Manifest, ...]:
+    """The base with the optional ServiceMonitor component, as an overlay would add it."""
+    folder = tmp_path_factory.mktemp("monitored")
+    (folder / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources:\n  - {os.path.relpath(BASE, folder)}\n"
+        f"components:\n  - {os.path.relpath(BASE.parent / 'components/servicemonitor', folder)}\n"
+    )
+    return render(folder)
+
+
+@SERVICES
+def test_the_service_monitor_scrapes_the_services_metrics_port(
+    service: ServiceDefinition, monitored: tuple[Manifest, ...]
+):
+    monitor = find(monitored, "ServiceMonitor", service.name)
+    target = find(monitored, "Service", service.name)
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= target["metadata"]["labels"].items()
+    )
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+    assert "metrics" in {port["name"] for port in target["spec"]["ports"]}
 
 
 @SERVICES
 def test_the_headless_service_serves_the_service_port(service: ServiceDefinition):
     spec = find(render(BASE), "Service", service.name)["spec"]
     assert spec["clusterIP"] == "None"
-    assert [port["port"] for port in spec["ports"]] == [service.default_port]
+    ports = {port["name"]: port["port"] for port in spec["ports"]}
+    assert ports == {"grpc": service.default_port, "metrics": service.default_metrics_port}
 
 
 @SERVICES
