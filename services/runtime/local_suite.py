@@ -42,8 +42,9 @@ The suite is up. Try it with grpcurl (installed in .venv/bin):
   .venv/bin/grpcurl -plaintext localhost:50053 describe publisher.v1.PublisherService
   .venv/bin/suitectl health
   .venv/bin/suitectl jobs list --profile store-1
+  .venv/bin/suitectl costs month --profile store-1
 
-Metrics: http://localhost:9091/metrics (Jobs), http://localhost:9093/metrics (Publisher)
+Metrics: http://localhost:9091/metrics (Jobs), :9092 (Costs), :9093 (Publisher)
 Database: {database}
 Press Ctrl-C to stop.
 """
