@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.runtime.auth import authorizer_for
 from services.runtime.database import CONNECTION_ERRORS, TenantScopedPool, create_pool
+from services.runtime.interceptors.handlers import InterceptorChain
 from services.runtime.interceptors.metrics import MetricsInterceptor
 from services.runtime.interceptors.server import Authorizer, ProfileInterceptor
 from services.runtime.logs import configure_logging
@@ -81,12 +82,15 @@ class ServiceDefinition:
 def server_interceptors(
     authorize: Authorizer, cross_profile_methods: frozenset[str] = frozenset()
 ) -> list[grpc.aio.ServerInterceptor]:
-    """Outermost first: metrics and traces see every call, refused ones included."""
+    """Outermost first: traces and metrics see every call, refused ones included. The
+    suite's own interceptors run as one chain (see InterceptorChain)."""
     return [
-        MetricsInterceptor(),
         *outer_server_interceptors(),
-        ProfileInterceptor(authorize, cross_profile_methods),
-        *inner_server_interceptors(),
+        InterceptorChain(
+            MetricsInterceptor(),
+            ProfileInterceptor(authorize, cross_profile_methods),
+            *inner_server_interceptors(),
+        ),
     ]
 
 

@@ -55,7 +55,7 @@ def outer_server_interceptors() -> list[grpc.aio.ServerInterceptor]:
     return [aio_server_interceptor(filter_=_TRACED_CALLS)] if tracing_enabled() else []
 
 
-def inner_server_interceptors() -> list[grpc.aio.ServerInterceptor]:
+def inner_server_interceptors() -> list[WrappingInterceptor]:
     """Names the profile on the call's span; placed after the profile interceptor."""
     return [_ProfileSpanInterceptor()] if tracing_enabled() else []
 
