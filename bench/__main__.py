@@ -126,8 +126,7 @@ async def _jobs_operations(suite: Suite, options: Options) -> list[Operation]:
     big_ids = [row["job_id"] for row in sampled]
     position = (deep["create_time"], deep["job_id"])
     with profile_scope(big):
-        micros = int(position[0].timestamp() * 1_000_000)
-        deep_token = encode_page_token([micros, str(position[1])], JobFilter().as_key())
+        deep_token = encode_page_token(position, JobFilter().as_key())
 
     create = jobs_pb2.CreateJobRequest(job=jobs_pb2.Job(kind="render"))
     create.job.data.update({"product": "sku-1"})

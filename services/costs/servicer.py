@@ -31,10 +31,8 @@ from services.costs.recorder import Recorder
 from services.costs.store import CostStore
 from services.runtime.errors import InvalidArgument
 from services.runtime.fields import optional_datetime, struct_message, text, timestamp_message
-from services.runtime.page_tokens import decode_page_token, encode_page_token
+from services.runtime.page_tokens import decode_page_token, encode_page_token, page_size
 
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 500
 MAX_NAME_LENGTH = 128
 MAX_REQUEST_ID_LENGTH = 128
 MAX_ATTRIBUTES_BYTES = 16_384
@@ -263,17 +261,6 @@ def budget_message(status: BudgetStatus) -> costs_pb2.BudgetStatus:
     )
 
 
-def _page_size(requested: int) -> int:
-    if requested < 0:
-        raise InvalidArgument("page_size must not be negative")
-    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-
-
-def _micros(value: datetime) -> int:
-    delta = value - datetime(1970, 1, 1, tzinfo=UTC)
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
-
-
 class CostServicer(costs_pb2_grpc.CostServiceServicer):
     def __init__(self, store: CostStore, recorder: Recorder) -> None:
         self._store = store
@@ -375,7 +362,7 @@ class CostServicer(costs_pb2_grpc.CostServiceServicer):
     async def ListCostEntries(
         self, request: costs_pb2.ListCostEntriesRequest, context: ServicerContext
     ) -> costs_pb2.ListCostEntriesResponse:
-        page_size = _page_size(request.page_size)
+        size = page_size(request.page_size)
         entry_filter = EntryFilter(
             job_id=_job_id(request.job_id),
             provider=_text(request.provider, "provider").lower(),
@@ -386,19 +373,16 @@ class CostServicer(costs_pb2_grpc.CostServiceServicer):
         )
         after = None
         if request.page_token:
-            micros, entry_id = decode_page_token(request.page_token, entry_filter.as_key())
-            try:
-                after = (datetime.fromtimestamp(micros / 1e6, UTC), uuid.UUID(entry_id))
-            except (TypeError, ValueError, OverflowError):
-                raise InvalidArgument("page_token is not valid") from None
-        entries = await self._store.list_entries(entry_filter, page_size + 1, after)
+            after = decode_page_token(request.page_token, entry_filter.as_key())
+        entries = await self._store.list_entries(entry_filter, size + 1, after)
         response = costs_pb2.ListCostEntriesResponse(
-            entries=[entry_message(e) for e in entries[:page_size]]
+            entries=[entry_message(e) for e in entries[:size]]
         )
-        if len(entries) > page_size:
-            last = entries[page_size - 1]
-            position = [_micros(last.occurred_at), str(last.entry_id)]
-            response.next_page_token = encode_page_token(position, entry_filter.as_key())
+        if len(entries) > size:
+            last = entries[size - 1]
+            response.next_page_token = encode_page_token(
+                (last.occurred_at, last.entry_id), entry_filter.as_key()
+            )
         return response
 
     async def SetBudget(

@@ -2,7 +2,7 @@
 
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import datetime
 
 from google.protobuf import empty_pb2
 from grpc.aio import ServicerContext
@@ -19,10 +19,8 @@ from services.runtime.fields import (
     timestamp_datetime,
     timestamp_message,
 )
-from services.runtime.page_tokens import decode_page_token, encode_page_token
+from services.runtime.page_tokens import decode_page_token, encode_page_token, page_size
 
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 500
 MAX_KIND_LENGTH = 100
 MAX_TEXT_LENGTH = 10_000
 MAX_REQUEST_ID_LENGTH = 128
@@ -98,12 +96,6 @@ def _filter(request: jobs_pb2.ListJobsRequest) -> JobFilter:
     )
 
 
-def _page_size(requested: int) -> int:
-    if requested < 0:
-        raise InvalidArgument("page_size must not be negative")
-    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-
-
 class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     def __init__(self, store: JobStore, watch_hub: JobWatchHub) -> None:
         self._store = store
@@ -145,22 +137,18 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     async def _list(
         self, request: jobs_pb2.ListJobsRequest, all_profiles: bool
     ) -> jobs_pb2.ListJobsResponse:
-        page_size = _page_size(request.page_size)
+        size = page_size(request.page_size)
         job_filter = _filter(request)
         after = None
         if request.page_token:
-            position = decode_page_token(request.page_token, job_filter.as_key())
-            try:
-                micros, job_id = position
-                after = (datetime.fromtimestamp(micros / 1e6, UTC), uuid.UUID(job_id))
-            except (TypeError, ValueError, OverflowError, AttributeError):
-                raise InvalidArgument("page_token is not valid") from None
-        jobs = await self._store.list(job_filter, page_size + 1, after, all_profiles=all_profiles)
-        response = jobs_pb2.ListJobsResponse(jobs=[job_message(j) for j in jobs[:page_size]])
-        if len(jobs) > page_size:
-            last = jobs[page_size - 1]
-            position = [_micros(last.create_time), str(last.job_id)]
-            response.next_page_token = encode_page_token(position, job_filter.as_key())
+            after = decode_page_token(request.page_token, job_filter.as_key())
+        jobs = await self._store.list(job_filter, size + 1, after, all_profiles=all_profiles)
+        response = jobs_pb2.ListJobsResponse(jobs=[job_message(j) for j in jobs[:size]])
+        if len(jobs) > size:
+            last = jobs[size - 1]
+            response.next_page_token = encode_page_token(
+                (last.create_time, last.job_id), job_filter.as_key()
+            )
         return response
 
     async def CancelJob(
@@ -179,8 +167,3 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     ) -> AsyncIterator[jobs_pb2.Job]:
         async for job in self._watch_hub.watch(parse_job_id(request.job_id)):
             yield job_message(job)
-
-
-def _micros(value: datetime) -> int:
-    delta = value - datetime(1970, 1, 1, tzinfo=UTC)
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds

@@ -1,22 +1,40 @@
-"""Opaque page tokens for keyset pagination (AIP-158).
+"""Keyset pagination (AIP-158): page sizes, and opaque page tokens.
 
-A token carries the last row's sort key, the filters it was made for and the profile it was
-made for ("*" for an operator's read across profiles), under a checksum, so a tampered token
-or one reused with other filters or another profile is refused with INVALID_ARGUMENT instead
-of silently paging the wrong list. It is not a secret: a cursor can only move within the
-caller's own rows.
+Every list of the suite is newest first on (a time, a UUID). A token carries the last row's
+sort key (the time in whole microseconds, so it round-trips exactly), the filters it was made
+for and the profile it was made for ("*" for an operator's read across profiles), under a
+checksum, so a tampered token or one reused with other filters or another profile is refused
+with INVALID_ARGUMENT instead of silently paging the wrong list. It is not a secret: a cursor
+can only move within the caller's own rows.
 """
 
 import base64
 import hashlib
 import hmac
 import json
+import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from services.runtime.call_context import current_caller, current_profile_id, require_profile_id
 from services.runtime.errors import InvalidArgument
 
 _KEY = b"page-token-v1"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_INVALID = "page_token is not valid; pass next_page_token from the previous response unchanged"
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+
+# The sort key of the last row of a page: (its time, its id).
+KeysetPosition = tuple[datetime, uuid.UUID]
+
+
+def page_size(requested: int) -> int:
+    """0 means DEFAULT_PAGE_SIZE; more than MAX_PAGE_SIZE is capped; negative is refused."""
+    if requested < 0:
+        raise InvalidArgument("page_size must not be negative")
+    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
 def _digest(body: bytes) -> bytes:
@@ -38,13 +56,17 @@ def _fingerprint(filters: Any) -> str:
     return hashlib.blake2b(canonical.encode(), digest_size=8).hexdigest()
 
 
-def encode_page_token(position: list[Any], filters: Any) -> str:
-    """A token resuming after `position` (JSON-serialisable sort key) for these filters."""
-    body = json.dumps({"p": position, "f": _fingerprint(filters)}, separators=(",", ":")).encode()
+def encode_page_token(position: KeysetPosition, filters: Any) -> str:
+    """A token resuming after `position` for these filters."""
+    moment, row_id = position
+    micros = (moment - _EPOCH) // timedelta(microseconds=1)
+    body = json.dumps(
+        {"p": [micros, str(row_id)], "f": _fingerprint(filters)}, separators=(",", ":")
+    ).encode()
     return base64.urlsafe_b64encode(_digest(body) + body).decode().rstrip("=")
 
 
-def decode_page_token(token: str, filters: Any) -> list[Any]:
+def decode_page_token(token: str, filters: Any) -> KeysetPosition:
     """The position a token resumes after; InvalidArgument when it is not one of ours."""
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
@@ -52,11 +74,10 @@ def decode_page_token(token: str, filters: Any) -> list[Any]:
         if not hmac.compare_digest(mac, _digest(body)):
             raise ValueError("checksum mismatch")
         decoded = json.loads(body)
-        position, fingerprint = decoded["p"], decoded["f"]
-    except (ValueError, KeyError, TypeError) as error:
-        raise InvalidArgument(
-            "page_token is not valid; pass next_page_token from the previous response unchanged"
-        ) from error
+        (micros, row_id), fingerprint = decoded["p"], decoded["f"]
+        position = (_EPOCH + timedelta(microseconds=micros), uuid.UUID(row_id))
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as error:
+        raise InvalidArgument(_INVALID) from error
     if fingerprint != _fingerprint(filters):
         raise InvalidArgument(
             "page_token was made for other filters; send the same filters as the first page, "
