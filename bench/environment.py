@@ -3,7 +3,6 @@ the no-op servers as their own processes, and client channels to them."""
 
 import asyncio
 import os
-import secrets
 import signal
 import socket
 import sys
@@ -29,19 +28,13 @@ from bench.seed import (
 from services.costs.service import costs_definition
 from services.jobs.service import JOBS
 from services.runtime.database import TenantScopedPool, create_pool
-from services.runtime.embedded_postgres import start_embedded_postgres
+from services.runtime.embedded_postgres import scratch_database, start_embedded_postgres
 from services.runtime.server import migrate
 
 CONNECTIONS = 4
 COSTS = costs_definition()  # for its name, migrations and role; the server runs apart
 COST_MONTH = datetime(2025, 5, 1, tzinfo=UTC)  # the seeded month of cost lines
 POOL_SIZE = 10  # the server's default DB_POOL_MAX_SIZE, so the db ceiling is like for like
-
-
-def _with_database(url: str, name: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
-
-    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
 
 
 @asynccontextmanager
@@ -52,11 +45,7 @@ async def bench_database(options: Any) -> AsyncIterator[str]:
     admin_url = os.environ.get("DATABASE_URL") or start_embedded_postgres(
         Path(".data/bench-postgres")
     )
-    name = f"bench_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(admin_url)
-    await admin.execute(f"CREATE DATABASE {name}")
-    url = _with_database(admin_url, name)
-    try:
+    async with scratch_database(admin_url, "bench") as url:
         connection = await asyncpg.connect(url)
         try:
             await migrate(JOBS, connection)
@@ -72,9 +61,6 @@ async def bench_database(options: Any) -> AsyncIterator[str]:
         finally:
             await connection.close()
         yield url
-    finally:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        await admin.close()
 
 
 def _free_port() -> int:

@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit
 
-import asyncpg
 import grpc
 import pytest
 from costs.v1 import costs_pb2, costs_pb2_grpc
@@ -35,7 +34,10 @@ from services.jobs.service import JOBS
 from services.publisher.service import publisher_definition
 from services.publisher.settings import PublisherSettings
 from services.runtime.auth import mint_token
-from services.runtime.embedded_postgres import start_embedded_postgres
+from services.runtime.embedded_postgres import (
+    scratch_database,
+    start_embedded_postgres,
+)
 from services.runtime.logs import configure_logging
 from services.runtime.server import RunningService, ServiceDefinition, start_service
 from services.runtime.settings import Settings
@@ -44,11 +46,6 @@ from tests.fake_postiz import FakePostiz, Organization, api_root, serve_fake_pos
 REPO = Path(__file__).resolve().parent.parent
 
 Metadata = tuple[tuple[str, str], ...]
-
-
-def with_database(url: str, database: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{database}"))
 
 
 @pytest.fixture(scope="session")
@@ -60,14 +57,8 @@ def admin_database_url() -> str:
 @pytest.fixture(scope="session")
 async def database_url(admin_database_url: str) -> AsyncIterator[str]:
     """A database made for this test run and dropped after it."""
-    name = f"test_{secrets.token_hex(6)}"
-    admin = await asyncpg.connect(admin_database_url)
-    await admin.execute(f"CREATE DATABASE {name}")
-    try:
-        yield with_database(admin_database_url, name)
-    finally:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        await admin.close()
+    async with scratch_database(admin_database_url, "test") as url:
+        yield url
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from jobs.v1 import jobs_pb2, jobs_pb2_grpc
 
 from services.jobs.service import JOBS
+from services.runtime.embedded_postgres import with_database
 from services.runtime.server import ServiceDefinition
 from tests.conftest import (
     ServerProcess,
@@ -28,7 +29,6 @@ from tests.conftest import (
     server_process,
     signed_in,
     token_for,
-    with_database,
 )
 from tests.kubernetes_manifests import (
     DEPLOY,

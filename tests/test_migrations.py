@@ -1,27 +1,20 @@
 """Migrations: idempotent, and applied once when replicas start at the same time."""
 
 import asyncio
-import secrets
 from pathlib import Path
 
 import asyncpg
 import pytest
 
 from services.jobs.service import JOBS
+from services.runtime.embedded_postgres import scratch_database
 from services.runtime.migrations import apply_migrations, migration_files
-from tests.conftest import with_database
 
 
 @pytest.fixture
 async def empty_database_url(admin_database_url):
-    admin = await asyncpg.connect(admin_database_url)
-    name = f"migrations_{secrets.token_hex(4)}"
-    await admin.execute(f"CREATE DATABASE {name}")
-    try:
-        yield with_database(admin_database_url, name)
-    finally:
-        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
-        await admin.close()
+    async with scratch_database(admin_database_url, "migrations") as url:
+        yield url
 
 
 async def _apply(url: str) -> list[int]:

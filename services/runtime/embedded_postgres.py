@@ -1,8 +1,15 @@
-"""An embedded PostgreSQL under `.data/`, for `make run` and tests when DATABASE_URL is unset,
-so a newcomer needs no database installed."""
+"""Databases for development: an embedded PostgreSQL under `.data/`, for `make run`, the
+tests and the benchmark when DATABASE_URL is unset (so a newcomer needs no database
+installed), and scratch databases made on a server for one run and dropped after it."""
 
 import logging
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
 
 DEFAULT_DATA_DIR = Path(".data/postgres")
 
@@ -19,3 +26,23 @@ def start_embedded_postgres(data_dir: Path = DEFAULT_DATA_DIR) -> str:
     data_dir.mkdir(parents=True, exist_ok=True)
     server = pgserver.get_server(data_dir.resolve(), cleanup_mode="stop")
     return server.get_uri()
+
+
+def with_database(url: str, database: str) -> str:
+    """The same server's URL, naming another database."""
+    return urlunsplit(urlsplit(url)._replace(path=f"/{database}"))
+
+
+@asynccontextmanager
+async def scratch_database(admin_url: str, prefix: str) -> AsyncIterator[str]:
+    """A new, empty database on admin_url's server, dropped (connections and all) after."""
+    name = f"{prefix}_{secrets.token_hex(6)}"
+    admin = await asyncpg.connect(admin_url)
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+        try:
+            yield with_database(admin_url, name)
+        finally:
+            await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await admin.close()
