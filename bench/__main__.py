@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+import uvloop
 from costs.v1 import costs_pb2
 from google.protobuf import field_mask_pb2, timestamp_pb2
 from jobs.v1 import jobs_pb2
@@ -65,6 +66,12 @@ class Options:
     cost_lines: int
     stream_batch: int
     json_path: str | None
+    only: tuple[str, ...] = ()
+
+    def selects(self, name: str) -> bool:
+        """Whether the operation called `name` is measured (--only; the no-op ceilings are
+        measured always)."""
+        return not self.only or any(text.lower() in name.lower() for text in self.only)
 
 
 def parse_options(argv: list[str]) -> Options:
@@ -74,6 +81,13 @@ def parse_options(argv: list[str]) -> Options:
     parser.add_argument("--seconds", type=float, help="length of one measurement")
     parser.add_argument("--rounds", type=int, help="interleaved rounds per operation")
     parser.add_argument("--concurrency", type=int, default=16, help="calls in flight")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="measure only the operations whose names contain TEXT (repeatable)",
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     return Options(
@@ -89,6 +103,7 @@ def parse_options(argv: list[str]) -> Options:
         cost_lines=20_000 if quick else 1_000_000,
         stream_batch=200 if quick else 2_000,
         json_path=args.json_path,
+        only=tuple(args.only),
     )
 
 
@@ -285,35 +300,35 @@ async def _watch_fan_out(suite: Suite, options: Options) -> Sample:
 
 
 async def _measure(suite: Suite, options: Options) -> dict:
-    noop, noop_icpt = [], []
     payload = b"x" * 64
-    noop_call = suite.noop_channel.unary_unary(METHOD)
-    icpt_call = suite.noop_interceptor_channel.unary_unary(METHOD)
     md = (("x-profile-id", "bench-noop"),)
+    noop_samples: dict[str, list[Sample]] = {name: [] for name in suite.noop}
     operations = await _jobs_operations(suite, options)
     costs_operations = await _costs_operations(suite, options)
     for operation in costs_operations:
         operation.server = "costs"
-    operations += costs_operations
+    operations = [op for op in operations + costs_operations if options.selects(op.name)]
     run = {"concurrency": options.concurrency, "seconds": options.seconds}
     for _ in range(options.rounds):
-        noop.append(await drive(lambda: noop_call(payload), server_pid=suite.noop_pids[0], **run))
-        noop_icpt.append(
-            await drive(
-                lambda: icpt_call(payload, metadata=md), server_pid=suite.noop_pids[1], **run
+        for name, (pid, channel) in suite.noop.items():
+            call = channel.unary_unary(METHOD)
+            noop_samples[name].append(
+                await drive(lambda call=call: call(payload, metadata=md), server_pid=pid, **run)
             )
-        )
         for operation in operations:
             if operation.db is not None:
                 with profile_scope(operation.profile):
                     operation.db_samples.append(await drive(operation.db, **run))
             pid = suite.costs_pid if operation.server == "costs" else suite.jobs_pid
             operation.suite_samples.append(await drive(operation.suite, server_pid=pid, **run))
-    grpc_rate = median_rate(noop)
-    rows = [
-        _row("no-op gRPC", merged(noop), None, ""),
-        _row("no-op gRPC + interceptor", merged(noop_icpt), grpc_rate, "grpc"),
-    ]
+    grpc_name, *interceptor_names = noop_samples
+    grpc_rate = median_rate(noop_samples[grpc_name])
+    rows = [_row(grpc_name, merged(noop_samples[grpc_name]), None, "")]
+    for name in interceptor_names:
+        row = _row(name, merged(noop_samples[name]), grpc_rate, "grpc")
+        row["per_second"] = round(median_rate(noop_samples[name]), 1)
+        row["ratio"] = round(row["per_second"] / grpc_rate, 3)
+        rows.append(row)
     for operation in operations:
         db_rate = median_rate(operation.db_samples)
         combined = 1 / (1 / grpc_rate + 1 / db_rate)
@@ -325,10 +340,12 @@ async def _measure(suite: Suite, options: Options) -> dict:
         if operation.lines_per_call > 1:
             row["lines_per_second"] = round(row["per_second"] * operation.lines_per_call)
         rows.append(row)
-    watch = await _watch_fan_out(suite, options)
-    watch_row = _row(f"WatchJob fan-out ({options.watchers} watchers)", watch, None, "")
-    watch_row["per_second"] = round(watch.per_second, 1)
-    rows.append(watch_row)
+    watch_name = f"WatchJob fan-out ({options.watchers} watchers)"
+    if options.selects(watch_name):
+        watch = await _watch_fan_out(suite, options)
+        watch_row = _row(watch_name, watch, None, "")
+        watch_row["per_second"] = round(watch.per_second, 1)
+        rows.append(watch_row)
     return {"rows": rows}
 
 
@@ -343,6 +360,8 @@ def _random_get(stubs: list, ids: list[str], metadata: tuple) -> Call:
 async def _measure_workers(options: Options, database_url: str) -> list[dict]:
     rows = []
     for workers in (1, 2):
+        if not options.selects(f"GetJob, {workers} worker(s)"):
+            continue
         async with start_suite(database_url, workers=workers, noop=False) as suite:
             big_md = (("x-profile-id", "bench-big"),)
             async with suite.store_pool.pool.acquire() as connection:
@@ -400,7 +419,7 @@ async def run(options: Options) -> dict:
 
 def main(argv: list[str]) -> int:
     options = parse_options(argv)
-    results = asyncio.run(run(options))
+    results = uvloop.run(run(options))  # the loop the services run on
     results["options"] = options.__dict__
     results["cpu_count"] = os.cpu_count()
     _print_table(results["rows"])

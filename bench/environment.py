@@ -32,6 +32,13 @@ from services.runtime.embedded_postgres import scratch_database, start_embedded_
 from services.runtime.server import migrate
 
 CONNECTIONS = 4
+# The no-op servers: the gRPC ceiling, then the same handler behind the suite's interceptor as
+# the services run it, then with an access line for every call (ACCESS_LOG=all).
+NOOP_VARIANTS = {
+    "no-op gRPC": (),
+    "no-op gRPC + interceptor": ("--interceptor",),
+    "no-op gRPC + interceptor, ACCESS_LOG=all": ("--interceptor", "--access-log", "all"),
+}
 COSTS = costs_definition()  # for its name, migrations and role; the server runs apart
 COST_MONTH = datetime(2025, 5, 1, tzinfo=UTC)  # the seeded month of cost lines
 POOL_SIZE = 10  # the server's default DB_POOL_MAX_SIZE, so the db ceiling is like for like
@@ -72,12 +79,10 @@ def _free_port() -> int:
 @dataclass
 class Suite:
     jobs_pid: int
-    noop_pids: list[int]
+    noop: dict[str, tuple[int, grpc.aio.Channel]]  # NOOP_VARIANTS' server pids and channels
     jobs_stubs: list[jobs_pb2_grpc.JobServiceStub]
     costs_pid: int | None
     costs_stubs: list[costs_pb2_grpc.CostServiceStub]
-    noop_channel: grpc.aio.Channel | None
-    noop_interceptor_channel: grpc.aio.Channel | None
     store_pool: TenantScopedPool
     costs_pool: TenantScopedPool
 
@@ -162,28 +167,23 @@ async def start_suite(database_url: str, *, workers: int, noop: bool) -> AsyncIt
             costs_pid = costs.pid
             costs_channels = [await _channel(stack, costs_port) for _ in range(CONNECTIONS)]
             await asyncio.gather(*(_serving(channel) for channel in costs_channels))
-        noop_channels: list[grpc.aio.Channel | None] = [None, None]
-        noop_pids: list[int] = []
-        if noop:
-            for index, flags in enumerate(([], ["--interceptor"])):
-                port = _free_port()
-                noop_process = await _process(
-                    stack, log_dir, f"noop{index}", "-m", "bench.noop_server", str(port), *flags
-                )
-                channel = await _channel(stack, port)
-                await channel.unary_unary("/bench.Noop/Call")(
-                    b"", metadata=(("x-profile-id", "ready"),), wait_for_ready=True, timeout=60
-                )
-                noop_channels[index] = channel
-                noop_pids.append(noop_process.pid)
+        noop_servers: dict[str, tuple[int, grpc.aio.Channel]] = {}
+        for index, (name, flags) in enumerate(NOOP_VARIANTS.items() if noop else ()):
+            port = _free_port()
+            noop_process = await _process(
+                stack, log_dir, f"noop{index}", "-m", "bench.noop_server", str(port), *flags
+            )
+            channel = await _channel(stack, port)
+            await channel.unary_unary("/bench.Noop/Call")(
+                b"", metadata=(("x-profile-id", "ready"),), wait_for_ready=True, timeout=60
+            )
+            noop_servers[name] = (noop_process.pid, channel)
         raw_pool = await create_pool(database_url, min_size=POOL_SIZE, max_size=POOL_SIZE)
         stack.push_async_callback(raw_pool.close)
         yield Suite(
             jobs_pid=jobs.pid,
-            noop_pids=noop_pids,
+            noop=noop_servers,
             jobs_stubs=[jobs_pb2_grpc.JobServiceStub(channel) for channel in channels],
-            noop_channel=noop_channels[0],
-            noop_interceptor_channel=noop_channels[1],
             store_pool=TenantScopedPool(raw_pool, JOBS.database_role),
             costs_pid=costs_pid,
             costs_stubs=[costs_pb2_grpc.CostServiceStub(channel) for channel in costs_channels],

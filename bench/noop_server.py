@@ -1,14 +1,19 @@
-"""The gRPC ceiling: a no-op unary handler on grpc.aio, optionally behind the interceptors
-every service runs. `python -m bench.noop_server PORT [--interceptor]`."""
+"""The gRPC ceiling: a no-op unary handler on grpc.aio, optionally behind the interceptor
+every service runs, on the services' event loop. `python -m bench.noop_server PORT
+[--interceptor [--access-log all]]`."""
 
 import argparse
-import asyncio
 
 import grpc
+import uvloop
 
-from services.runtime.interceptors.server import allow_any_caller
+from services.runtime.interceptors.server import (
+    ACCESS_LOG_FAILURES,
+    ACCESS_LOG_MODES,
+    allow_any_caller,
+)
 from services.runtime.logs import configure_logging
-from services.runtime.server import server_interceptors
+from services.runtime.server import new_server, suite_interceptor
 
 METHOD = "/bench.Noop/Call"
 
@@ -17,14 +22,17 @@ async def _noop(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
     return request
 
 
-async def serve(port: int, interceptor: bool) -> None:
-    server = grpc.aio.server(
-        interceptors=server_interceptors(allow_any_caller) if interceptor else []
-    )
+async def serve(port: int, interceptor: bool, access_log: str) -> None:
     handler = grpc.unary_unary_rpc_method_handler(_noop)
-    server.add_generic_rpc_handlers(
-        [grpc.method_handlers_generic_handler("bench.Noop", {"Call": handler})]
-    )
+    if interceptor:
+        # Registered as the services register theirs.
+        server, handlers = new_server(suite_interceptor(allow_any_caller, access_log=access_log))
+        handlers.add_registered_method_handlers("bench.Noop", {"Call": handler})
+    else:
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler("bench.Noop", {"Call": handler})]
+        )
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     print("ready", flush=True)
@@ -35,9 +43,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("port", type=int)
     parser.add_argument("--interceptor", action="store_true")
+    parser.add_argument("--access-log", choices=ACCESS_LOG_MODES, default=ACCESS_LOG_FAILURES)
     args = parser.parse_args()
     configure_logging()
-    asyncio.run(serve(args.port, args.interceptor))
+    uvloop.run(serve(args.port, args.interceptor, args.access_log))
 
 
 if __name__ == "__main__":

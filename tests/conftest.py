@@ -84,6 +84,7 @@ def settings_for(database_url: str, **overrides: object) -> Settings:
         "health_check_interval_seconds": 0.2,
         "shutdown_grace_seconds": 5.0,
         "metrics_port": 0,
+        "access_log": "all",  # tests read the access lines of calls that succeed too
     }
     return Settings(**(values | overrides))
 

@@ -12,7 +12,9 @@ from jobs.v1 import jobs_pb2, jobs_pb2_grpc
 from services.runtime import errors
 from services.runtime.call_context import profile_scope
 from services.runtime.interceptors import ProfileInterceptor, profile_client_interceptors
+from services.runtime.interceptors.handlers import InterceptorChain
 from services.runtime.logs import LOG_FORMAT
+from services.runtime.server import new_server
 from tests.conftest import as_profile, new_profile_id
 
 Code = grpc.StatusCode
@@ -135,23 +137,25 @@ async def test_client_interceptor_passes_on_the_remaining_deadline(jobs_service)
     assert raised.value.code() == Code.DEADLINE_EXCEEDED
 
 
-async def _serve_raising(error: BaseException):
-    """A server whose one handler raises `error`, behind the shared interceptor."""
-
-    async def handler(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        raise error
-
-    server = grpc.aio.server(interceptors=[ProfileInterceptor()])
-    server.add_generic_rpc_handlers(
-        [
-            grpc.method_handlers_generic_handler(
-                "test.Raising", {"Call": grpc.unary_unary_rpc_method_handler(handler)}
-            )
-        ]
+async def _serve(behavior, interceptor: ProfileInterceptor | None = None):
+    """A server of one unary method, test.Service/Call, behind the shared interceptor,
+    registered as the services register theirs."""
+    server, handlers = new_server(InterceptorChain(interceptor or ProfileInterceptor()))
+    handlers.add_registered_method_handlers(
+        "test.Service", {"Call": grpc.unary_unary_rpc_method_handler(behavior)}
     )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return server, port
+
+
+async def _serve_raising(error: BaseException):
+    """A server whose one handler raises `error`."""
+
+    async def handler(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        raise error
+
+    return await _serve(handler)
 
 
 @pytest.mark.parametrize(
@@ -170,7 +174,7 @@ async def test_domain_errors_become_their_status_codes(error, code):
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             with pytest.raises(grpc.aio.AioRpcError) as raised:
-                await channel.unary_unary("/test.Raising/Call")(b"", metadata=as_profile("p"))
+                await channel.unary_unary("/test.Service/Call")(b"", metadata=as_profile("p"))
     finally:
         await server.stop(None)
     assert raised.value.code() == code
@@ -182,7 +186,7 @@ async def test_unexpected_exception_is_internal_and_logged_without_details(caplo
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             with pytest.raises(grpc.aio.AioRpcError) as raised:
-                await channel.unary_unary("/test.Raising/Call")(b"", metadata=as_profile("p"))
+                await channel.unary_unary("/test.Service/Call")(b"", metadata=as_profile("p"))
     finally:
         await server.stop(None)
     assert raised.value.code() == Code.INTERNAL
@@ -195,3 +199,73 @@ async def test_message_above_the_size_limit_is_refused(jobs_stub, profile):
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await jobs_stub.CreateJob(request, metadata=profile)
     assert raised.value.code() == Code.RESOURCE_EXHAUSTED
+
+
+async def _echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    if request == b"fail":
+        raise errors.NotFound("nothing here")
+    return request
+
+
+@pytest.mark.parametrize(
+    ("access_log", "slow_call_seconds", "body", "logged"),
+    [
+        ("failures", 60.0, b"ok", False),
+        ("failures", 60.0, b"fail", True),
+        ("failures", 0.0, b"ok", True),  # slower than the threshold
+        ("all", 60.0, b"ok", True),
+    ],
+    ids=["ok", "failed", "slow", "all"],
+)
+async def test_access_log_policy(caplog, access_log, slow_call_seconds, body, logged):
+    caplog.set_level(logging.INFO)
+    interceptor = ProfileInterceptor(access_log=access_log, slow_call_seconds=slow_call_seconds)
+    server, port = await _serve(_echo, interceptor)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary("/test.Service/Call")
+            if body == b"fail":
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await call(body, metadata=as_profile("p1"))
+            else:
+                assert await call(body, metadata=as_profile("p1")) == body
+    finally:
+        await server.stop(None)
+    access = [r for r in caplog.records if r.name == "services.access"]
+    assert len(access) == (1 if logged else 0)
+    if logged:
+        assert access[0].method == "/test.Service/Call"
+        assert access[0].status == ("NOT_FOUND" if body == b"fail" else "OK")
+
+
+async def test_unknown_access_log_mode_is_refused():
+    with pytest.raises(ValueError, match="all, failures"):
+        ProfileInterceptor(access_log="some")
+
+
+async def test_handlers_found_at_call_time_are_intercepted_too():
+    """Handlers registered only as generic handlers (looked up per call) get the same
+    profile check as those registered by name; an unknown method is UNIMPLEMENTED."""
+    server, handlers = new_server(InterceptorChain(ProfileInterceptor()))
+    handlers.add_generic_rpc_handlers(
+        [
+            grpc.method_handlers_generic_handler(
+                "test.Generic", {"Call": grpc.unary_unary_rpc_method_handler(_echo)}
+            )
+        ]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary("/test.Generic/Call")
+            assert await call(b"hi", metadata=as_profile("p1")) == b"hi"
+            assert await call(b"again", metadata=as_profile("p1")) == b"again"
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call(b"hi")
+            with pytest.raises(grpc.aio.AioRpcError) as unknown:
+                await channel.unary_unary("/test.Generic/Other")(b"", metadata=as_profile("p1"))
+    finally:
+        await server.stop(None)
+    assert refused.value.code() == Code.UNAUTHENTICATED
+    assert unknown.value.code() == Code.UNIMPLEMENTED

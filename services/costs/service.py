@@ -6,7 +6,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import asyncpg
-import grpc
 from costs.v1 import costs_pb2_grpc
 
 from services.costs.model import read_catalog
@@ -15,6 +14,7 @@ from services.costs.servicer import CostServicer
 from services.costs.spool import Spool
 from services.costs.store import CostStore, load_catalog
 from services.runtime.database import TenantScopedPool
+from services.runtime.interceptors.handlers import InterceptedHandlers
 from services.runtime.server import ServiceDefinition, ServicersFactory
 from services.runtime.settings import Settings
 
@@ -30,12 +30,12 @@ async def load_price_catalog(connection: asyncpg.Connection) -> None:
 def costs_servicers(spool_path: Path, spool_retry_seconds: float) -> ServicersFactory:
     @asynccontextmanager
     async def servicers(
-        server: grpc.aio.Server, pool: TenantScopedPool, settings: Settings
+        handlers: InterceptedHandlers, pool: TenantScopedPool, settings: Settings
     ) -> AsyncIterator[None]:
         store = CostStore(pool)
         recorder = Recorder(store, Spool(spool_path), spool_retry_seconds)
         await recorder.start()
-        costs_pb2_grpc.add_CostServiceServicer_to_server(CostServicer(store, recorder), server)
+        costs_pb2_grpc.add_CostServiceServicer_to_server(CostServicer(store, recorder), handlers)
         try:
             yield
         finally:

@@ -4,25 +4,25 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import grpc
 from jobs.v1 import jobs_pb2_grpc
 
 from services.jobs.servicer import JobServicer
 from services.jobs.store import JobStore
 from services.jobs.watch import JobWatchHub
 from services.runtime.database import TenantScopedPool
+from services.runtime.interceptors.handlers import InterceptedHandlers
 from services.runtime.server import ServiceDefinition
 from services.runtime.settings import Settings
 
 
 @asynccontextmanager
 async def _servicers(
-    server: grpc.aio.Server, pool: TenantScopedPool, settings: Settings
+    handlers: InterceptedHandlers, pool: TenantScopedPool, settings: Settings
 ) -> AsyncIterator[None]:
     store = JobStore(pool)
     watch_hub = JobWatchHub(settings.database_url, store)
     await watch_hub.start()
-    jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(store, watch_hub), server)
+    jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(store, watch_hub), handlers)
     try:
         yield
     finally:

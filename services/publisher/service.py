@@ -4,7 +4,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import grpc
 from publisher.v1 import publisher_pb2_grpc
 
 import suite_client
@@ -17,6 +16,7 @@ from services.publisher.settings import PublisherSettings
 from services.publisher.store import PostingPolicy, PublisherStore
 from services.runtime.channels import channel_credentials
 from services.runtime.database import TenantScopedPool
+from services.runtime.interceptors.handlers import InterceptedHandlers
 from services.runtime.server import ServiceDefinition
 from services.runtime.settings import Settings
 
@@ -30,7 +30,7 @@ def publisher_definition(config: PublisherSettings | None = None) -> ServiceDefi
 
     @asynccontextmanager
     async def servicers(
-        server: grpc.aio.Server, pool: TenantScopedPool, settings: Settings
+        handlers: InterceptedHandlers, pool: TenantScopedPool, settings: Settings
     ) -> AsyncIterator[None]:
         own = config or PublisherSettings.from_environment()
         postiz = PostizClient(
@@ -55,7 +55,7 @@ def publisher_definition(config: PublisherSettings | None = None) -> ServiceDefi
             own.postiz_allowed_hosts,
         )
         publisher_pb2_grpc.add_PublisherServiceServicer_to_server(
-            PublisherServicer(publisher), server
+            PublisherServicer(publisher), handlers
         )
         try:
             yield

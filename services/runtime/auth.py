@@ -83,9 +83,7 @@ class JwtAuthorizer:
             raise Unauthenticated("the token's sub claim must name the caller")
         return claims
 
-    async def __call__(
-        self, profile_id: str | None, context: ServicerContext, method: str
-    ) -> Caller:
+    def __call__(self, profile_id: str | None, context: ServicerContext, method: str) -> Caller:
         token, authorization = _bearer_token(context)
         claims = self.claims(token)
         caller = Caller(

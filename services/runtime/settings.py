@@ -3,6 +3,8 @@
 import os
 from dataclasses import dataclass, field
 
+from services.runtime.interceptors.server import ACCESS_LOG_FAILURES, ACCESS_LOG_MODES
+
 AUTH_MODES = ("none", "jwt")
 
 
@@ -73,12 +75,16 @@ class Settings:
                 "AUTH_MODE=jwt needs exactly one of AUTH_JWT_SECRET (HS256) "
                 "or AUTH_JWT_PUBLIC_KEY (ES256)"
             )
+        if self.access_log not in ACCESS_LOG_MODES:
+            raise SystemExit(f"ACCESS_LOG must be one of {', '.join(ACCESS_LOG_MODES)}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise SystemExit("GRPC_TLS_CERT and GRPC_TLS_KEY go together")
         if self.tls_client_ca and not self.tls_cert:
             raise SystemExit("GRPC_TLS_CLIENT_CA needs GRPC_TLS_CERT and GRPC_TLS_KEY")
 
     metrics_port: int | None = None  # None: no /metrics endpoint; 0: any free port
+    # Which calls get an access line: "failures" (and slow unary calls) or "all".
+    access_log: str = ACCESS_LOG_FAILURES
 
     @classmethod
     def from_environment(
@@ -115,4 +121,6 @@ class Settings:
             tls_client_ca=os.environ.get("GRPC_TLS_CLIENT_CA", ""),
             tls_server_ca=os.environ.get("GRPC_TLS_SERVER_CA", ""),
             metrics_port=env_port_or_off("METRICS_PORT", default_metrics_port),
+            access_log=os.environ.get("ACCESS_LOG", cls.access_log).strip().lower()
+            or ACCESS_LOG_FAILURES,
         )
