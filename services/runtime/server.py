@@ -29,7 +29,6 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from services.runtime.auth import authorizer_for
 from services.runtime.database import CONNECTION_ERRORS, TenantScopedPool, create_pool
 from services.runtime.interceptors.handlers import InterceptedHandlers, InterceptorChain
-from services.runtime.interceptors.metrics import MetricsInterceptor
 from services.runtime.interceptors.server import (
     ACCESS_LOG_FAILURES,
     Authorizer,
@@ -91,10 +90,8 @@ def suite_interceptor(
     cross_profile_methods: frozenset[str] = frozenset(),
     access_log: str = ACCESS_LOG_FAILURES,
 ) -> InterceptorChain:
-    """The suite's work around every handler, outermost first: metrics see every call,
-    refused ones included."""
+    """The suite's work around every handler, outermost first."""
     return InterceptorChain(
-        MetricsInterceptor(),
         ProfileInterceptor(authorize, cross_profile_methods, access_log),
         *inner_server_interceptors(),
     )

@@ -1,8 +1,9 @@
-"""The server interceptor that counts and times every RPC for Prometheus.
+"""The gRPC server metrics: every RPC counted and timed for Prometheus.
 
 Metric and label names are those of the Go and Java gRPC Prometheus interceptors
-(go-grpc-prometheus), so their dashboards and alerts work unchanged. It runs first, before the
-profile interceptor, so calls refused for want of a profile are counted too.
+(go-grpc-prometheus), so their dashboards and alerts work unchanged. The profile
+interceptor's pipeline keeps them for the calls it handles, refused ones included, in the same
+wrapper as its own work; `counted` keeps them for the methods it exempts (health, reflection).
 """
 
 import asyncio
@@ -14,7 +15,7 @@ import grpc
 from grpc.aio import ServicerContext
 from prometheus_client import Counter, Histogram
 
-from services.runtime.interceptors.handlers import WrappingInterceptor, behavior_of, with_behavior
+from services.runtime.interceptors.handlers import behavior_of, with_behavior
 
 _LABELS = ["grpc_type", "grpc_service", "grpc_method"]
 
@@ -49,7 +50,7 @@ def _code_of(context: ServicerContext, error: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
-class _MethodMetrics:
+class MethodMetrics:
     """One method's label children, made once: `labels()` costs more than an increment."""
 
     __slots__ = ("_handled", "_labels", "_seconds", "_started")
@@ -65,30 +66,17 @@ class _MethodMetrics:
         self._started.inc()
         return time.perf_counter()
 
-    def finish(self, code: grpc.StatusCode, started: float) -> None:
-        self._seconds.observe(time.perf_counter() - started)
+    def finish(self, code: grpc.StatusCode, elapsed_seconds: float) -> None:
+        self._seconds.observe(elapsed_seconds)
         handled = self._handled.get(code)
         if handled is None:
             handled = self._handled[code] = HANDLED.labels(*self._labels, code.name)
         handled.inc()
 
 
-class MetricsInterceptor(WrappingInterceptor):
-    """Counts every RPC by method and status code and observes its duration."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        # Made once per method, even when an inner interceptor rebuilds the handler per call.
-        self._metrics: dict[str, _MethodMetrics] = {}
-
-    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        metrics = self._metrics.get(method)
-        if metrics is None:
-            metrics = self._metrics[method] = _MethodMetrics(method, handler)
-        return _wrap_handler(handler, metrics)
-
-
-def _wrap_handler(handler: grpc.RpcMethodHandler, metrics: _MethodMetrics) -> grpc.RpcMethodHandler:
+def counted(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """The handler, with its calls counted and timed."""
+    metrics = MethodMetrics(method, handler)
     inner = behavior_of(handler)
     if inspect.isasyncgenfunction(inner):
 
@@ -103,7 +91,7 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, metrics: _MethodMetrics) -> gr
                 code = _code_of(context, error)
                 raise
             finally:
-                metrics.finish(code, started)
+                metrics.finish(code, time.perf_counter() - started)
 
         return with_behavior(handler, streaming)
 
@@ -118,6 +106,6 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, metrics: _MethodMetrics) -> gr
             code = _code_of(context, error)
             raise
         finally:
-            metrics.finish(code, started)
+            metrics.finish(code, time.perf_counter() - started)
 
     return with_behavior(handler, awaited)

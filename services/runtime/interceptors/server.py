@@ -1,7 +1,9 @@
-"""The server interceptor every service runs: who is calling, for which profile; logging.
+"""The server interceptor every service runs: who is calling, for which profile; metrics and
+logging.
 
 For each RPC it reads and validates `x-profile-id`, authorizes the caller, scopes the call to
-that profile, turns domain errors into gRPC status codes and writes an access line: for every
+that profile, turns domain errors into gRPC status codes, counts and times the call for
+Prometheus (runtime.interceptors.metrics) and writes an access line: for every
 call with ACCESS_LOG=all, otherwise (the default) for each call that fails and each unary
 call slower than SLOW_CALL_SECONDS. Every call is counted by method and status code in the
 gRPC metrics either way; an access line per call cost more than a no-op handler's own share
@@ -29,6 +31,7 @@ from services.runtime.call_context import (
     profile_id_from_metadata,
 )
 from services.runtime.interceptors.handlers import WrappingInterceptor
+from services.runtime.interceptors.metrics import MethodMetrics, counted
 
 access_log = logging.getLogger("services.access")
 operator_log = logging.getLogger("services.operator")
@@ -104,9 +107,10 @@ class ProfileInterceptor(WrappingInterceptor):
 
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if method.startswith(EXEMPT_SERVICE_PREFIXES):
-            return handler
+            return counted(method, handler)
         pipeline = _CallPipeline(
             method,
+            MethodMetrics(method, handler),
             self._authorize,
             method in self._cross_profile_methods,
             # A stream's length is the caller's to choose: only its failure is news.
@@ -117,19 +121,29 @@ class ProfileInterceptor(WrappingInterceptor):
 
 
 class _CallPipeline:
-    """What happens around one method's handler on every call."""
+    """What happens around one method's handler on every call, in one wrapper: each layer of
+    wrapping costs a coroutine per call."""
 
-    __slots__ = ("_authorize", "_log_every_call", "_slow_seconds", "cross_profile", "method")
+    __slots__ = (
+        "_authorize",
+        "_log_every_call",
+        "_slow_seconds",
+        "cross_profile",
+        "method",
+        "metrics",
+    )
 
     def __init__(
         self,
         method: str,
+        metrics: MethodMetrics,
         authorize: Authorizer,
         cross_profile: bool = False,
         log_every_call: bool = True,
         slow_seconds: float | None = None,
     ) -> None:
         self.method = method
+        self.metrics = metrics
         self._authorize = authorize
         self.cross_profile = cross_profile
         self._log_every_call = log_every_call
@@ -183,15 +197,16 @@ class _CallPipeline:
     async def abort(
         self, context: ServicerContext, code: grpc.StatusCode, message: str, started: float
     ) -> None:
-        """Logs the call, then ends it: grpc.aio sends the status as abort is called, so a
-        line logged after it could come after the caller has its answer."""
-        self.log_access(code, started)
+        """Records the call, then ends it: grpc.aio sends the status as abort is called, so
+        a line logged after it could come after the caller has its answer."""
+        self.finish(code, started)
         await context.abort(code, message)
 
-    def log_access(self, code: grpc.StatusCode, started: float) -> None:
-        """The call's access line, if the policy wants one: method, status, duration and the
-        proved caller; never a body."""
+    def finish(self, code: grpc.StatusCode, started: float) -> None:
+        """Counts and times the call; writes its access line if the policy wants one:
+        method, status, duration and the proved caller, never a body."""
         elapsed = time.perf_counter() - started
+        self.metrics.finish(code, elapsed)
         if (
             code is grpc.StatusCode.OK
             and not self._log_every_call
@@ -220,7 +235,7 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, call: _CallPipeline) -> grpc.R
         inner_stream = handler.unary_stream or handler.stream_stream
 
         async def streaming(request_or_iterator: Any, context: ServicerContext) -> Any:
-            started = time.perf_counter()
+            started = call.metrics.start()
             try:
                 scope = call.enter(context)
             except errors.DomainError as error:
@@ -230,6 +245,7 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, call: _CallPipeline) -> grpc.R
                 requests = _decoded(request_or_iterator, handler.request_streaming)
                 async for response in inner_stream(requests, context):
                     yield response
+                code = context.code() or code
             except BaseException as error:
                 code, message = call.outcome(context, error)
                 if message is None:
@@ -238,7 +254,7 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, call: _CallPipeline) -> grpc.R
                 await call.abort(context, code, message, started)
             finally:
                 if not logged:
-                    call.log_access(code, started)
+                    call.finish(code, started)
                 scope.close()
 
         behavior: Any = streaming
@@ -251,7 +267,7 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, call: _CallPipeline) -> grpc.R
         inner_unary = handler.unary_unary or handler.stream_unary
 
         async def unary(request_or_iterator: Any, context: ServicerContext) -> Any:
-            started = time.perf_counter()
+            started = call.metrics.start()
             try:
                 scope = call.enter(context)
             except errors.DomainError as error:
@@ -259,7 +275,9 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, call: _CallPipeline) -> grpc.R
             code, logged = grpc.StatusCode.OK, False
             try:
                 requests = _decoded(request_or_iterator, handler.request_streaming)
-                return await inner_unary(requests, context)
+                response = await inner_unary(requests, context)
+                code = context.code() or code
+                return response
             except BaseException as error:
                 code, message = call.outcome(context, error)
                 if message is None:
@@ -268,7 +286,7 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, call: _CallPipeline) -> grpc.R
                 await call.abort(context, code, message, started)
             finally:
                 if not logged:
-                    call.log_access(code, started)
+                    call.finish(code, started)
                 scope.close()
 
         behavior = unary
