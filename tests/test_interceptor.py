@@ -15,6 +15,7 @@ from services.runtime.interceptors import ProfileInterceptor, profile_client_int
 from services.runtime.interceptors.handlers import InterceptorChain
 from services.runtime.logs import LOG_FORMAT
 from services.runtime.server import new_server
+from services.runtime.settings import Settings
 from tests.conftest import as_profile, new_profile_id
 
 Code = grpc.StatusCode
@@ -241,6 +242,17 @@ async def test_access_log_policy(caplog, access_log, slow_call_seconds, body, lo
 async def test_unknown_access_log_mode_is_refused():
     with pytest.raises(ValueError, match="all, failures"):
         ProfileInterceptor(access_log="some")
+
+
+def test_access_log_setting_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("DATABASE_URL", "postgresql://x")
+    monkeypatch.delenv("ACCESS_LOG", raising=False)
+    assert Settings.from_environment(50051).access_log == "failures"
+    monkeypatch.setenv("ACCESS_LOG", " ALL ")
+    assert Settings.from_environment(50051).access_log == "all"
+    monkeypatch.setenv("ACCESS_LOG", "verbose")
+    with pytest.raises(SystemExit, match="ACCESS_LOG must be one of all, failures"):
+        Settings.from_environment(50051)
 
 
 async def test_handlers_found_at_call_time_are_intercepted_too():

@@ -75,6 +75,8 @@ async def main() -> int:
     environment = os.environ | {
         "DATABASE_URL": database_url,
         "JOBS_TARGET": os.environ.get("JOBS_TARGET", "localhost:50051"),
+        # Locally every call is worth a line: that is how a grpcurl call shows up.
+        "ACCESS_LOG": os.environ.get("ACCESS_LOG", "all"),
         "PUBLISHER_ENCRYPTION_KEYS": os.environ.get("PUBLISHER_ENCRYPTION_KEYS")
         or _development_encryption_keys(),
     }
