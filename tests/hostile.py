@@ -6,6 +6,7 @@ past validation) and its database schema; everything else here is generic.
 """
 
 import asyncio
+import logging
 import os
 import string
 from collections.abc import Awaitable, Callable, Mapping
@@ -292,3 +293,35 @@ async def run_property(
         asyncio.run_coroutine_threadsafe(check(**values), loop).result()
 
     await asyncio.to_thread(example)
+
+
+# What a grpc.aio client reports when it loses the server's status: a server that ends a
+# client-streaming call before the client has sent every message (a refusal, say) sends its
+# status, and the client's next write fails and overwrites it (grpc/grpc#36066).
+CLIENT_LOST_THE_STATUS = "Internal error from Core"
+
+
+class AccessLines(logging.Handler):
+    """The services' access lines (logger services.access) while it is installed: the
+    status each call ended with on the server."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def __enter__(self) -> "AccessLines":
+        logging.getLogger("services.access").addHandler(self)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        logging.getLogger("services.access").removeHandler(self)
+
+    def server_status(self, since: int, method: str) -> grpc.StatusCode:
+        """The status the last call of `method` logged after record number `since` ended
+        with on the server."""
+        statuses = [r.status for r in self.records[since:] if getattr(r, "method", "") == method]
+        assert statuses, f"the server logged no call of {method}"
+        return grpc.StatusCode[statuses[-1]]

@@ -73,10 +73,10 @@ class InterceptedHandlers(grpc.GenericRpcHandler):
 
     It has the two methods that generated `add_*Servicer_to_server` functions call on a
     server, and the server serves it as its one generic handler. Handlers are wrapped when
-    they are registered, so a call costs a dictionary lookup: grpc.aio's own interceptor
-    machinery runs a chain of coroutines per call, and its dispatch of registered methods
-    waits on a future per method per call; together they cost about a tenth of a no-op call
-    (`make bench`, no-op rows)."""
+    they are registered, so finding a call's handler costs a dictionary lookup. Through
+    grpc.aio's own interceptor machinery it would cost a chain of coroutines per call, and
+    grpc.aio's dispatch of methods registered by name waits on a future per method per call.
+    """
 
     def __init__(self, interceptor: WrappingInterceptor) -> None:
         self._interceptor = interceptor
