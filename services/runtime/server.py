@@ -28,7 +28,11 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from services.runtime.auth import authorizer_for
 from services.runtime.database import CONNECTION_ERRORS, TenantScopedPool, create_pool
-from services.runtime.interceptors.handlers import InterceptedHandlers, InterceptorChain
+from services.runtime.interceptors.handlers import (
+    InterceptedHandlers,
+    InterceptorChain,
+    WrappingInterceptor,
+)
 from services.runtime.interceptors.server import (
     ACCESS_LOG_FAILURES,
     Authorizer,
@@ -98,7 +102,7 @@ def suite_interceptor(
 
 
 def new_server(
-    interceptor: InterceptorChain, options: list[tuple[str, int]] | None = None
+    interceptor: WrappingInterceptor, options: list[tuple[str, int]] | None = None
 ) -> tuple[grpc.aio.Server, InterceptedHandlers]:
     """A grpc.aio server and the registry its services register their handlers on; the
     suite's interceptor wraps each handler there, once. Only the tracing interceptor (when
