@@ -38,28 +38,15 @@ class WrappingInterceptor:
     every call. It is applied by an InterceptedHandlers as handlers are registered, not by
     grpc.aio per call."""
 
-    def __init__(self) -> None:
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
-
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         """The handler to run for `method` instead of `handler` (or `handler` itself)."""
         raise NotImplementedError
-
-    def wrapped(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        """`wrap`, made once per method and handler."""
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self.wrap(method, handler)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
 
 
 class InterceptorChain(WrappingInterceptor):
     """Several wrapping interceptors run as one, the first outermost."""
 
     def __init__(self, *links: WrappingInterceptor) -> None:
-        super().__init__()
         self._links = links
 
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
@@ -82,13 +69,15 @@ class InterceptedHandlers(grpc.GenericRpcHandler):
         self._interceptor = interceptor
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
         self._generic: list[grpc.GenericRpcHandler] = []
+        # What a generic handler gave for a method, and its wrapping: made once per handler.
+        self._found: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def add_registered_method_handlers(
         self, service_name: str, method_handlers: dict[str, grpc.RpcMethodHandler]
     ) -> None:
         for name, handler in method_handlers.items():
             method = f"/{service_name}/{name}"
-            self._handlers[method] = self._interceptor.wrapped(method, handler)
+            self._handlers[method] = self._interceptor.wrap(method, handler)
 
     def add_generic_rpc_handlers(self, generic_handlers: Iterable[grpc.GenericRpcHandler]) -> None:
         """Handlers looked up by method at call time, for methods not registered by name."""
@@ -104,5 +93,11 @@ class InterceptedHandlers(grpc.GenericRpcHandler):
         for generic in self._generic:
             handler = generic.service(handler_call_details)
             if handler is not None:
-                return self._interceptor.wrapped(method, handler)
+                return self._wrapped_found(method, handler)
         return None
+
+    def _wrapped_found(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        found = self._found.get(method)
+        if found is None or found[0] is not handler:
+            found = self._found[method] = (handler, self._interceptor.wrap(method, handler))
+        return found[1]

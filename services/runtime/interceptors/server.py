@@ -97,7 +97,6 @@ class ProfileInterceptor(WrappingInterceptor):
         access_log: str = ACCESS_LOG_FAILURES,
         slow_call_seconds: float = SLOW_CALL_SECONDS,
     ) -> None:
-        super().__init__()
         if access_log not in ACCESS_LOG_MODES:
             raise ValueError(f"access_log must be one of {', '.join(ACCESS_LOG_MODES)}")
         self._authorize = authorize
