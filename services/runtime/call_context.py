@@ -84,7 +84,8 @@ def remaining_seconds() -> float | None:
 class CallScope:
     """The current call's profile, caller and deadline, set until `close()`.
 
-    The server interceptor opens one per RPC; `profile_scope` is the same as a `with` block.
+    The server interceptor opens one per RPC, with an id profile_id_from_metadata has
+    validated; `profile_scope` is the same as a `with` block, and validates the id itself.
     A cross-profile read (an operator's call) has no profile: `profile_id` is None.
     """
 
@@ -97,8 +98,6 @@ class CallScope:
         caller: Caller | None = None,
     ) -> None:
         deadline = None if time_remaining is None else time.monotonic() + time_remaining
-        if profile_id is not None:
-            validate_profile_id(profile_id)
         self._profile_token = _current_profile_id.set(profile_id)
         self._deadline_token = _current_deadline.set(deadline)
         self._caller_token = _current_caller.set(caller)
@@ -113,7 +112,10 @@ class CallScope:
 def profile_scope(
     profile_id: str | None, time_remaining: float | None = None, caller: Caller | None = None
 ) -> Iterator[None]:
-    """Acts for profile_id (and the call's deadline and caller) until the block ends."""
+    """Acts for profile_id (and the call's deadline and caller) until the block ends;
+    InvalidArgument for a malformed id."""
+    if profile_id is not None:
+        validate_profile_id(profile_id)
     scope = CallScope(profile_id, time_remaining, caller)
     try:
         yield
