@@ -281,3 +281,10 @@ async def test_handlers_found_at_call_time_are_intercepted_too():
         await server.stop(None)
     assert refused.value.code() == Code.UNAUTHENTICATED
     assert unknown.value.code() == Code.UNIMPLEMENTED
+
+
+@pytest.mark.parametrize("profile_id", MALFORMED_PROFILE_IDS)
+def test_profile_scope_refuses_a_malformed_profile(profile_id):
+    refused = pytest.raises(errors.InvalidArgument, match="1 to 64 characters")
+    with refused, profile_scope(profile_id):
+        pass
