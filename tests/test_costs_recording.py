@@ -279,6 +279,31 @@ async def test_record_usage_with_bad_quantity_is_invalid(costs_stub, profile, qu
     assert "quantity" in details
 
 
+@pytest.mark.parametrize(
+    ("attributes", "expected"),
+    [
+        ({"seconds": float("nan")}, "NaN"),
+        ({"seconds": float("inf")}, "infinite"),
+        ({"note": "a\x00b"}, "NUL"),
+        ({"note": "x" * 20_000}, "larger than"),
+    ],
+)
+async def test_record_usage_with_attributes_jsonb_cannot_hold_is_invalid_and_not_stored(
+    costs_stub, profile, attributes, expected
+):
+    request = costs_pb2.RecordUsageRequest(
+        request_id="r", provider="acme", model="m", unit="seconds", quantity="3"
+    )
+    request.attributes.update(attributes)
+    details = await expect_status(
+        costs_stub.RecordUsage(request, metadata=profile), Code.INVALID_ARGUMENT
+    )
+    assert "attributes" in details
+    assert expected in details
+    listed = await costs_stub.ListCostEntries(costs_pb2.ListCostEntriesRequest(), metadata=profile)
+    assert not listed.entries
+
+
 def test_catalog_line_whose_per_is_not_a_power_of_ten_is_refused_by_line(tmp_path):
     catalog = tmp_path / "prices.csv"
     catalog.write_text(

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from costs.v1 import costs_pb2, costs_pb2_grpc
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 from grpc.aio import ServicerContext
 
@@ -30,7 +30,13 @@ from services.costs.model import (
 from services.costs.recorder import Recorder
 from services.costs.store import CostStore
 from services.runtime.errors import InvalidArgument
-from services.runtime.fields import optional_datetime, struct_message, text, timestamp_message
+from services.runtime.fields import (
+    optional_datetime,
+    struct_dict,
+    struct_message,
+    text,
+    timestamp_message,
+)
 from services.runtime.page_tokens import decode_page_token, encode_page_token, page_size
 
 MAX_NAME_LENGTH = 128
@@ -110,9 +116,7 @@ def _occurred_at(request: Message) -> datetime:
 
 
 def _attributes(message: struct_pb2.Struct) -> dict:
-    if message.ByteSize() > MAX_ATTRIBUTES_BYTES:
-        raise InvalidArgument(f"attributes must be at most {MAX_ATTRIBUTES_BYTES} bytes")
-    return json_format.MessageToDict(message)
+    return struct_dict(message, "attributes", max_bytes=MAX_ATTRIBUTES_BYTES)
 
 
 def elevenlabs_line(request: costs_pb2.RecordElevenLabsTTSRequest) -> UsageLine:
