@@ -1,6 +1,5 @@
 """SQL for the costs schema. Every method runs in one tenant-scoped transaction."""
 
-import json
 import logging
 import uuid
 from collections.abc import Sequence
@@ -9,6 +8,7 @@ from decimal import Decimal
 from typing import Any
 
 import asyncpg
+import orjson
 
 from services.costs.model import (
     AppliedPrice,
@@ -166,11 +166,12 @@ class CostStore:
                 [line.model for line in lines],
             )
         ]
-        # The batch travels as one JSON document, serialized in one call: per line, that
-        # costs less than three JSON columns and ten typed arrays encoded element by element.
-        # Decimals, times and UUIDs go as their exact text forms (str), which Postgres reads.
+        # The batch travels as one JSON document, serialized in one call by orjson: per line,
+        # that costs less than three JSON columns and ten typed arrays encoded element by
+        # element. Decimals go as their exact text (str); times as RFC 3339 and UUIDs in their
+        # usual form, both of which Postgres reads.
         pricings = [price_line(line, catalog) for line in lines]
-        batch = json.dumps(
+        batch = orjson.dumps(
             [
                 {
                     "request_id": line.request_id,
@@ -187,7 +188,7 @@ class CostStore:
                 for line, pricing in zip(lines, pricings, strict=True)
             ],
             default=str,
-        )
+        ).decode()
         rows = await connection.fetch(
             f"""
             INSERT INTO costs.entries (profile_id, request_id, provider, model, job_id,
