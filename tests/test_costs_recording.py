@@ -2,6 +2,7 @@
 models, exact money and answers to bad input."""
 
 import asyncio
+import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -40,6 +41,16 @@ async def test_elevenlabs_text_preview_is_cut_to_100_characters(costs_stub, prof
     entry = await record_tts(costs_stub, profile, text_preview="x" * 500, credits_charged=617)
     assert entry.attributes["text_preview"] == "x" * 100
     assert entry.usage["credits_charged"] == "617"
+
+
+async def test_entry_ids_are_uuid7s_carrying_the_millisecond_of_recording(costs_stub, profile):
+    before_ms = int(datetime.now(UTC).timestamp() * 1000)
+    entry = await record_tts(costs_stub, profile)
+    after_ms = int(datetime.now(UTC).timestamp() * 1000) + 1
+    entry_id = uuid.UUID(entry.entry_id)
+    assert entry_id.version == 7
+    assert entry_id.variant == uuid.RFC_4122
+    assert before_ms <= entry_id.int >> 80 <= after_ms
 
 
 async def test_same_request_id_twice_records_once_and_returns_the_first_line(costs_stub, profile):
