@@ -108,13 +108,17 @@ def parse_options(argv: list[str]) -> Options:
 
 
 def _row(name: str, sample: Sample, ceiling: float | None, ceiling_name: str) -> dict:
-    cpu = sample.server_cpu_us_per_call
+    def rounded(value: float | None) -> float | None:
+        return None if value is None else round(value, 1)
+
     return {
         "operation": name,
         "per_second": round(sample.per_second, 1),
         "p50_ms": round(sample.percentile(0.5), 2),
         "p99_ms": round(sample.percentile(0.99), 2),
-        "server_cpu_us_per_call": None if cpu is None else round(cpu, 1),
+        "server_cpu_us_per_call": rounded(sample.server_cpu_us_per_call),
+        "database_cpu_us_per_call": rounded(sample.database_cpu_us_per_call),
+        "client_cpu_us_per_call": rounded(sample.client_cpu_us_per_call),
         "ceiling": ceiling_name,
         "ceiling_per_second": None if ceiling is None else round(ceiling, 1),
         "ratio": None if not ceiling else round(sample.per_second / ceiling, 3),
@@ -308,7 +312,11 @@ async def _measure(suite: Suite, options: Options) -> dict:
     for operation in costs_operations:
         operation.server = "costs"
     operations = [op for op in operations + costs_operations if options.selects(op.name)]
-    run = {"concurrency": options.concurrency, "seconds": options.seconds}
+    run = {
+        "concurrency": options.concurrency,
+        "seconds": options.seconds,
+        "database_pid": suite.database_pid,
+    }
     for _ in range(options.rounds):
         for name, (pid, channel) in suite.noop.items():
             call = channel.unary_unary(METHOD)
@@ -378,6 +386,7 @@ async def _measure_workers(options: Options, database_url: str) -> list[dict]:
                     concurrency=options.concurrency * 2,
                     seconds=options.seconds,
                     server_pid=suite.jobs_pid,
+                    database_pid=suite.database_pid,
                 )
                 for _ in range(options.rounds)
             ]
@@ -393,19 +402,29 @@ async def _measure_workers(options: Options, database_url: str) -> list[dict]:
 
 
 def _print_table(rows: list[dict]) -> None:
+    """The table; CPU is in microseconds per call, of the server, the database and the
+    benchmark's own process (client)."""
     header = (
         f"{'operation':<44} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'ceiling/s':>9} "
-        f"{'ratio':>5} {'server CPU us/call':>18}"
+        f"{'ratio':>5} {'CPU us/call: server':>19} {'db':>7} {'client':>7}"
     )
     print(header)
     print("-" * len(header))
     for row in rows:
         ceiling = "" if row["ceiling_per_second"] is None else f"{row['ceiling_per_second']:.0f}"
         ratio = "" if row["ratio"] is None else f"{row['ratio']:.2f}"
-        cpu = row["server_cpu_us_per_call"]
+        server, database, client = (
+            "" if row[key] is None else f"{row[key]:.0f}"
+            for key in (
+                "server_cpu_us_per_call",
+                "database_cpu_us_per_call",
+                "client_cpu_us_per_call",
+            )
+        )
         print(
             f"{row['operation']:<44} {row['per_second']:>8.0f} {row['p50_ms']:>7.2f} "
-            f"{row['p99_ms']:>7.2f} {ceiling:>9} {ratio:>5} {'' if cpu is None else cpu:>18}"
+            f"{row['p99_ms']:>7.2f} {ceiling:>9} {ratio:>5} {server:>19} {database:>7} "
+            f"{client:>7}"
         )
 
 

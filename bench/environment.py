@@ -20,6 +20,7 @@ from costs.v1 import costs_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from jobs.v1 import jobs_pb2_grpc
 
+from bench.load import parent_pid
 from bench.seed import (
     insert_jobs_of_many_profiles,
     insert_synthetic_jobs,
@@ -85,10 +86,20 @@ class Suite:
     costs_stubs: list[costs_pb2_grpc.CostServiceStub]
     store_pool: TenantScopedPool
     costs_pool: TenantScopedPool
+    database_pid: int | None  # the PostgreSQL server's main process, when it runs here
 
     @property
     def jobs_stub(self) -> jobs_pb2_grpc.JobServiceStub:
         return self.jobs_stubs[0]
+
+
+async def _local_postmaster_pid(connection: asyncpg.Connection) -> int | None:
+    """The pid of the PostgreSQL server's main process, whose children are its backends and
+    helpers, when the server runs on this machine (a Unix socket or loopback); else None."""
+    address = await connection.fetchval("SELECT host(inet_server_addr())")
+    if address not in (None, "127.0.0.1", "::1"):
+        return None
+    return parent_pid(await connection.fetchval("SELECT pg_backend_pid()"))
 
 
 async def _process(stack: AsyncExitStack, log_dir: Path, name: str, *args: str, **env: str):
@@ -180,6 +191,8 @@ async def start_suite(database_url: str, *, workers: int, noop: bool) -> AsyncIt
             noop_servers[name] = (noop_process.pid, channel)
         raw_pool = await create_pool(database_url, min_size=POOL_SIZE, max_size=POOL_SIZE)
         stack.push_async_callback(raw_pool.close)
+        async with raw_pool.acquire() as connection:
+            database_pid = await _local_postmaster_pid(connection)
         yield Suite(
             jobs_pid=jobs.pid,
             noop=noop_servers,
@@ -188,4 +201,5 @@ async def start_suite(database_url: str, *, workers: int, noop: bool) -> AsyncIt
             costs_pid=costs_pid,
             costs_stubs=[costs_pb2_grpc.CostServiceStub(channel) for channel in costs_channels],
             costs_pool=TenantScopedPool(raw_pool, COSTS.database_role),
+            database_pid=database_pid,
         )

@@ -24,19 +24,43 @@ def process_tree_cpu_seconds(pid: int) -> float:
     return own + sum(process_tree_cpu_seconds(int(child)) for child in children)
 
 
+def parent_pid(pid: int) -> int | None:
+    """The process's parent, or None when there is no such process here."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
 @dataclass(frozen=True)
 class Sample:
     calls: int
     seconds: float
     latencies_ms: list[float]
+    # CPU spent meanwhile by the server (and its workers), by the database server (all its
+    # processes), and by this process, the client; None where not measured.
     server_cpu_seconds: float | None = None
+    database_cpu_seconds: float | None = None
+    client_cpu_seconds: float | None = None
+
+    def _per_call_us(self, cpu_seconds: float | None) -> float | None:
+        if cpu_seconds is None or not self.calls:
+            return None
+        return cpu_seconds / self.calls * 1e6
 
     @property
     def server_cpu_us_per_call(self) -> float | None:
         """The server's CPU per call: steadier than throughput on a shared, noisy machine."""
-        if self.server_cpu_seconds is None or not self.calls:
-            return None
-        return self.server_cpu_seconds / self.calls * 1e6
+        return self._per_call_us(self.server_cpu_seconds)
+
+    @property
+    def database_cpu_us_per_call(self) -> float | None:
+        return self._per_call_us(self.database_cpu_seconds)
+
+    @property
+    def client_cpu_us_per_call(self) -> float | None:
+        return self._per_call_us(self.client_cpu_seconds)
 
     @property
     def per_second(self) -> float:
@@ -49,16 +73,27 @@ class Sample:
         return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
+def _cpu_seconds(pid: int | None) -> float | None:
+    return None if pid is None else process_tree_cpu_seconds(pid)
+
+
+def _spent(before: float | None, after: float | None) -> float | None:
+    return None if before is None or after is None else after - before
+
+
 async def drive(
     call: Callable[[], Awaitable[object]],
     *,
     concurrency: int,
     seconds: float,
     server_pid: int | None = None,
+    database_pid: int | None = None,
 ) -> Sample:
     """Runs `call` from `concurrency` callers for about `seconds`; every call must succeed.
 
-    With `server_pid`, also the CPU that server process (and its workers) spent meanwhile.
+    Also the CPU this process spent meanwhile, and with `server_pid` and `database_pid`
+    the CPU those processes and their descendants spent: added up, what a call costs the
+    machine.
     """
     latencies: list[float] = []
     deadline = time.perf_counter() + seconds
@@ -69,12 +104,19 @@ async def drive(
             await call()
             latencies.append((time.perf_counter() - started) * 1000)
 
-    cpu_before = None if server_pid is None else process_tree_cpu_seconds(server_pid)
+    server_before, database_before = _cpu_seconds(server_pid), _cpu_seconds(database_pid)
+    client_before = time.process_time()
     started = time.perf_counter()
     await asyncio.gather(*(caller() for _ in range(concurrency)))
     elapsed = time.perf_counter() - started
-    cpu = None if server_pid is None else process_tree_cpu_seconds(server_pid) - cpu_before
-    return Sample(len(latencies), elapsed, latencies, cpu)
+    return Sample(
+        len(latencies),
+        elapsed,
+        latencies,
+        _spent(server_before, _cpu_seconds(server_pid)),
+        _spent(database_before, _cpu_seconds(database_pid)),
+        time.process_time() - client_before,
+    )
 
 
 def median_rate(samples: list[Sample]) -> float:
@@ -82,10 +124,14 @@ def median_rate(samples: list[Sample]) -> float:
 
 
 def merged(samples: list[Sample]) -> Sample:
-    cpu = [s.server_cpu_seconds for s in samples]
+    def total(values: list[float | None]) -> float | None:
+        return None if None in values else sum(values)  # type: ignore[arg-type]
+
     return Sample(
         sum(s.calls for s in samples),
         sum(s.seconds for s in samples),
         [latency for s in samples for latency in s.latencies_ms],
-        None if None in cpu else sum(cpu),  # type: ignore[arg-type]
+        total([s.server_cpu_seconds for s in samples]),
+        total([s.database_cpu_seconds for s in samples]),
+        total([s.client_cpu_seconds for s in samples]),
     )

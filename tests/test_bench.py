@@ -37,3 +37,11 @@ async def test_quick_benchmark_reports_every_operation(admin_database_url, tmp_p
         assert rows[name]["ratio"] > 0
     assert any(name.startswith("WatchJob fan-out") for name in rows)
     assert any(name.startswith("GetJob, 2 worker(s)") for name in rows)
+    # What a call costs the machine: the server's, the database's (it runs on this machine
+    # here) and the benchmark client's own CPU; the database-only rows have no server.
+    get_job = rows["GetJob"]
+    assert get_job["server_cpu_us_per_call"] > 0
+    assert get_job["database_cpu_us_per_call"] > 0
+    assert get_job["client_cpu_us_per_call"] > 0
+    assert rows["GetJob (db only)"]["server_cpu_us_per_call"] is None
+    assert rows["GetJob (db only)"]["database_cpu_us_per_call"] > 0
