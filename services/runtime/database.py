@@ -11,7 +11,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import asyncpg
 
@@ -81,8 +81,9 @@ class TenantScopedPool:
         self._waiting = 0
         self._traced = tracing_enabled()
 
-    @asynccontextmanager
-    async def transaction(self, *, readonly: bool = False) -> AsyncIterator[asyncpg.Connection]:
+    def transaction(
+        self, *, readonly: bool = False
+    ) -> AbstractAsyncContextManager[asyncpg.Connection]:
         """A transaction that sees only the current profile's rows.
 
         Rolled back on any error or cancellation; connection failures surface as
@@ -94,11 +95,9 @@ class TenantScopedPool:
             f"SELECT set_config('role', {self._role_literal}, true), "
             f"set_config('app.profile_id', {_literal(require_profile_id())}, true)"
         )
-        async with self._scoped(begin) as connection:
-            yield connection
+        return self._scoped(begin)
 
-    @asynccontextmanager
-    async def cross_profile_transaction(self) -> AsyncIterator[asyncpg.Connection]:
+    def cross_profile_transaction(self) -> AbstractAsyncContextManager[asyncpg.Connection]:
         """A READ ONLY transaction that sees every profile's rows, for an operator's call only
         (PermissionDenied otherwise); the schema must have a SELECT policy on `app.operator`."""
         caller = current_caller()
@@ -109,8 +108,7 @@ class TenantScopedPool:
             f"SELECT set_config('role', {self._role_literal}, true), "
             "set_config('app.operator', 'on', true)"
         )
-        async with self._scoped(begin) as connection:
-            yield connection
+        return self._scoped(begin)
 
     @asynccontextmanager
     async def _scoped(self, begin: str) -> AsyncIterator[asyncpg.Connection]:
