@@ -12,7 +12,8 @@ _TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def process_tree_cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) used so far by a process and its descendants."""
+    """CPU time (user + system) used so far by a process and its descendants, those that have
+    ended included (a database server's backends come and go)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         children = " ".join(
@@ -20,7 +21,8 @@ def process_tree_cpu_seconds(pid: int) -> float:
         ).split()
     except FileNotFoundError:
         return 0.0
-    own = (int(fields[11]) + int(fields[12])) / _TICKS
+    # utime and stime, then cutime and cstime: its own, and its ended children's.
+    own = sum(int(ticks) for ticks in fields[11:15]) / _TICKS
     return own + sum(process_tree_cpu_seconds(int(child)) for child in children)
 
 
