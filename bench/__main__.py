@@ -107,6 +107,23 @@ def parse_options(argv: list[str]) -> Options:
     )
 
 
+def _machine_bound(sample: Sample) -> float | None:
+    """The calls per second this machine's cores could give at the CPU a call was measured to
+    cost, summed over server, database and client: the ceiling of a machine they share."""
+    spent = [
+        cpu
+        for cpu in (
+            sample.server_cpu_us_per_call,
+            sample.database_cpu_us_per_call,
+            sample.client_cpu_us_per_call,
+        )
+        if cpu is not None
+    ]
+    if sample.database_cpu_us_per_call is None or not sum(spent):
+        return None
+    return len(os.sched_getaffinity(0)) * 1e6 / sum(spent)
+
+
 def _row(name: str, sample: Sample, ceiling: float | None, ceiling_name: str) -> dict:
     def rounded(value: float | None) -> float | None:
         return None if value is None else round(value, 1)
@@ -119,6 +136,7 @@ def _row(name: str, sample: Sample, ceiling: float | None, ceiling_name: str) ->
         "server_cpu_us_per_call": rounded(sample.server_cpu_us_per_call),
         "database_cpu_us_per_call": rounded(sample.database_cpu_us_per_call),
         "client_cpu_us_per_call": rounded(sample.client_cpu_us_per_call),
+        "machine_bound_per_second": rounded(_machine_bound(sample)),
         "ceiling": ceiling_name,
         "ceiling_per_second": None if ceiling is None else round(ceiling, 1),
         "ratio": None if not ceiling else round(sample.per_second / ceiling, 3),
@@ -403,28 +421,30 @@ async def _measure_workers(options: Options, database_url: str) -> list[dict]:
 
 def _print_table(rows: list[dict]) -> None:
     """The table; CPU is in microseconds per call, of the server, the database and the
-    benchmark's own process (client)."""
+    benchmark's own process (client); machine/s is the most calls per second this machine's
+    cores could give at that CPU per call."""
     header = (
         f"{'operation':<44} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'ceiling/s':>9} "
-        f"{'ratio':>5} {'CPU us/call: server':>19} {'db':>7} {'client':>7}"
+        f"{'ratio':>5} {'CPU us/call: server':>19} {'db':>7} {'client':>7} {'machine/s':>9}"
     )
     print(header)
     print("-" * len(header))
     for row in rows:
         ceiling = "" if row["ceiling_per_second"] is None else f"{row['ceiling_per_second']:.0f}"
         ratio = "" if row["ratio"] is None else f"{row['ratio']:.2f}"
-        server, database, client = (
+        server, database, client, machine = (
             "" if row[key] is None else f"{row[key]:.0f}"
             for key in (
                 "server_cpu_us_per_call",
                 "database_cpu_us_per_call",
                 "client_cpu_us_per_call",
+                "machine_bound_per_second",
             )
         )
         print(
             f"{row['operation']:<44} {row['per_second']:>8.0f} {row['p50_ms']:>7.2f} "
             f"{row['p99_ms']:>7.2f} {ceiling:>9} {ratio:>5} {server:>19} {database:>7} "
-            f"{client:>7}"
+            f"{client:>7} {machine:>9}"
         )
 
 
