@@ -109,19 +109,19 @@ def parse_options(argv: list[str]) -> Options:
 
 def _machine_bound(sample: Sample) -> float | None:
     """The calls per second this machine's cores could give at the CPU a call was measured to
-    cost, summed over server, database and client: the ceiling of a machine they share."""
-    spent = [
-        cpu
+    cost, summed over server, database and client: the ceiling of a machine they share. None
+    when the database runs elsewhere."""
+    if sample.database_cpu_us_per_call is None:
+        return None
+    spent = sum(
+        cpu or 0.0
         for cpu in (
             sample.server_cpu_us_per_call,
             sample.database_cpu_us_per_call,
             sample.client_cpu_us_per_call,
         )
-        if cpu is not None
-    ]
-    if sample.database_cpu_us_per_call is None or not sum(spent):
-        return None
-    return len(os.sched_getaffinity(0)) * 1e6 / sum(spent)
+    )
+    return len(os.sched_getaffinity(0)) * 1e6 / spent if spent else None
 
 
 def _row(name: str, sample: Sample, ceiling: float | None, ceiling_name: str) -> dict:

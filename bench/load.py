@@ -11,11 +11,17 @@ from pathlib import Path
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat after the command name (state, ppid, ...); FileNotFoundError when the
+    process is not here."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def process_tree_cpu_seconds(pid: int) -> float:
     """CPU time (user + system) used so far by a process and its descendants, those that have
     ended included (a database server's backends come and go)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = _stat_fields(pid)
         children = " ".join(
             path.read_text() for path in Path(f"/proc/{pid}/task").glob("*/children")
         ).split()
@@ -29,10 +35,9 @@ def process_tree_cpu_seconds(pid: int) -> float:
 def parent_pid(pid: int) -> int | None:
     """The process's parent, or None when there is no such process here."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(_stat_fields(pid)[1])
     except OSError:
         return None
-    return int(stat.rsplit(")", 1)[1].split()[1])
 
 
 @dataclass(frozen=True)
