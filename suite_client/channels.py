@@ -1,8 +1,14 @@
-"""One channel factory per service of the suite, configured as its callers should be."""
+"""The suite's one channel factory and its one retry policy, for every caller: workers, suitectl
+and the services' own calls to each other (Publisher → Jobs).
+
+deploy/grpc-service-config/ gives callers outside Python the same retry policy (a test keeps
+the two equal).
+"""
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import grpc
 
@@ -86,6 +92,20 @@ def suite_channel(
         return grpc.aio.insecure_channel(target, options=options, interceptors=chain)
     credentials = grpc.ssl_channel_credentials() if tls is True else tls
     return grpc.aio.secure_channel(target, credentials, options=options, interceptors=chain)
+
+
+def tls_credentials(
+    server_ca: str | Path | None, cert: str | Path | None = None, key: str | Path | None = None
+) -> grpc.ChannelCredentials | Literal[False]:
+    """TLS trusting the CA file `server_ca`, presenting `cert` and `key` (files) for mutual TLS
+    when given; False (plaintext) when no CA is given. For suite_channel's `tls`."""
+    if not server_ca:
+        return False
+    return grpc.ssl_channel_credentials(
+        root_certificates=Path(server_ca).read_bytes(),
+        private_key=Path(key).read_bytes() if key else None,
+        certificate_chain=Path(cert).read_bytes() if cert else None,
+    )
 
 
 def jobs_channel(target: str = "localhost:50051", **options: Any) -> grpc.aio.Channel:

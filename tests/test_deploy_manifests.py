@@ -9,6 +9,7 @@ from importlib.util import find_spec
 import pytest
 import yaml
 
+import suite_client
 from services.runtime.server import ServiceDefinition
 from services.runtime.settings import Settings
 from tests.kubernetes_manifests import (
@@ -212,3 +213,13 @@ def test_callers_service_config_balances_over_healthy_replicas(service: ServiceD
     assert config["healthCheckConfig"] == {"serviceName": service.grpc_service}
     for method in config.get("methodConfig", []):
         assert method["name"] == [{"service": service.grpc_service}]
+
+
+@SERVICES
+def test_callers_service_config_retries_as_the_suites_python_client_does(
+    service: ServiceDefinition,
+):
+    """One retry policy: suite_client's, written out for callers in other languages."""
+    config = json.loads((DEPLOY / f"grpc-service-config/{service.name}.json").read_text())
+    [method] = config["methodConfig"]
+    assert method["retryPolicy"] == suite_client.RetryPolicy().as_config()

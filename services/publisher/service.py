@@ -14,7 +14,6 @@ from services.publisher.publishing import Publisher
 from services.publisher.servicer import PublisherServicer
 from services.publisher.settings import PublisherSettings
 from services.publisher.store import PostingPolicy, PublisherStore
-from services.runtime.channels import channel_credentials
 from services.runtime.database import TenantScopedPool
 from services.runtime.interceptors.handlers import InterceptedHandlers
 from services.runtime.server import ServiceDefinition
@@ -38,9 +37,11 @@ def publisher_definition(config: PublisherSettings | None = None) -> ServiceDefi
             get_attempts=own.postiz_get_attempts,
             retry_base_seconds=own.postiz_retry_base_seconds,
         )
-        jobs = JobsClient(
-            suite_client.jobs_channel(own.jobs_target, tls=channel_credentials(settings) or False)
+        # TLS when GRPC_TLS_SERVER_CA is set, with the service's own certificate for mutual TLS.
+        tls = suite_client.tls_credentials(
+            settings.tls_server_ca, settings.tls_cert, settings.tls_key
         )
+        jobs = JobsClient(suite_client.jobs_channel(own.jobs_target, tls=tls))
         policy = PostingPolicy(
             posts_per_hour=own.posts_per_hour,
             in_flight_seconds=own.postiz_timeout_seconds + IN_FLIGHT_MARGIN_SECONDS,

@@ -64,7 +64,7 @@ class Settings:
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
-    # The CA of the other services' certificates: calls to them use TLS (runtime.channels).
+    # The CA of the other services' certificates: calls to them use TLS (tls_credentials).
     tls_server_ca: str = ""
 
     def __post_init__(self) -> None:
