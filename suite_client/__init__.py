@@ -16,6 +16,9 @@
 Channels balance over every replica (round_robin), retry UNAVAILABLE, and give every call a
 deadline (30 s unless the call sets its own). Inside a call being served, the profile and
 what is left of the deadline are passed on by themselves.
+
+Workers meter the AI calls they pay for with `Metering` (suite_client.metering): usage is
+recorded with the Costs service on the worker's token, through a durable local outbox.
 """
 
 from costs.v1 import costs_pb2
@@ -36,6 +39,7 @@ from suite_client.channels import (
     jobs_channel,
     publisher_channel,
     suite_channel,
+    tls_credentials,
 )
 from suite_client.errors import (
     Conflict,
@@ -50,6 +54,8 @@ from suite_client.errors import (
     Unavailable,
     error_from,
 )
+from suite_client.metering import Metering, UsageRefused
+from suite_client.usage_outbox import OutboxFull, OutboxInUse
 
 
 def profile_metadata(profile_id: str) -> tuple[tuple[str, str], ...]:
@@ -68,7 +74,10 @@ __all__ = [
     "FailedPrecondition",
     "InvalidArgument",
     "JobServiceStub",
+    "Metering",
     "NotFound",
+    "OutboxFull",
+    "OutboxInUse",
     "PermissionDenied",
     "PublisherServiceStub",
     "ResourceExhausted",
@@ -76,6 +85,7 @@ __all__ = [
     "SuiteError",
     "Unauthenticated",
     "Unavailable",
+    "UsageRefused",
     "costs_channel",
     "costs_pb2",
     "error_from",
@@ -86,4 +96,5 @@ __all__ = [
     "publisher_channel",
     "publisher_pb2",
     "suite_channel",
+    "tls_credentials",
 ]
