@@ -160,10 +160,6 @@ class Metering:
         self._replay_wanted = asyncio.Event()
         self._replayer: asyncio.Task[None] | None = None
 
-    @property
-    def outbox_path(self) -> Path:
-        return self._outbox.path
-
     def waiting(self) -> int:
         """Usage lines Costs has not confirmed yet."""
         return len(self._outbox.waiting())
@@ -310,12 +306,11 @@ class Metering:
                 usage.request_id,
                 self._outbox.path,
             )
-            self._wake_replayer()
         except SuiteError as error:
-            self._wake_replayer()
             raise UsageRefused(error, request, result) from error
         finally:
             self._sending.discard(usage.key)
+            self._wake_replayer()  # for this line, if it still waits, or others
 
     async def _send(self, usage: WaitingUsage, *, wait_for_ready: bool) -> None:
         """One record call for the line; the line leaves the outbox once Costs has it."""

@@ -83,6 +83,7 @@ class FakeProviders(BaseHTTPRequestHandler):
 
 
 class CountingServer(ThreadingHTTPServer):
+    request_queue_size = 64  # a worker's calls at once, not the default backlog of 5
     calls = 0  # requests answered
 
 
@@ -193,7 +194,9 @@ async def entries(port: int, profile_id: str) -> list[costs_pb2.CostEntry]:
     """The profile's recorded lines, read with a token for it (any AUTH_MODE)."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         listed = await suite_client.CostServiceStub(channel).ListCostEntries(
-            costs_pb2.ListCostEntriesRequest(page_size=500), metadata=signed_in(profile_id)
+            costs_pb2.ListCostEntriesRequest(page_size=500),
+            metadata=signed_in(profile_id),
+            wait_for_ready=True,  # a Costs just started again: past the reconnect backoff
         )
     return list(listed.entries)
 
