@@ -7,8 +7,8 @@ records once.
 
 The file is JSON lines, only ever appended to: `{"usage": …}` when a line comes in,
 `{"recorded": [profile_id, request_id]}` when it leaves. It is emptied whenever nothing waits,
-and rewritten with only the waiting lines when it has grown past twice their size. One
-process at a time: a second opener of the same path gets OutboxInUse.
+and rewritten with only the waiting lines once it is past the cap and twice their size, so it
+stays under twice the cap. One process at a time: a second opener gets OutboxInUse.
 """
 
 import asyncio
@@ -21,9 +21,6 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
-
-# Below this size the file is not rewritten just because recorded lines dominate it.
-COMPACT_ABOVE_BYTES = 1 << 20
 
 Key = tuple[str, str]  # (profile_id, request_id): what Costs records once
 
@@ -130,7 +127,7 @@ class UsageOutbox:
                 return
             line = (json.dumps({"recorded": list(key)}) + "\n").encode()
             await asyncio.to_thread(self._append, line, False)
-            if self._file_bytes > max(2 * self._waiting_bytes, COMPACT_ABOVE_BYTES):
+            if self._file_bytes > max(2 * self._waiting_bytes, self.max_bytes):
                 await asyncio.to_thread(self._compact)
 
     def close(self) -> None:
