@@ -162,7 +162,7 @@ async def fake_postiz() -> AsyncIterator[FakePostiz]:
 # a profile's connections to its Postiz and the wait for one, the largest answer read.
 TEST_POSTS_PER_HOUR = 5
 TEST_POSTIZ_LIMITS = PostizLimits(
-    timeout_seconds=1.0,
+    timeout_seconds=2.0,
     connections_per_profile=4,
     pool_wait_seconds=0.2,
     max_response_bytes=1024 * 1024,

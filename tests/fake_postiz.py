@@ -92,6 +92,9 @@ class FakePostiz:
         self._stalled_change = asyncio.Condition()
         self._release = asyncio.Event()
         self.base_url = ""
+        # What /upload-from-url fetches with: one client, not a new one (and its TLS setup)
+        # for each upload.
+        self.fetcher = httpx.AsyncClient()
         self.app = Starlette(
             routes=[
                 Route(f"{PREFIX}/is-connected", self._is_connected, methods=["GET"]),
@@ -258,8 +261,7 @@ class FakePostiz:
         body = await request.json()
         if not isinstance(body, dict) or not isinstance(body.get("url"), str):
             return _validation_error("url must be a URL address")
-        async with httpx.AsyncClient() as client:
-            fetched = await client.get(body["url"])
+        fetched = await self.fetcher.get(body["url"])
         if fetched.status_code != 200:
             return JSONResponse({"msg": "Failed to fetch URL"}, status_code=400)
         content = fetched.content
@@ -433,6 +435,7 @@ async def serve_fake_postiz() -> AsyncIterator[FakePostiz]:
         server.should_exit = True
         await task
         sock.close()
+        await fake.fetcher.aclose()
 
 
 def api_root(fake: FakePostiz) -> str:

@@ -5,6 +5,7 @@ Every pool connects through PublicAddressBackend. The pools are kept in a bounde
 is closed when it is evicted with no call in flight.
 """
 
+import ssl
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -28,10 +29,12 @@ class _PublicAddressTransport(httpx.AsyncHTTPTransport):
     by one that does; requests, responses and errors are handled by httpx as usual.
     """
 
-    def __init__(self, backend: PublicAddressBackend, limits: httpx.Limits) -> None:
-        super().__init__(limits=limits)
+    def __init__(
+        self, backend: PublicAddressBackend, limits: httpx.Limits, ssl_context: ssl.SSLContext
+    ) -> None:
+        super().__init__(verify=ssl_context, limits=limits)
         self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=httpx.create_ssl_context(),
+            ssl_context=ssl_context,
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry,
@@ -60,6 +63,8 @@ class PostizConnections:
         max_pools: int = MAX_POOLS,
     ) -> None:
         self._backend = PublicAddressBackend(policy)
+        # Loading the CA certificates is the costly part of a new pool: done once.
+        self._ssl_context = httpx.create_ssl_context()
         self._limits = httpx.Limits(
             max_connections=connections_per_profile,
             max_keepalive_connections=min(KEEPALIVE_CONNECTIONS, connections_per_profile),
@@ -87,7 +92,7 @@ class PostizConnections:
 
     def _new_client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(
-            transport=_PublicAddressTransport(self._backend, self._limits),
+            transport=_PublicAddressTransport(self._backend, self._limits, self._ssl_context),
             timeout=self._timeout,
             follow_redirects=False,
             trust_env=False,
