@@ -32,7 +32,7 @@ from publisher.v1 import publisher_pb2, publisher_pb2_grpc
 from services.costs.service import costs_definition
 from services.jobs.service import JOBS
 from services.publisher.service import publisher_definition
-from services.publisher.settings import PublisherSettings
+from services.publisher.settings import PostizLimits, PublisherSettings
 from services.runtime.auth import mint_token
 from services.runtime.embedded_postgres import (
     scratch_database,
@@ -158,9 +158,17 @@ async def fake_postiz() -> AsyncIterator[FakePostiz]:
         yield fake
 
 
-# Small enough for tests to reach: the posting budget, the timeout of a hanging POST /posts.
+# Small enough for tests to reach: the posting budget, the timeout of a hanging POST /posts,
+# a profile's connections to its Postiz and the wait for one, the largest answer read.
 TEST_POSTS_PER_HOUR = 5
-TEST_POSTIZ_TIMEOUT_SECONDS = 1.0
+TEST_POSTIZ_LIMITS = PostizLimits(
+    timeout_seconds=2.0,
+    connections_per_profile=4,
+    pool_wait_seconds=0.2,
+    max_response_bytes=1024 * 1024,
+)
+# The fake Postiz and the files it serves are on loopback, over http.
+TEST_TRUSTED_HOSTS = frozenset({"127.0.0.1"})
 
 
 def publisher_config(jobs_service: RunningService) -> PublisherSettings:
@@ -168,11 +176,12 @@ def publisher_config(jobs_service: RunningService) -> PublisherSettings:
     return PublisherSettings(
         encryption_keys={"test-key": secrets.token_bytes(32)},
         posts_per_hour=TEST_POSTS_PER_HOUR,
-        postiz_timeout_seconds=TEST_POSTIZ_TIMEOUT_SECONDS,
+        postiz_limits=TEST_POSTIZ_LIMITS,
         postiz_get_attempts=3,
         postiz_retry_base_seconds=0.01,
         reconcile_grace_seconds=0,
         jobs_target=f"127.0.0.1:{jobs_service.port}",
+        postiz_trusted_hosts=TEST_TRUSTED_HOSTS,
     )
 
 

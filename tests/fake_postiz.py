@@ -3,7 +3,9 @@ on: the `Authorization: <key>` header (no "Bearer"), one organization per key, s
 body shapes (`{msg}` from handlers, `{statusCode, message: [...]}` from validation), the
 POST /posts rate limit with `X-RateLimit-*` and `Retry-After`, `DELETE /posts/:id` answering
 `{error: true}` when it worked, multipart uploads, and a switch that makes POST /posts hang
-after it has stored the post.
+after it has stored the post. A hostile or broken Postiz is played by answering a request with
+any response (`answer_once_with`: a dribbled, huge or HTML answer) or by holding every request
+of an organization until released (`stall`).
 
 Every request is recorded with the key it carried, so tests can prove which key was used.
 """
@@ -13,7 +15,7 @@ import hashlib
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,7 +25,7 @@ import httpx
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 PREFIX = "/public/v1"
@@ -48,10 +50,10 @@ class Organization:
     # sha256 and size of every uploaded file, by media id
     uploads: dict[str, tuple[str, int]] = field(default_factory=dict)
     post_times: list[float] = field(default_factory=list)
-    # (method, path) → (status, body, headers), answered once instead of the real handler
-    canned: dict[tuple[str, str], list[tuple[int, Any, dict[str, str]]]] = field(
-        default_factory=dict
-    )
+    # (method, path) → responses, each answered once instead of the real handler
+    canned: dict[tuple[str, str], list[Callable[[], Response]]] = field(default_factory=dict)
+    # While set, every request of the organization waits for it to be cleared.
+    stalled: asyncio.Event | None = None
 
     @property
     def live_posts(self) -> list[dict[str, Any]]:
@@ -86,8 +88,13 @@ class FakePostiz:
         # While set, POST /posts stores the post and then never answers.
         self.hang_after_accepting_posts = False
         self.hanging = asyncio.Event()  # set once a POST /posts is hanging
+        self.stalled_requests = 0
+        self._stalled_change = asyncio.Condition()
         self._release = asyncio.Event()
         self.base_url = ""
+        # What /upload-from-url fetches with: one client, not a new one (and its TLS setup)
+        # for each upload.
+        self.fetcher = httpx.AsyncClient()
         self.app = Starlette(
             routes=[
                 Route(f"{PREFIX}/is-connected", self._is_connected, methods=["GET"]),
@@ -133,7 +140,36 @@ class FakePostiz:
         headers: dict[str, str] | None = None,
     ) -> None:
         """The next `method path` of this organization gets this answer instead."""
-        organization.canned.setdefault((method, path), []).append((status, body, headers or {}))
+        self.answer_once_with(
+            organization,
+            method,
+            path,
+            lambda: JSONResponse(body, status_code=status, headers=headers or {}),
+        )
+
+    def answer_once_with(
+        self,
+        organization: Organization,
+        method: str,
+        path: str,
+        response: Callable[[], Response],
+    ) -> None:
+        """The next `method path` of this organization gets the response made then."""
+        organization.canned.setdefault((method, path), []).append(response)
+
+    def stall(self, organization: Organization) -> None:
+        """Holds every request of the organization, unanswered, until `unstall`."""
+        organization.stalled = asyncio.Event()
+
+    def unstall(self, organization: Organization) -> None:
+        if organization.stalled is not None:
+            organization.stalled.set()
+        organization.stalled = None
+
+    async def stalled_requests_reach(self, count: int) -> None:
+        """Returns once `count` requests are being held by `stall`."""
+        async with self._stalled_change:
+            await self._stalled_change.wait_for(lambda: self.stalled_requests >= count)
 
     def requests_of(self, method: str, path: str) -> list[RecordedRequest]:
         return [r for r in self.requests if r.method == method and r.path == f"{PREFIX}{path}"]
@@ -154,11 +190,21 @@ class FakePostiz:
         organization = self.organizations.get(api_key)
         if organization is None:
             return JSONResponse({"msg": "Invalid API key"}, status_code=401)
+        if organization.stalled is not None:
+            await self._hold(organization.stalled)
         canned = organization.canned.get((request.method, request.url.path.removeprefix(PREFIX)))
         if canned:
-            status, body, headers = canned.pop(0)
-            return JSONResponse(body, status_code=status, headers=headers)
+            return canned.pop(0)()
         return organization
+
+    async def _hold(self, released: asyncio.Event) -> None:
+        async with self._stalled_change:
+            self.stalled_requests += 1
+            self._stalled_change.notify_all()
+        try:
+            await released.wait()
+        finally:
+            self.stalled_requests -= 1
 
     # Endpoints
 
@@ -215,8 +261,7 @@ class FakePostiz:
         body = await request.json()
         if not isinstance(body, dict) or not isinstance(body.get("url"), str):
             return _validation_error("url must be a URL address")
-        async with httpx.AsyncClient() as client:
-            fetched = await client.get(body["url"])
+        fetched = await self.fetcher.get(body["url"])
         if fetched.status_code != 200:
             return JSONResponse({"msg": "Failed to fetch URL"}, status_code=400)
         content = fetched.content
@@ -346,6 +391,28 @@ class FakePostiz:
         return Response(content, media_type="video/mp4")
 
 
+def dribbling(interval_seconds: float) -> Response:
+    """A 200 JSON answer that sends one byte every interval_seconds and never ends."""
+
+    async def drops() -> AsyncIterator[bytes]:
+        yield b"["
+        while True:
+            await asyncio.sleep(interval_seconds)
+            yield b" "
+
+    return StreamingResponse(drops(), media_type="application/json")
+
+
+def streamed(content: bytes, media_type: str = "application/json") -> Response:
+    """The content in chunks, without a Content-Length: its size shows only as it arrives."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(content), 64 * 1024):
+            yield content[start : start + 64 * 1024]
+
+    return StreamingResponse(chunks(), media_type=media_type)
+
+
 @asynccontextmanager
 async def serve_fake_postiz() -> AsyncIterator[FakePostiz]:
     """The fake on an ephemeral loopback port until the block ends."""
@@ -363,9 +430,12 @@ async def serve_fake_postiz() -> AsyncIterator[FakePostiz]:
         yield fake
     finally:
         fake.release_hanging_posts()
+        for organization in fake.organizations.values():
+            fake.unstall(organization)
         server.should_exit = True
         await task
         sock.close()
+        await fake.fetcher.aclose()
 
 
 def api_root(fake: FakePostiz) -> str:

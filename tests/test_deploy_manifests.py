@@ -2,6 +2,7 @@
 the health names the probes ask for, the environment, the commands; and each overlay holds
 together (its references resolve, prod's images are pinned)."""
 
+import ipaddress
 import json
 import os
 from importlib.util import find_spec
@@ -223,3 +224,91 @@ def test_callers_service_config_retries_as_the_suites_python_client_does(
     config = json.loads((DEPLOY / f"grpc-service-config/{service.name}.json").read_text())
     [method] = config["methodConfig"]
     assert method["retryPolicy"] == suite_client.RetryPolicy().as_config()
+
+
+def egress_rules(manifests: tuple[Manifest, ...], service: str) -> list[Manifest]:
+    return find(manifests, "NetworkPolicy", f"{service}-egress")["spec"]["egress"]
+
+
+def _ports(rule: Manifest) -> set[tuple[int, str]]:
+    return {(port["port"], port["protocol"]) for port in rule.get("ports", [])}
+
+
+@SERVICES
+def test_the_egress_policy_holds_the_server_and_migration_pods(service: ServiceDefinition):
+    manifests = render(BASE)
+    policy = find(manifests, "NetworkPolicy", f"{service.name}-egress")["spec"]
+    assert policy["policyTypes"] == ["Egress"]
+    for kind, name in (("Deployment", service.name), ("Job", f"{service.name}-migrate")):
+        labels = find(manifests, kind, name)["spec"]["template"]["metadata"]["labels"]
+        assert policy["podSelector"]["matchLabels"].items() <= labels.items(), name
+
+
+@SERVICES
+def test_every_service_may_reach_dns_in_kube_system_and_postgres(service: ServiceDefinition):
+    rules = egress_rules(render(BASE), service.name)
+    kube_system = {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}}
+    }
+    (dns,) = (rule for rule in rules if rule.get("to") == [kube_system])
+    assert _ports(dns) == {(53, "UDP"), (53, "TCP")}
+    assert {"ports": [{"port": 5432, "protocol": "TCP"}]} in rules
+
+
+@SERVICES
+def test_a_service_reaches_exactly_the_suite_services_it_is_told_to_call(
+    service: ServiceDefinition,
+):
+    manifests = render(BASE)
+    environment = container_environment(manifests, server_container(manifests, service.name))
+    ports = {definition.name: definition.default_port for definition in service_definitions()}
+    called = {
+        name.removesuffix("_TARGET").lower(): {(ports[name.removesuffix("_TARGET").lower()], "TCP")}
+        for name in environment
+        if name.endswith("_TARGET")
+    }
+    reached = {
+        peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"]: _ports(rule)
+        for rule in egress_rules(manifests, service.name)
+        for peer in rule.get("to", [])
+        if "podSelector" in peer
+    }
+    assert reached == called
+
+
+@SERVICES
+def test_only_the_publisher_reaches_outside_the_cluster_and_only_https_to_public_addresses(
+    service: ServiceDefinition,
+):
+    outside = [
+        rule
+        for rule in egress_rules(render(BASE), service.name)
+        if any("ipBlock" in peer for peer in rule.get("to", []))
+    ]
+    if service.name != "publisher":
+        assert outside == []
+        return
+    (rule,) = outside
+    assert _ports(rule) == {(443, "TCP")}
+    blocks = [peer["ipBlock"] for peer in rule["to"]]
+
+    def admitted(address: str) -> bool:
+        ip = ipaddress.ip_address(address)
+        return any(
+            ip in ipaddress.ip_network(block["cidr"])
+            and not any(ip in ipaddress.ip_network(e) for e in block.get("except", []))
+            for block in blocks
+            if ipaddress.ip_network(block["cidr"]).version == ip.version
+        )
+
+    internal = ["10.1.2.3", "172.20.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1"]
+    for address in [*internal, "fd00:ec2::254", "fe80::1"]:
+        assert not admitted(address), address
+    for address in ["93.184.216.34", "2606:4700::1111"]:
+        assert admitted(address), address
+
+
+@EVERY_OVERLAY
+def test_no_deployment_trusts_any_postiz_host(overlay: str):
+    manifests = render(OVERLAYS[overlay])
+    assert "POSTIZ_TRUSTED_HOSTS" not in yaml.safe_dump_all(manifests)

@@ -5,6 +5,7 @@ import logging
 import grpc
 import pytest
 from publisher.v1 import publisher_pb2
+from starlette.responses import Response
 
 from tests.conftest import TEST_POSTS_PER_HOUR, connect_profile
 from tests.publisher_requests import expect_status, post_request
@@ -219,3 +220,38 @@ async def test_api_key_never_appears_in_logs(publisher_stub, fake_postiz, profil
     assert "Postiz credentials set" in logged
     assert org.api_key not in logged
     assert "rejected-key-123" not in logged
+
+
+async def test_an_html_error_page_is_named_by_its_type_not_relayed(
+    publisher_stub, fake_postiz, postiz_profile
+):
+    page = "<html><body>upstream 10.3.0.7:3000 internal trace</body></html>"
+    fake_postiz.answer_once_with(
+        postiz_profile.organization,
+        "DELETE",
+        "/posts/post-1",
+        lambda: Response(page, status_code=502, media_type="text/html"),
+    )
+    details = await expect_status(
+        publisher_stub.DeletePost(
+            publisher_pb2.DeletePostRequest(post_id="post-1"), metadata=postiz_profile.metadata
+        ),
+        Code.UNAVAILABLE,
+    )
+    assert "Postiz answered 502" in details
+    assert "text/html" in details
+    assert "10.3.0.7" not in details
+
+
+async def test_postiz_message_is_relayed_short_and_without_control_characters(
+    publisher_stub, fake_postiz, postiz_profile
+):
+    said = "Integration \x1b[31mnot\r\nfound " + "x" * 5000
+    fake_postiz.answer_once(postiz_profile.organization, "POST", "/posts", 400, {"msg": said})
+    details = await expect_status(
+        publisher_stub.CreatePost(post_request(postiz_profile), metadata=postiz_profile.metadata),
+        Code.INVALID_ARGUMENT,
+    )
+    assert "Integration [31mnot found x" in details
+    assert details.isprintable()
+    assert len(details) < 300

@@ -5,7 +5,9 @@ from prometheus_client import Counter
 POSTIZ_REQUESTS = Counter(
     "postiz_requests_total",
     "HTTP requests to Postiz by method, endpoint (first path segment) and outcome: the HTTP "
-    "status, or timeout, unreachable or error when no status came back.",
+    "status; or, when no status came back, timeout (past the total limit), unreachable, busy "
+    "(no free connection of the profile's pool), refused (not a public address), bad_answer "
+    "(too large or compressed), cancelled or error.",
     ["method", "endpoint", "status"],
 )
 RATE_LIMIT_REFUSALS = Counter(

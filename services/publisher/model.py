@@ -7,7 +7,6 @@ import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from services.runtime.errors import InvalidArgument
 
@@ -47,6 +46,7 @@ class PublicationState(enum.StrEnum):
 class PostizAccount:
     """Where and as whom to call Postiz for one profile. The key stays out of repr()."""
 
+    profile_id: str
     base_url: str
     api_key: str = field(repr=False)
 
@@ -236,27 +236,3 @@ def new_draft(
         postiz_request=postiz_post_body(post_type, when, posts, tags, short_link),
         request_digest=request_digest(described_as),
     )
-
-
-def normalised_base_url(base_url: str, allowed_hosts: frozenset[str] = frozenset()) -> str:
-    """The Postiz public API root, checked: http(s), a host (one of allowed_hosts, unless that
-    is empty), nothing after the path."""
-    parts = urlsplit(base_url.strip())
-    if (
-        parts.scheme not in ("http", "https")
-        or not parts.hostname
-        or parts.username
-        or parts.password
-        or parts.query
-        or parts.fragment
-    ):
-        raise InvalidArgument(
-            "base_url must be the Postiz public API root, for example "
-            "https://api.postiz.com/public/v1 or https://postiz.example.com/api/public/v1"
-        )
-    if allowed_hosts and parts.hostname not in allowed_hosts:
-        raise InvalidArgument(
-            f"base_url host {parts.hostname!r} is not an allowed Postiz host; allowed: "
-            f"{', '.join(sorted(allowed_hosts))}"
-        )
-    return urlunsplit(parts._replace(path=parts.path.rstrip("/")))

@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from services.publisher.api_key_cipher import ApiKeyCipher, api_key_fingerprint
+from services.publisher.egress import EgressPolicy
 from services.publisher.jobs_client import JobsClient
 from services.publisher.metrics import RATE_LIMIT_REFUSALS
 from services.publisher.model import (
@@ -23,7 +24,6 @@ from services.publisher.model import (
     StoredCredentials,
     matching_posts,
     new_draft,
-    normalised_base_url,
     request_digest,
 )
 from services.publisher.postiz import PostizClient, PostizRateLimited, PostOutcomeUnknown
@@ -53,14 +53,14 @@ class Publisher:
         cipher: ApiKeyCipher,
         jobs: JobsClient,
         policy: PostingPolicy,
-        allowed_hosts: frozenset[str] = frozenset(),
+        egress: EgressPolicy,
     ) -> None:
         self._store = store
         self._postiz = postiz
         self._cipher = cipher
         self._jobs = jobs
         self._policy = policy
-        self._allowed_hosts = allowed_hosts
+        self._egress = egress
 
     # Credentials
 
@@ -69,7 +69,9 @@ class Publisher:
         api_key = api_key.strip()
         if not api_key:
             raise InvalidArgument("api_key is required: Postiz → Settings → Public API")
-        account = PostizAccount(normalised_base_url(base_url, self._allowed_hosts), api_key)
+        account = PostizAccount(
+            require_profile_id(), self._egress.postiz_base_url(base_url), api_key
+        )
         await self._postiz.check_connected(account)
         key_id, ciphertext = self._cipher.encrypt(require_profile_id(), api_key)
         stored = await self._store.set_credentials(
@@ -97,6 +99,14 @@ class Publisher:
         stored = await self._store.get_credentials()
         if stored is None:
             raise FailedPrecondition(MISSING_CREDENTIALS)
+        try:
+            self._egress.postiz_base_url(stored.base_url)
+        except InvalidArgument as error:
+            # Set before the rules tightened (allow-list, https, public addresses).
+            raise FailedPrecondition(
+                f"this profile's Postiz base_url is no longer accepted: {error}; set it again "
+                "with SetPostizCredentials"
+            ) from None
         profile_id = require_profile_id()
         api_key = self._cipher.decrypt(
             profile_id, stored.encryption_key_id, stored.api_key_ciphertext
@@ -104,7 +114,7 @@ class Publisher:
         if stored.encryption_key_id != self._cipher.current_key_id:
             key_id, ciphertext = self._cipher.encrypt(profile_id, api_key)
             await self._store.reencrypt_credentials(stored.encryption_key_id, ciphertext, key_id)
-        return PostizAccount(stored.base_url, api_key)
+        return PostizAccount(profile_id, stored.base_url, api_key)
 
     # Reads and media
 
@@ -114,7 +124,9 @@ class Publisher:
     async def upload(self, upload: MediaUpload, chunks: AsyncIterator[bytes]) -> Media:
         return await self._postiz.upload(await self._account(), upload, chunks)
 
-    async def upload_from_url(self, url: str) -> Media:
+    async def upload_from_url(self, url: str, field: str = "url") -> Media:
+        """Has Postiz fetch the file at url, which must be as public as Postiz itself."""
+        url = await self._egress.public_url(url, field)
         return await self._postiz.upload_from_url(await self._account(), url)
 
     async def list_posts(self, start: datetime, end: datetime) -> list[PostizPost]:
@@ -269,7 +281,7 @@ class Publisher:
         described_as = [job_id, integration_ids, content, publish_time, settings]
         existing = await self._store.get_publication(request_id)
         if existing is None:
-            media = await self.upload_from_url(video_url)
+            media = await self.upload_from_url(video_url, f"job {job_id}'s result.video_url")
             draft = new_draft(
                 request_id=request_id,
                 job_id=job_id,

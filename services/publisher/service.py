@@ -8,6 +8,7 @@ from publisher.v1 import publisher_pb2_grpc
 
 import suite_client
 from services.publisher.api_key_cipher import ApiKeyCipher
+from services.publisher.egress import EgressPolicy
 from services.publisher.jobs_client import JobsClient
 from services.publisher.postiz import PostizClient
 from services.publisher.publishing import Publisher
@@ -32,8 +33,10 @@ def publisher_definition(config: PublisherSettings | None = None) -> ServiceDefi
         handlers: InterceptedHandlers, pool: TenantScopedPool, settings: Settings
     ) -> AsyncIterator[None]:
         own = config or PublisherSettings.from_environment()
+        egress = EgressPolicy(own.postiz_trusted_hosts, own.postiz_allowed_hosts)
         postiz = PostizClient(
-            timeout_seconds=own.postiz_timeout_seconds,
+            egress,
+            own.postiz_limits,
             get_attempts=own.postiz_get_attempts,
             retry_base_seconds=own.postiz_retry_base_seconds,
         )
@@ -44,7 +47,7 @@ def publisher_definition(config: PublisherSettings | None = None) -> ServiceDefi
         jobs = JobsClient(suite_client.jobs_channel(own.jobs_target, tls=tls))
         policy = PostingPolicy(
             posts_per_hour=own.posts_per_hour,
-            in_flight_seconds=own.postiz_timeout_seconds + IN_FLIGHT_MARGIN_SECONDS,
+            in_flight_seconds=own.postiz_limits.timeout_seconds + IN_FLIGHT_MARGIN_SECONDS,
             reconcile_grace_seconds=own.reconcile_grace_seconds,
         )
         publisher = Publisher(
@@ -53,7 +56,7 @@ def publisher_definition(config: PublisherSettings | None = None) -> ServiceDefi
             ApiKeyCipher(own.encryption_keys),
             jobs,
             policy,
-            own.postiz_allowed_hosts,
+            egress,
         )
         publisher_pb2_grpc.add_PublisherServiceServicer_to_server(
             PublisherServicer(publisher), handlers

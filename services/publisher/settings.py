@@ -3,13 +3,21 @@
 - `PUBLISHER_ENCRYPTION_KEYS` (required): `id:base64key[,id:base64key…]`, 32-byte AES keys,
   newest first; the newest encrypts, any of them decrypts (rotation).
 - `PUBLISHER_POSTS_PER_HOUR` (30): each profile's budget of `POST /posts` per rolling hour.
-- `POSTIZ_TIMEOUT_SECONDS` (30): one Postiz HTTP call.
+- `POSTIZ_TIMEOUT_SECONDS` (30): one Postiz HTTP call in total, its answer included (an
+  upload gets a second more for every 256 KiB of its size).
+- `POSTIZ_CONNECTIONS_PER_PROFILE` (10): connections to its Postiz host a profile may hold.
+- `POSTIZ_POOL_WAIT_SECONDS` (1): how long a call waits for one of them before
+  RESOURCE_EXHAUSTED (at most half of POSTIZ_TIMEOUT_SECONDS).
+- `POSTIZ_MAX_RESPONSE_BYTES` (10485760): the largest answer read from Postiz.
 - `POSTIZ_GET_ATTEMPTS` (3): tries of a read before UNAVAILABLE.
 - `POSTIZ_RETRY_BASE_SECONDS` (0.5): base of the exponential backoff, full jitter.
 - `PUBLISHER_RECONCILE_GRACE_SECONDS` (60): how long after an attempt of unknown outcome
   Postiz is searched for the post it may have made.
-- `POSTIZ_ALLOWED_HOSTS` (empty: any): comma-separated hosts a profile's base_url may name,
-  so that a profile cannot point the service at internal addresses.
+- `POSTIZ_ALLOWED_HOSTS` (empty: any public host): comma-separated hosts a profile's
+  base_url may name, when set the only ones.
+- `POSTIZ_TRUSTED_HOSTS` (empty): comma-separated hosts exempt from the https and
+  public-address rules, for a Postiz (or media) on this machine or network: a local fake
+  Postiz on 127.0.0.1. Never set in a shared deployment.
 - `JOBS_TARGET` (`localhost:50051`): the Jobs service, for PublishJob.
 """
 
@@ -25,6 +33,12 @@ ENCRYPTION_KEYS_HOW_TO = (
     'newest first; make one with: python -c "import os,base64;'
     "print('k1:'+base64.b64encode(os.urandom(32)).decode())\""
 )
+
+
+def _hosts(name: str) -> frozenset[str]:
+    return frozenset(
+        host.strip().lower() for host in os.environ.get(name, "").split(",") if host.strip()
+    )
 
 
 def parse_encryption_keys(raw: str) -> dict[str, bytes]:
@@ -45,15 +59,35 @@ def parse_encryption_keys(raw: str) -> dict[str, bytes]:
 
 
 @dataclass(frozen=True)
+class PostizLimits:
+    """What one call to Postiz may take: time in total (body included), connections of its
+    profile's pool, time waiting for one, and bytes of answer."""
+
+    timeout_seconds: float = 30.0
+    connections_per_profile: int = 10
+    pool_wait_seconds: float = 1.0
+    max_response_bytes: int = 10 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if min(self.timeout_seconds, self.pool_wait_seconds) <= 0:
+            raise ValueError("POSTIZ_TIMEOUT_SECONDS and POSTIZ_POOL_WAIT_SECONDS must be > 0")
+        if min(self.connections_per_profile, self.max_response_bytes) < 1:
+            raise ValueError(
+                "POSTIZ_CONNECTIONS_PER_PROFILE and POSTIZ_MAX_RESPONSE_BYTES must be >= 1"
+            )
+
+
+@dataclass(frozen=True)
 class PublisherSettings:
     encryption_keys: dict[str, bytes]
     posts_per_hour: int = 30
-    postiz_timeout_seconds: float = 30.0
+    postiz_limits: PostizLimits = PostizLimits()
     postiz_get_attempts: int = 3
     postiz_retry_base_seconds: float = 0.5
     reconcile_grace_seconds: float = 60.0
     jobs_target: str = "localhost:50051"
     postiz_allowed_hosts: frozenset[str] = frozenset()
+    postiz_trusted_hosts: frozenset[str] = frozenset()
 
     def __repr__(self) -> str:
         return f"PublisherSettings(keys={list(self.encryption_keys)}, jobs={self.jobs_target})"
@@ -62,12 +96,24 @@ class PublisherSettings:
     def from_environment(cls) -> "PublisherSettings":
         try:
             keys = parse_encryption_keys(os.environ.get("PUBLISHER_ENCRYPTION_KEYS", ""))
+            limits = PostizLimits(
+                timeout_seconds=env_float("POSTIZ_TIMEOUT_SECONDS", PostizLimits.timeout_seconds),
+                connections_per_profile=env_int(
+                    "POSTIZ_CONNECTIONS_PER_PROFILE", PostizLimits.connections_per_profile
+                ),
+                pool_wait_seconds=env_float(
+                    "POSTIZ_POOL_WAIT_SECONDS", PostizLimits.pool_wait_seconds
+                ),
+                max_response_bytes=env_int(
+                    "POSTIZ_MAX_RESPONSE_BYTES", PostizLimits.max_response_bytes
+                ),
+            )
         except ValueError as error:
             raise SystemExit(str(error)) from None
         return cls(
             encryption_keys=keys,
             posts_per_hour=env_int("PUBLISHER_POSTS_PER_HOUR", cls.posts_per_hour),
-            postiz_timeout_seconds=env_float("POSTIZ_TIMEOUT_SECONDS", cls.postiz_timeout_seconds),
+            postiz_limits=limits,
             postiz_get_attempts=env_int("POSTIZ_GET_ATTEMPTS", cls.postiz_get_attempts),
             postiz_retry_base_seconds=env_float(
                 "POSTIZ_RETRY_BASE_SECONDS", cls.postiz_retry_base_seconds
@@ -76,9 +122,6 @@ class PublisherSettings:
                 "PUBLISHER_RECONCILE_GRACE_SECONDS", cls.reconcile_grace_seconds
             ),
             jobs_target=os.environ.get("JOBS_TARGET", cls.jobs_target),
-            postiz_allowed_hosts=frozenset(
-                host.strip().lower()
-                for host in os.environ.get("POSTIZ_ALLOWED_HOSTS", "").split(",")
-                if host.strip()
-            ),
+            postiz_allowed_hosts=_hosts("POSTIZ_ALLOWED_HOSTS"),
+            postiz_trusted_hosts=_hosts("POSTIZ_TRUSTED_HOSTS"),
         )

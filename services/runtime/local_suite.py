@@ -26,6 +26,9 @@ SERVICES = [
     ("publisher", "publisher.v1.PublisherService", 50053),
 ]
 DEV_KEY_FILE = Path(".data/publisher-dev-key")
+# Locally a Postiz (or a fake of it) may run on this machine: the Publisher may call these
+# hosts over http and on loopback. Deployments leave POSTIZ_TRUSTED_HOSTS unset.
+LOCAL_TRUSTED_HOSTS = "127.0.0.1,localhost,::1"
 
 GRPCURL_EXAMPLE = """
 The suite is up. Try it with grpcurl (installed in .venv/bin):
@@ -46,6 +49,7 @@ The suite is up. Try it with grpcurl (installed in .venv/bin):
 
 Metrics: http://localhost:9091/metrics (Jobs), :9092 (Costs), :9093 (Publisher)
 Database: {database}
+Postiz: {postiz}
 Press Ctrl-C to stop.
 """
 
@@ -79,6 +83,7 @@ async def main() -> int:
         "ACCESS_LOG": os.environ.get("ACCESS_LOG", "all"),
         "PUBLISHER_ENCRYPTION_KEYS": os.environ.get("PUBLISHER_ENCRYPTION_KEYS")
         or _development_encryption_keys(),
+        "POSTIZ_TRUSTED_HOSTS": os.environ.get("POSTIZ_TRUSTED_HOSTS", LOCAL_TRUSTED_HOSTS),
     }
     processes = []
     for module, _, port in SERVICES:
@@ -96,7 +101,14 @@ async def main() -> int:
     try:
         await asyncio.gather(*(_wait_until_serving(port) for _, _, port in SERVICES))
         shown = database_url if "DATABASE_URL" in os.environ else "embedded PostgreSQL in .data/"
-        print(GRPCURL_EXAMPLE.format(database=shown), flush=True)
+        trusted = environment["POSTIZ_TRUSTED_HOSTS"]
+        postiz = (
+            f"the Publisher may call {trusted} over http, loopback included "
+            "(POSTIZ_TRUSTED_HOSTS: local use only)"
+            if trusted
+            else "the Publisher calls https on public addresses only"
+        )
+        print(GRPCURL_EXAMPLE.format(database=shown, postiz=postiz), flush=True)
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait([stopped, *exited], return_when=asyncio.FIRST_COMPLETED)
     finally:
