@@ -250,7 +250,11 @@ class CostStore:
     async def list_entries(
         self, entry_filter: EntryFilter, limit: int, after: tuple[datetime, uuid.UUID] | None
     ) -> list[CostEntry]:
-        """Up to `limit` lines newest first, strictly after the (occurred_at, entry_id) given."""
+        """Up to `limit` lines newest first, strictly after the (occurred_at, entry_id) given.
+
+        Read whole: a line is small whatever its caller sends (attributes at most 16 KB, a
+        few usage types), so even 500 of them are a few megabytes at most.
+        """
         conditions = ["profile_id = $1"]
         arguments: list[Any] = [require_profile_id()]
 

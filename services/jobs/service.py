@@ -11,6 +11,7 @@ from services.jobs.store import JobStore
 from services.jobs.watch import JobWatchHub
 from services.runtime.database import TenantScopedPool
 from services.runtime.interceptors.handlers import InterceptedHandlers
+from services.runtime.paging import reply_budget
 from services.runtime.server import ServiceDefinition
 from services.runtime.settings import Settings
 
@@ -22,7 +23,9 @@ async def _servicers(
     store = JobStore(pool)
     watch_hub = JobWatchHub(settings.database_url, store)
     await watch_hub.start()
-    jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(store, watch_hub), handlers)
+    jobs_pb2_grpc.add_JobServiceServicer_to_server(
+        JobServicer(store, watch_hub, reply_budget(settings.max_message_bytes)), handlers
+    )
     try:
         yield
     finally:

@@ -117,9 +117,18 @@ class JobStore:
         limit: int,
         after: tuple[datetime, uuid.UUID] | None,
         *,
+        max_bytes: int,
         all_profiles: bool = False,
-    ) -> list[Job]:
-        """Up to `limit` jobs newest first, strictly after the (create_time, job_id) given.
+    ) -> tuple[list[Job], bool]:
+        """Up to `limit` jobs newest first, strictly after the (create_time, job_id) given, and
+        whether more jobs match after them.
+
+        The rows stop early once the jobs before one already hold `max_bytes` of data, result,
+        message and error (their JSON and text sizes, measured in Postgres), so a page of jobs
+        with megabytes of data each never comes into memory whole: what is read is bounded by
+        max_bytes plus one job, whatever `limit` asks. Postgres still reads at most limit + 1
+        rows. A filter by statuses walks one index range per status and merges them (Merge
+        Append), so a rare status is found without scanning the profile's other jobs.
 
         `all_profiles` (an operator's call only) reads every profile's jobs, read only.
         """
@@ -130,8 +139,6 @@ class JobStore:
             arguments.append(value)
             return f"${len(arguments)}"
 
-        if job_filter.statuses:
-            conditions.append(f"status = ANY({bind([str(s) for s in job_filter.statuses])})")
         if job_filter.kind:
             conditions.append(f"kind = {bind(job_filter.kind)}")
         if job_filter.create_time_start:
@@ -140,11 +147,37 @@ class JobStore:
             conditions.append(f"create_time < {bind(job_filter.create_time_end)}")
         if after:
             conditions.append(f"(create_time, job_id) < ({bind(after[0])}, {bind(after[1])})")
+        # One more row than the page, so that lead() can tell whether any follows.
+        read = bind(limit + 1)
+        status_conditions = [f"status = {bind(str(status))}" for status in job_filter.statuses] or [
+            "TRUE"
+        ]
+        branches = [
+            f"""(SELECT {_COLUMNS} FROM jobs.jobs
+                WHERE {" AND ".join([*conditions, status])}
+                ORDER BY create_time DESC, job_id DESC LIMIT {read})"""
+            for status in status_conditions
+        ]
+        matching = branches[0]
+        if len(branches) > 1:
+            matching = f"""(SELECT * FROM ({" UNION ALL ".join(branches)}) AS branches
+                ORDER BY create_time DESC, job_id DESC LIMIT {read})"""
         query = f"""
-            SELECT {_COLUMNS} FROM jobs.jobs
-            WHERE {" AND ".join(conditions)}
+            SELECT {_COLUMNS}, followed FROM (
+                SELECT {_COLUMNS},
+                    coalesce(sum(
+                        octet_length(data::text) + octet_length(result::text)
+                        + octet_length(message) + octet_length(error)
+                    ) OVER before, 0) AS bytes_before,
+                    lead(TRUE, 1, FALSE) OVER newest_first AS followed
+                FROM {matching} AS matching
+                WINDOW newest_first AS (ORDER BY create_time DESC, job_id DESC),
+                    before AS (newest_first ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+                ORDER BY create_time DESC, job_id DESC
+                LIMIT {bind(limit)}
+            ) AS page
+            WHERE bytes_before < {bind(max_bytes)}
             ORDER BY create_time DESC, job_id DESC
-            LIMIT {bind(limit)}
         """
         transaction = (
             self._pool.cross_profile_transaction()
@@ -153,7 +186,7 @@ class JobStore:
         )
         async with transaction as connection:
             rows = await connection.fetch(query, *arguments)
-        return [_job(row) for row in rows]
+        return [_job(row) for row in rows], bool(rows) and rows[-1]["followed"]
 
     @staticmethod
     async def _locked(connection: asyncpg.Connection, job_id: uuid.UUID) -> Job:
