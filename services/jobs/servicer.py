@@ -1,5 +1,6 @@
 """jobs.v1.JobService: validates requests and converts between messages and the model."""
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -98,7 +99,9 @@ def _filter(request: jobs_pb2.ListJobsRequest) -> JobFilter:
 
 
 class JobServicer(jobs_pb2_grpc.JobServiceServicer):
-    def __init__(self, store: JobStore, watch_hub: JobWatchHub, reply_bytes: int) -> None:
+    def __init__(
+        self, store: JobStore, watch_hub: JobWatchHub[jobs_pb2.Job], reply_bytes: int
+    ) -> None:
         """`reply_bytes`: the most a list reply's rows may take (paging.reply_budget)."""
         self._store = store
         self._watch_hub = watch_hub
@@ -175,5 +178,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     async def WatchJob(
         self, request: jobs_pb2.WatchJobRequest, context: ServicerContext
     ) -> AsyncIterator[jobs_pb2.Job]:
-        async for job in self._watch_hub.watch(parse_job_id(request.job_id)):
-            yield job_message(job)
+        # Closed here, not when collected, so that the watcher is released when the call ends.
+        async with contextlib.aclosing(self._watch_hub.watch(parse_job_id(request.job_id))) as jobs:
+            async for job in jobs:
+                yield job
