@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import uuid
 
+import asyncpg
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
@@ -141,17 +142,19 @@ async def _hub(service, database_url):
         await hub.close()
 
 
-async def _thousand_messages(service, job_id: uuid.UUID) -> None:
+async def _thousand_messages(database_url: str, job_id: uuid.UUID) -> None:
     """1,000 changes of the job, each its own transaction and notification; without waiting
     for each commit to reach the disk (synchronous_commit off), so that they take a second."""
-    async with service.pool.pool.acquire() as connection:
-        await connection.execute("SET synchronous_commit = off")
+    connection = await asyncpg.connect(database_url, server_settings={"synchronous_commit": "off"})
+    try:
         for number in range(1000):
             await connection.execute(
                 "UPDATE jobs.jobs SET message = $2, version = version + 1 WHERE job_id = $1",
                 job_id,
                 f"step {number}",
             )
+    finally:
+        await connection.close()
 
 
 async def test_a_watcher_that_does_not_read_gets_the_latest_state_not_every_change(
@@ -166,7 +169,7 @@ async def test_a_watcher_that_does_not_read_gets_the_latest_state_not_every_chan
             idle, reader = hub.watch(job_id), hub.watch(job_id)
             await anext(idle)
             await anext(reader)
-            await _thousand_messages(jobs_service, job_id)
+            await _thousand_messages(database_url, job_id)
             final = await store.update(job_id, JobChanges({"status": JobStatus.COMPLETED}), None)
             # The reader ends with the final state; by then the idle watcher's slot holds it.
             assert [r.etag async for r in reader][-1] == final.etag

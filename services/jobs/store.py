@@ -38,6 +38,74 @@ def _not_found(job_id: uuid.UUID) -> NotFound:
     return NotFound(f"job {job_id} not found")
 
 
+def list_query(
+    profile_id: str | None,
+    job_filter: JobFilter,
+    limit: int,
+    after: tuple[datetime, uuid.UUID] | None,
+    max_bytes: int,
+) -> tuple[str, list[Any]]:
+    """The SELECT of JobStore.list and its arguments; every profile's jobs when profile_id is
+    None. Each row carries `followed`: whether another matching job comes after it.
+
+    Memory: the rows stop early once the jobs before one already hold `max_bytes` of data,
+    result, message and error (their JSON and text sizes, measured in Postgres), so a page of
+    jobs with megabytes of data each is never read whole: what comes back is bounded by
+    max_bytes plus one job, whatever `limit` asks (Postgres itself reads at most limit + 1).
+
+    Indexes: the jobs are read as one range per status, each newest first with LIMIT, merged
+    (Merge Append): by jobs_by_status_newest_first for the statuses asked, or by
+    jobs_by_kind_status_newest_first for a kind (with every status when none is asked), so a
+    rare status or kind is found without walking the profile's other jobs.
+    """
+    conditions = ["TRUE"] if profile_id is None else ["profile_id = $1"]
+    arguments: list[Any] = [] if profile_id is None else [profile_id]
+
+    def bind(value: Any) -> str:
+        arguments.append(value)
+        return f"${len(arguments)}"
+
+    if job_filter.kind:
+        conditions.append(f"kind = {bind(job_filter.kind)}")
+    if job_filter.create_time_start:
+        conditions.append(f"create_time >= {bind(job_filter.create_time_start)}")
+    if job_filter.create_time_end:
+        conditions.append(f"create_time < {bind(job_filter.create_time_end)}")
+    if after:
+        conditions.append(f"(create_time, job_id) < ({bind(after[0])}, {bind(after[1])})")
+    # One more row than the page, so that lead() can tell whether any follows.
+    read = bind(limit + 1)
+    statuses = job_filter.statuses or (tuple(JobStatus) if job_filter.kind else ())
+    branches = [
+        f"""(SELECT {_COLUMNS} FROM jobs.jobs
+            WHERE {" AND ".join([*conditions, status])}
+            ORDER BY create_time DESC, job_id DESC LIMIT {read})"""
+        for status in [f"status = {bind(str(s))}" for s in statuses] or ["TRUE"]
+    ]
+    matching = branches[0]
+    if len(branches) > 1:
+        matching = f"""(SELECT * FROM ({" UNION ALL ".join(branches)}) AS branches
+            ORDER BY create_time DESC, job_id DESC LIMIT {read})"""
+    query = f"""
+        SELECT {_COLUMNS}, followed FROM (
+            SELECT {_COLUMNS},
+                coalesce(sum(
+                    octet_length(data::text) + octet_length(result::text)
+                    + octet_length(message) + octet_length(error)
+                ) OVER before, 0) AS bytes_before,
+                lead(TRUE, 1, FALSE) OVER newest_first AS followed
+            FROM {matching} AS matching
+            WINDOW newest_first AS (ORDER BY create_time DESC, job_id DESC),
+                before AS (newest_first ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+            ORDER BY create_time DESC, job_id DESC
+            LIMIT {bind(limit)}
+        ) AS page
+        WHERE bytes_before < {bind(max_bytes)}
+        ORDER BY create_time DESC, job_id DESC
+    """
+    return query, arguments
+
+
 class JobStore:
     def __init__(self, pool: TenantScopedPool) -> None:
         self._pool = pool
@@ -121,64 +189,12 @@ class JobStore:
         all_profiles: bool = False,
     ) -> tuple[list[Job], bool]:
         """Up to `limit` jobs newest first, strictly after the (create_time, job_id) given, and
-        whether more jobs match after them.
-
-        The rows stop early once the jobs before one already hold `max_bytes` of data, result,
-        message and error (their JSON and text sizes, measured in Postgres), so a page of jobs
-        with megabytes of data each never comes into memory whole: what is read is bounded by
-        max_bytes plus one job, whatever `limit` asks. Postgres still reads at most limit + 1
-        rows. A filter by statuses walks one index range per status and merges them (Merge
-        Append), so a rare status is found without scanning the profile's other jobs.
+        whether more jobs match after them (see list_query).
 
         `all_profiles` (an operator's call only) reads every profile's jobs, read only.
         """
-        conditions = ["TRUE"] if all_profiles else ["profile_id = $1"]
-        arguments: list[Any] = [] if all_profiles else [require_profile_id()]
-
-        def bind(value: Any) -> str:
-            arguments.append(value)
-            return f"${len(arguments)}"
-
-        if job_filter.kind:
-            conditions.append(f"kind = {bind(job_filter.kind)}")
-        if job_filter.create_time_start:
-            conditions.append(f"create_time >= {bind(job_filter.create_time_start)}")
-        if job_filter.create_time_end:
-            conditions.append(f"create_time < {bind(job_filter.create_time_end)}")
-        if after:
-            conditions.append(f"(create_time, job_id) < ({bind(after[0])}, {bind(after[1])})")
-        # One more row than the page, so that lead() can tell whether any follows.
-        read = bind(limit + 1)
-        status_conditions = [f"status = {bind(str(status))}" for status in job_filter.statuses] or [
-            "TRUE"
-        ]
-        branches = [
-            f"""(SELECT {_COLUMNS} FROM jobs.jobs
-                WHERE {" AND ".join([*conditions, status])}
-                ORDER BY create_time DESC, job_id DESC LIMIT {read})"""
-            for status in status_conditions
-        ]
-        matching = branches[0]
-        if len(branches) > 1:
-            matching = f"""(SELECT * FROM ({" UNION ALL ".join(branches)}) AS branches
-                ORDER BY create_time DESC, job_id DESC LIMIT {read})"""
-        query = f"""
-            SELECT {_COLUMNS}, followed FROM (
-                SELECT {_COLUMNS},
-                    coalesce(sum(
-                        octet_length(data::text) + octet_length(result::text)
-                        + octet_length(message) + octet_length(error)
-                    ) OVER before, 0) AS bytes_before,
-                    lead(TRUE, 1, FALSE) OVER newest_first AS followed
-                FROM {matching} AS matching
-                WINDOW newest_first AS (ORDER BY create_time DESC, job_id DESC),
-                    before AS (newest_first ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
-                ORDER BY create_time DESC, job_id DESC
-                LIMIT {bind(limit)}
-            ) AS page
-            WHERE bytes_before < {bind(max_bytes)}
-            ORDER BY create_time DESC, job_id DESC
-        """
+        profile_id = None if all_profiles else require_profile_id()
+        query, arguments = list_query(profile_id, job_filter, limit, after, max_bytes)
         transaction = (
             self._pool.cross_profile_transaction()
             if all_profiles
