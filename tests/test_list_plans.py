@@ -14,7 +14,7 @@ from services.costs.service import costs_definition
 from services.costs.store import entries_query
 from services.jobs.model import JobFilter, JobStatus
 from services.jobs.service import JOBS
-from services.jobs.store import list_query
+from services.jobs.store import list_query, list_query_by_bytes
 from services.runtime.call_context import profile_scope
 from services.runtime.database import TenantScopedPool, create_pool
 from services.runtime.embedded_postgres import scratch_database
@@ -112,8 +112,12 @@ def _assert_index_range_scans(plan: dict, index: str) -> None:
     ],
     ids=["none", "kind", "kind-and-status", "status", "statuses"],
 )
-async def test_a_list_jobs_filter_is_an_index_range_scan(seeded_url, job_filter, index):
-    query, arguments = list_query(BUSY, job_filter, 50, None, REPLY_BYTES)
+@pytest.mark.parametrize("by_bytes", [False, True], ids=["first-read", "read-by-bytes"])
+async def test_a_list_jobs_filter_is_an_index_range_scan(seeded_url, job_filter, index, by_bytes):
+    if by_bytes:
+        query, arguments = list_query_by_bytes(BUSY, job_filter, 50, None, REPLY_BYTES)
+    else:
+        query, arguments = list_query(BUSY, job_filter, 50, None)
     _assert_index_range_scans(await _plan(seeded_url, "jobs_service", query, arguments), index)
 
 

@@ -11,7 +11,7 @@ from publisher.v1 import publisher_pb2
 
 from services.jobs.model import Job, JobFilter, JobStatus
 from services.jobs.servicer import MAX_KIND_LENGTH, MAX_TEXT_LENGTH, job_message
-from services.jobs.store import JobStore
+from services.jobs.store import JobStore, list_query
 from services.runtime.call_context import profile_scope
 from services.runtime.fields import MAX_STRUCT_BYTES, struct_dict
 from services.runtime.paging import reply_budget
@@ -78,6 +78,17 @@ async def test_store_reads_no_more_big_jobs_than_the_byte_budget_holds(
             JobFilter(), 500, None, max_bytes=3 * BIG_STRUCT_BYTES
         )
     assert (len(jobs), more) == (2, True)
+
+
+async def test_first_read_of_a_page_leaves_out_the_values_of_large_jobs(
+    jobs_service, jobs_stub, profile
+):
+    await _big_jobs(jobs_stub, profile, 2)
+    query, arguments = list_query(profile[0][1], JobFilter(), 500, None)
+    with profile_scope(profile[0][1]):
+        async with jobs_service.pool.transaction(readonly=True) as connection:
+            rows = await connection.fetch(query, *arguments)
+    assert [(row["small"], row["data"], row["result"]) for row in rows] == [(False, None, None)] * 2
 
 
 def test_the_largest_job_the_input_limits_allow_fits_one_reply():
