@@ -35,9 +35,13 @@ from services.jobs.model import JobChanges, JobFilter
 from services.jobs.store import JobStore
 from services.runtime.call_context import profile_scope
 from services.runtime.page_tokens import encode_page_token
+from services.runtime.paging import reply_budget
+from services.runtime.settings import Settings
 
 Call = Callable[[], Awaitable[object]]
 LINES_PER_MESSAGE = 100
+# What a ListJobs reply's rows may take with the default GRPC_MAX_MESSAGE_BYTES.
+LIST_REPLY_BYTES = reply_budget(Settings.max_message_bytes)
 
 
 @dataclass
@@ -200,7 +204,7 @@ async def _jobs_operations(suite: Suite, options: Options) -> list[Operation]:
             "ListJobs first page",
             big,
             lambda: stub.ListJobs(jobs_pb2.ListJobsRequest(page_size=50), metadata=big_md),
-            lambda: store.list(JobFilter(), 51, None),
+            lambda: store.list(JobFilter(), 50, None, max_bytes=LIST_REPLY_BYTES),
         ),
         Operation(
             "ListJobs deep page",
@@ -208,7 +212,7 @@ async def _jobs_operations(suite: Suite, options: Options) -> list[Operation]:
             lambda: stub.ListJobs(
                 jobs_pb2.ListJobsRequest(page_size=50, page_token=deep_token), metadata=big_md
             ),
-            lambda: store.list(JobFilter(), 51, position),
+            lambda: store.list(JobFilter(), 50, position, max_bytes=LIST_REPLY_BYTES),
         ),
     ]
 

@@ -1,14 +1,23 @@
 """WatchJob: the current state, then every change, from any replica, over one listener."""
 
 import asyncio
+import contextlib
+import uuid
 
+import asyncpg
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 from jobs.v1 import jobs_pb2, jobs_pb2_grpc
+from prometheus_client import REGISTRY
 
-from services.jobs.service import JOBS
-from tests.conftest import running, settings_for
+from services.jobs.model import JobChanges, JobStatus
+from services.jobs.service import JOBS, jobs_definition
+from services.jobs.servicer import job_message
+from services.jobs.store import JobStore
+from services.jobs.watch import JobWatchHub, WatchLimits
+from services.runtime.call_context import profile_scope
+from tests.conftest import as_profile, expect_status, new_profile_id, running, settings_for
 
 TIMEOUT = 10
 
@@ -120,3 +129,134 @@ async def test_watchers_recover_when_the_listener_connection_is_killed(
         await _set(jobs_stub, profile, job.job_id, progress=77)
         assert (await _next(call)).progress == 77
         call.cancel()
+
+
+@contextlib.asynccontextmanager
+async def _hub(service, database_url):
+    """A watch hub of the test's own beside the service, on the same database."""
+    hub = JobWatchHub(database_url, JobStore(service.pool), job_message)
+    await hub.start()
+    try:
+        yield hub
+    finally:
+        await hub.close()
+
+
+async def _thousand_messages(database_url: str, job_id: uuid.UUID) -> None:
+    """1,000 changes of the job, each its own transaction and notification; without waiting
+    for each commit to reach the disk (synchronous_commit off), so that they take a second."""
+    connection = await asyncpg.connect(database_url, server_settings={"synchronous_commit": "off"})
+    try:
+        for number in range(1000):
+            await connection.execute(
+                "UPDATE jobs.jobs SET message = $2, version = version + 1 WHERE job_id = $1",
+                job_id,
+                f"step {number}",
+            )
+    finally:
+        await connection.close()
+
+
+async def test_a_watcher_that_does_not_read_gets_the_latest_state_not_every_change(
+    jobs_service, database_url, jobs_stub
+):
+    profile_id = new_profile_id()
+    job = await _create(jobs_stub, as_profile(profile_id))
+    job_id = uuid.UUID(job.job_id)
+    store = JobStore(jobs_service.pool)
+    async with _hub(jobs_service, database_url) as hub:
+        with profile_scope(profile_id):
+            idle, reader = hub.watch(job_id), hub.watch(job_id)
+            await anext(idle)
+            await anext(reader)
+            await _thousand_messages(database_url, job_id)
+            final = await store.update(job_id, JobChanges({"status": JobStatus.COMPLETED}), None)
+            # The reader ends with the final state; by then the idle watcher's slot holds it.
+            assert [r.etag async for r in reader][-1] == final.etag
+            assert [(r.etag, r.message) async for r in idle] == [(final.etag, "step 999")]
+
+
+def _changes_built() -> float:
+    return REGISTRY.get_sample_value("jobs_watch_changes_total") or 0.0
+
+
+async def test_a_change_is_read_and_converted_once_for_all_watchers_of_the_job(jobs_stub, profile):
+    job = await _create(jobs_stub, profile)
+    calls = [
+        jobs_stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job.job_id), metadata=profile)
+        for _ in range(20)
+    ]
+    await asyncio.gather(*(_next(call) for call in calls))
+    before = _changes_built()
+    await _set(jobs_stub, profile, job.job_id, progress=42)
+    assert {(await _next(call)).progress for call in calls} == {42}
+    assert _changes_built() - before == 1
+    for call in calls:
+        call.cancel()
+
+
+async def test_watchers_of_one_profile_are_capped_per_replica(database_url, profile):
+    limits = WatchLimits(per_profile=3, per_replica=100)
+    async with (
+        running(jobs_definition(limits), settings_for(database_url)) as replica,
+        grpc.aio.insecure_channel(f"127.0.0.1:{replica.port}") as channel,
+    ):
+        stub = jobs_pb2_grpc.JobServiceStub(channel)
+        job = await _create(stub, profile)
+        request = jobs_pb2.WatchJobRequest(job_id=job.job_id)
+        calls = [stub.WatchJob(request, metadata=profile) for _ in range(3)]
+        await asyncio.gather(*(_next(call) for call in calls))
+        details = await expect_status(
+            _next(stub.WatchJob(request, metadata=profile)), grpc.StatusCode.RESOURCE_EXHAUSTED
+        )
+        assert "3 WatchJob streams" in details
+        assert "JOBS_WATCHERS_PER_PROFILE" in details
+        other = as_profile(new_profile_id())
+        other_job = await _create(stub, other)
+        other_call = stub.WatchJob(
+            jobs_pb2.WatchJobRequest(job_id=other_job.job_id), metadata=other
+        )
+        assert (await _next(other_call)).job_id == other_job.job_id
+        for call in [*calls, other_call]:
+            call.cancel()
+
+
+async def test_a_watcher_that_ends_frees_its_place_under_the_cap(database_url, profile):
+    limits = WatchLimits(per_profile=1, per_replica=100)
+    async with (
+        running(jobs_definition(limits), settings_for(database_url)) as replica,
+        grpc.aio.insecure_channel(f"127.0.0.1:{replica.port}") as channel,
+    ):
+        stub = jobs_pb2_grpc.JobServiceStub(channel)
+        job = await _create(stub, profile)
+        await stub.CancelJob(jobs_pb2.CancelJobRequest(job_id=job.job_id), metadata=profile)
+        request = jobs_pb2.WatchJobRequest(job_id=job.job_id)
+        for _ in range(3):  # a finished job's stream ends at once, releasing its place
+            assert [j.status async for j in stub.WatchJob(request, metadata=profile)] == [
+                jobs_pb2.CANCELLED
+            ]
+
+
+async def test_watchers_of_a_replica_are_capped_in_all(database_url):
+    limits = WatchLimits(per_profile=10, per_replica=2)
+    async with (
+        running(jobs_definition(limits), settings_for(database_url)) as replica,
+        grpc.aio.insecure_channel(f"127.0.0.1:{replica.port}") as channel,
+    ):
+        stub = jobs_pb2_grpc.JobServiceStub(channel)
+        profiles = [as_profile(new_profile_id()) for _ in range(3)]
+        calls = []
+        for metadata in profiles[:2]:
+            job = await _create(stub, metadata)
+            calls.append(
+                stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job.job_id), metadata=metadata)
+            )
+        await asyncio.gather(*(_next(call) for call in calls))
+        job = await _create(stub, profiles[2])
+        details = await expect_status(
+            _next(stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job.job_id), metadata=profiles[2])),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        )
+        assert "JOBS_WATCHERS_PER_REPLICA" in details
+        for call in calls:
+            call.cancel()

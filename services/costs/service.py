@@ -15,6 +15,7 @@ from services.costs.spool import Spool
 from services.costs.store import CostStore, load_catalog
 from services.runtime.database import TenantScopedPool
 from services.runtime.interceptors.handlers import InterceptedHandlers
+from services.runtime.paging import reply_budget
 from services.runtime.server import ServiceDefinition, ServicersFactory
 from services.runtime.settings import Settings
 
@@ -35,7 +36,8 @@ def costs_servicers(spool_path: Path, spool_retry_seconds: float) -> ServicersFa
         store = CostStore(pool)
         recorder = Recorder(store, Spool(spool_path), spool_retry_seconds)
         await recorder.start()
-        costs_pb2_grpc.add_CostServiceServicer_to_server(CostServicer(store, recorder), handlers)
+        servicer = CostServicer(store, recorder, reply_budget(settings.max_message_bytes))
+        costs_pb2_grpc.add_CostServiceServicer_to_server(servicer, handlers)
         try:
             yield
         finally:

@@ -37,7 +37,8 @@ from services.runtime.fields import (
     text,
     timestamp_message,
 )
-from services.runtime.page_tokens import decode_page_token, encode_page_token, page_size
+from services.runtime.page_tokens import decode_page_token, page_size
+from services.runtime.paging import fill_page
 
 MAX_NAME_LENGTH = 128
 MAX_REQUEST_ID_LENGTH = 128
@@ -266,9 +267,11 @@ def budget_message(status: BudgetStatus) -> costs_pb2.BudgetStatus:
 
 
 class CostServicer(costs_pb2_grpc.CostServiceServicer):
-    def __init__(self, store: CostStore, recorder: Recorder) -> None:
+    def __init__(self, store: CostStore, recorder: Recorder, reply_bytes: int) -> None:
+        """`reply_bytes`: the most a list reply's rows may take (paging.reply_budget)."""
         self._store = store
         self._recorder = recorder
+        self._reply_bytes = reply_bytes
 
     async def _record(self, line: UsageLine) -> costs_pb2.RecordResponse:
         entry = await self._recorder.record(line)
@@ -379,14 +382,17 @@ class CostServicer(costs_pb2_grpc.CostServiceServicer):
         if request.page_token:
             after = decode_page_token(request.page_token, entry_filter.as_key())
         entries = await self._store.list_entries(entry_filter, size + 1, after)
-        response = costs_pb2.ListCostEntriesResponse(
-            entries=[entry_message(e) for e in entries[:size]]
+        response = costs_pb2.ListCostEntriesResponse()
+        fill_page(
+            response,
+            "entries",
+            entries[:size],
+            more=len(entries) > size,
+            to_message=entry_message,
+            position=lambda entry: (entry.occurred_at, entry.entry_id),
+            filters=entry_filter.as_key(),
+            max_bytes=self._reply_bytes,
         )
-        if len(entries) > size:
-            last = entries[size - 1]
-            response.next_page_token = encode_page_token(
-                (last.occurred_at, last.entry_id), entry_filter.as_key()
-            )
         return response
 
     async def SetBudget(

@@ -108,6 +108,43 @@ async def load_catalog(connection: asyncpg.Connection, prices: Sequence[Price]) 
         )
 
 
+def entries_query(
+    profile_id: str, entry_filter: EntryFilter, limit: int, after: tuple[datetime, uuid.UUID] | None
+) -> tuple[str, list[Any]]:
+    """The SELECT of CostStore.list_entries and its arguments. Each filter has an index that
+    leads with profile_id and ends newest first (entries_of_job_, entries_by_provider_,
+    entries_by_model_, entries_unpriced_newest_first), so a page is an index range scan with
+    LIMIT however many other lines the profile has."""
+    conditions = ["profile_id = $1"]
+    arguments: list[Any] = [profile_id]
+
+    def bind(value: Any) -> str:
+        arguments.append(value)
+        return f"${len(arguments)}"
+
+    if entry_filter.job_id:
+        conditions.append(f"job_id = {bind(entry_filter.job_id)}")
+    if entry_filter.provider:
+        conditions.append(f"provider = {bind(entry_filter.provider)}")
+    if entry_filter.model:
+        conditions.append(f"model = {bind(entry_filter.model)}")
+    if entry_filter.start:
+        conditions.append(f"occurred_at >= {bind(entry_filter.start)}")
+    if entry_filter.end:
+        conditions.append(f"occurred_at < {bind(entry_filter.end)}")
+    if entry_filter.unpriced_only:
+        conditions.append("NOT priced")
+    if after:
+        conditions.append(f"(occurred_at, entry_id) < ({bind(after[0])}, {bind(after[1])})")
+    query = f"""
+        SELECT {_ENTRY_COLUMNS} FROM costs.entries
+        WHERE {" AND ".join(conditions)}
+        ORDER BY occurred_at DESC, entry_id DESC
+        LIMIT {bind(limit)}
+    """
+    return query, arguments
+
+
 class CostStore:
     def __init__(self, pool: TenantScopedPool) -> None:
         self._pool = pool
@@ -250,34 +287,12 @@ class CostStore:
     async def list_entries(
         self, entry_filter: EntryFilter, limit: int, after: tuple[datetime, uuid.UUID] | None
     ) -> list[CostEntry]:
-        """Up to `limit` lines newest first, strictly after the (occurred_at, entry_id) given."""
-        conditions = ["profile_id = $1"]
-        arguments: list[Any] = [require_profile_id()]
+        """Up to `limit` lines newest first, strictly after the (occurred_at, entry_id) given.
 
-        def bind(value: Any) -> str:
-            arguments.append(value)
-            return f"${len(arguments)}"
-
-        if entry_filter.job_id:
-            conditions.append(f"job_id = {bind(entry_filter.job_id)}")
-        if entry_filter.provider:
-            conditions.append(f"provider = {bind(entry_filter.provider)}")
-        if entry_filter.model:
-            conditions.append(f"model = {bind(entry_filter.model)}")
-        if entry_filter.start:
-            conditions.append(f"occurred_at >= {bind(entry_filter.start)}")
-        if entry_filter.end:
-            conditions.append(f"occurred_at < {bind(entry_filter.end)}")
-        if entry_filter.unpriced_only:
-            conditions.append("NOT priced")
-        if after:
-            conditions.append(f"(occurred_at, entry_id) < ({bind(after[0])}, {bind(after[1])})")
-        query = f"""
-            SELECT {_ENTRY_COLUMNS} FROM costs.entries
-            WHERE {" AND ".join(conditions)}
-            ORDER BY occurred_at DESC, entry_id DESC
-            LIMIT {bind(limit)}
+        Read whole: a line is small whatever its caller sends (attributes at most 16 KB, a
+        few usage types), so even 500 of them are a few megabytes at most.
         """
+        query, arguments = entries_query(require_profile_id(), entry_filter, limit, after)
         async with self._pool.transaction(readonly=True) as connection:
             rows = await connection.fetch(query, *arguments)
         return [_entry(row) for row in rows]

@@ -6,34 +6,53 @@ from pathlib import Path
 
 from jobs.v1 import jobs_pb2_grpc
 
-from services.jobs.servicer import JobServicer
+from services.jobs.servicer import JobServicer, job_message
 from services.jobs.store import JobStore
-from services.jobs.watch import JobWatchHub
+from services.jobs.watch import JobWatchHub, WatchLimits
 from services.runtime.database import TenantScopedPool
 from services.runtime.interceptors.handlers import InterceptedHandlers
-from services.runtime.server import ServiceDefinition
-from services.runtime.settings import Settings
+from services.runtime.paging import reply_budget
+from services.runtime.server import ServiceDefinition, ServicersFactory
+from services.runtime.settings import Settings, env_int
 
 
-@asynccontextmanager
-async def _servicers(
-    handlers: InterceptedHandlers, pool: TenantScopedPool, settings: Settings
-) -> AsyncIterator[None]:
-    store = JobStore(pool)
-    watch_hub = JobWatchHub(settings.database_url, store)
-    await watch_hub.start()
-    jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(store, watch_hub), handlers)
-    try:
-        yield
-    finally:
-        await watch_hub.close()
+def watch_limits_from_environment() -> WatchLimits:
+    """JOBS_WATCHERS_PER_PROFILE and JOBS_WATCHERS_PER_REPLICA, or the defaults."""
+    return WatchLimits(
+        per_profile=env_int("JOBS_WATCHERS_PER_PROFILE", WatchLimits.per_profile),
+        per_replica=env_int("JOBS_WATCHERS_PER_REPLICA", WatchLimits.per_replica),
+    )
 
 
-JOBS = ServiceDefinition(
-    name="jobs",
-    grpc_service="jobs.v1.JobService",
-    default_port=50051,
-    migrations=Path(__file__).parent / "migrations",
-    servicers=_servicers,
-    cross_profile_reads=("ListAllJobs",),
-)
+def jobs_servicers(watch_limits: WatchLimits | None) -> ServicersFactory:
+    @asynccontextmanager
+    async def servicers(
+        handlers: InterceptedHandlers, pool: TenantScopedPool, settings: Settings
+    ) -> AsyncIterator[None]:
+        store = JobStore(pool)
+        limits = watch_limits or watch_limits_from_environment()
+        watch_hub = JobWatchHub(settings.database_url, store, job_message, limits)
+        await watch_hub.start()
+        servicer = JobServicer(store, watch_hub, reply_budget(settings.max_message_bytes))
+        jobs_pb2_grpc.add_JobServiceServicer_to_server(servicer, handlers)
+        try:
+            yield
+        finally:
+            await watch_hub.close()
+
+    return servicers
+
+
+def jobs_definition(watch_limits: WatchLimits | None = None) -> ServiceDefinition:
+    """The service; the watch limits default to the environment's, read at start."""
+    return ServiceDefinition(
+        name="jobs",
+        grpc_service="jobs.v1.JobService",
+        default_port=50051,
+        migrations=Path(__file__).parent / "migrations",
+        servicers=jobs_servicers(watch_limits),
+        cross_profile_reads=("ListAllJobs",),
+    )
+
+
+JOBS = jobs_definition()

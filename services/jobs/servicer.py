@@ -1,5 +1,6 @@
 """jobs.v1.JobService: validates requests and converts between messages and the model."""
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -19,7 +20,8 @@ from services.runtime.fields import (
     timestamp_datetime,
     timestamp_message,
 )
-from services.runtime.page_tokens import decode_page_token, encode_page_token, page_size
+from services.runtime.page_tokens import decode_page_token, page_size
+from services.runtime.paging import fill_page
 
 MAX_KIND_LENGTH = 100
 MAX_TEXT_LENGTH = 10_000
@@ -97,9 +99,13 @@ def _filter(request: jobs_pb2.ListJobsRequest) -> JobFilter:
 
 
 class JobServicer(jobs_pb2_grpc.JobServiceServicer):
-    def __init__(self, store: JobStore, watch_hub: JobWatchHub) -> None:
+    def __init__(
+        self, store: JobStore, watch_hub: JobWatchHub[jobs_pb2.Job], reply_bytes: int
+    ) -> None:
+        """`reply_bytes`: the most a list reply's rows may take (paging.reply_budget)."""
         self._store = store
         self._watch_hub = watch_hub
+        self._reply_bytes = reply_bytes
 
     async def CreateJob(
         self, request: jobs_pb2.CreateJobRequest, context: ServicerContext
@@ -142,13 +148,20 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         after = None
         if request.page_token:
             after = decode_page_token(request.page_token, job_filter.as_key())
-        jobs = await self._store.list(job_filter, size + 1, after, all_profiles=all_profiles)
-        response = jobs_pb2.ListJobsResponse(jobs=[job_message(j) for j in jobs[:size]])
-        if len(jobs) > size:
-            last = jobs[size - 1]
-            response.next_page_token = encode_page_token(
-                (last.create_time, last.job_id), job_filter.as_key()
-            )
+        jobs, more = await self._store.list(
+            job_filter, size, after, max_bytes=self._reply_bytes, all_profiles=all_profiles
+        )
+        response = jobs_pb2.ListJobsResponse()
+        fill_page(
+            response,
+            "jobs",
+            jobs,
+            more=more,
+            to_message=job_message,
+            position=lambda job: (job.create_time, job.job_id),
+            filters=job_filter.as_key(),
+            max_bytes=self._reply_bytes,
+        )
         return response
 
     async def CancelJob(
@@ -165,5 +178,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     async def WatchJob(
         self, request: jobs_pb2.WatchJobRequest, context: ServicerContext
     ) -> AsyncIterator[jobs_pb2.Job]:
-        async for job in self._watch_hub.watch(parse_job_id(request.job_id)):
-            yield job_message(job)
+        # Closed here, not when collected, so that the watcher is released when the call ends.
+        async with contextlib.aclosing(self._watch_hub.watch(parse_job_id(request.job_id))) as jobs:
+            async for job in jobs:
+                yield job

@@ -1,6 +1,7 @@
 """SQL for the jobs schema. Every method runs in one tenant-scoped transaction."""
 
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -36,6 +37,130 @@ def _job(row: asyncpg.Record) -> Job:
 
 def _not_found(job_id: uuid.UUID) -> NotFound:
     return NotFound(f"job {job_id} not found")
+
+
+# A job no larger than this (data, result, message and error) comes back whole from the first
+# SELECT of a page; 501 of them are 4 MB at most.
+SMALL_JOB_BYTES = 8192
+_LARGE_COLUMNS = ("data", "result", "message", "error")
+
+
+def _matching_jobs(
+    profile_id: str | None,
+    job_filter: JobFilter,
+    limit: int,
+    after: tuple[datetime, uuid.UUID] | None,
+    bind: Callable[[Any], str],
+) -> str:
+    """A subquery: limit + 1 of the matching jobs, newest first.
+
+    They are read as one range per status, each newest first with LIMIT, merged (Merge
+    Append): by jobs_by_status_newest_first for the statuses asked, or by
+    jobs_by_kind_status_newest_first for a kind (with every status when none is asked), so a
+    rare status or kind is found without walking the profile's other jobs.
+    """
+    conditions = ["TRUE"] if profile_id is None else [f"profile_id = {bind(profile_id)}"]
+    if job_filter.kind:
+        conditions.append(f"kind = {bind(job_filter.kind)}")
+    if job_filter.create_time_start:
+        conditions.append(f"create_time >= {bind(job_filter.create_time_start)}")
+    if job_filter.create_time_end:
+        conditions.append(f"create_time < {bind(job_filter.create_time_end)}")
+    if after:
+        conditions.append(f"(create_time, job_id) < ({bind(after[0])}, {bind(after[1])})")
+    read = bind(limit + 1)
+    statuses = job_filter.statuses or (tuple(JobStatus) if job_filter.kind else ())
+    branches = [
+        f"""(SELECT {_COLUMNS} FROM jobs.jobs
+            WHERE {" AND ".join([*conditions, status])}
+            ORDER BY create_time DESC, job_id DESC LIMIT {read})"""
+        for status in [f"status = {bind(str(s))}" for s in statuses] or ["TRUE"]
+    ]
+    if len(branches) == 1:
+        return branches[0]
+    return f"""(SELECT * FROM ({" UNION ALL ".join(branches)}) AS branches
+        ORDER BY create_time DESC, job_id DESC LIMIT {read})"""
+
+
+def _binder(arguments: list[Any]) -> Callable[[Any], str]:
+    def bind(value: Any) -> str:
+        arguments.append(value)
+        return f"${len(arguments)}"
+
+    return bind
+
+
+def list_query(
+    profile_id: str | None,
+    job_filter: JobFilter,
+    limit: int,
+    after: tuple[datetime, uuid.UUID] | None,
+) -> tuple[str, list[Any]]:
+    """The first SELECT of a page (JobStore.list) and its arguments; every profile's jobs when
+    profile_id is None: limit + 1 jobs, each with `small`, and the large columns of a job
+    that is not small left out (NULL), so that this read is bounded too. Telling a job small
+    costs Postgres no decompression: an uncompressed value's stored size is its size."""
+    arguments: list[Any] = []
+    matching = _matching_jobs(profile_id, job_filter, limit, after, _binder(arguments))
+    stored_bytes = " + ".join(
+        [f"pg_column_size({c})" for c in ("data", "result")]
+        + [f"octet_length({c})" for c in ("message", "error")]
+    )
+    columns = ", ".join(
+        f"CASE WHEN small THEN {c.strip()} END AS {c.strip()}"
+        if c.strip() in _LARGE_COLUMNS
+        else c.strip()
+        for c in _COLUMNS.split(",")
+    )
+    query = f"""
+        SELECT {columns}, small FROM (
+            SELECT {_COLUMNS},
+                pg_column_compression(data) IS NULL AND pg_column_compression(result) IS NULL
+                AND {stored_bytes} <= {SMALL_JOB_BYTES} AS small
+            FROM {matching} AS matching
+        ) AS sized
+        ORDER BY create_time DESC, job_id DESC
+    """
+    return query, arguments
+
+
+def list_query_by_bytes(
+    profile_id: str | None,
+    job_filter: JobFilter,
+    limit: int,
+    after: tuple[datetime, uuid.UUID] | None,
+    max_bytes: int,
+) -> tuple[str, list[Any]]:
+    """The SELECT of a page of jobs that are not all small, and its arguments: up to `limit`
+    whole jobs, each with `followed` (whether another matching job comes after it).
+
+    The rows stop early once the jobs before one already hold `max_bytes` of data, result,
+    message and error (their JSON and text sizes, measured in Postgres), so a page of jobs
+    with megabytes of data each is never read whole: what comes back is bounded by max_bytes
+    plus one job, whatever `limit` asks. Measuring renders the JSON of at most limit + 1 jobs
+    in Postgres, which is why small pages do without it.
+    """
+    arguments: list[Any] = []
+    bind = _binder(arguments)
+    matching = _matching_jobs(profile_id, job_filter, limit, after, bind)
+    query = f"""
+        SELECT {_COLUMNS}, followed FROM (
+            SELECT {_COLUMNS},
+                coalesce(sum(
+                    octet_length(data::text) + octet_length(result::text)
+                    + octet_length(message) + octet_length(error)
+                ) OVER before, 0) AS bytes_before,
+                lead(TRUE, 1, FALSE) OVER newest_first AS followed
+            FROM {matching} AS matching
+            WINDOW newest_first AS (ORDER BY create_time DESC, job_id DESC),
+                before AS (newest_first ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+            ORDER BY create_time DESC, job_id DESC
+            LIMIT {bind(limit)}
+        ) AS page
+        WHERE bytes_before < {bind(max_bytes)}
+        ORDER BY create_time DESC, job_id DESC
+    """
+    return query, arguments
 
 
 class JobStore:
@@ -117,43 +242,33 @@ class JobStore:
         limit: int,
         after: tuple[datetime, uuid.UUID] | None,
         *,
+        max_bytes: int,
         all_profiles: bool = False,
-    ) -> list[Job]:
-        """Up to `limit` jobs newest first, strictly after the (create_time, job_id) given.
+    ) -> tuple[list[Job], bool]:
+        """Up to `limit` jobs newest first, strictly after the (create_time, job_id) given, and
+        whether more jobs match after them.
+
+        Memory stays bounded whatever the jobs hold: a page of small jobs is read in one
+        SELECT (list_query); when it meets a large one, the page is read again with the
+        rows cut at `max_bytes` in Postgres (list_query_by_bytes), so fewer than `limit`
+        jobs may come back, `more` then saying that others follow.
 
         `all_profiles` (an operator's call only) reads every profile's jobs, read only.
         """
-        conditions = ["TRUE"] if all_profiles else ["profile_id = $1"]
-        arguments: list[Any] = [] if all_profiles else [require_profile_id()]
-
-        def bind(value: Any) -> str:
-            arguments.append(value)
-            return f"${len(arguments)}"
-
-        if job_filter.statuses:
-            conditions.append(f"status = ANY({bind([str(s) for s in job_filter.statuses])})")
-        if job_filter.kind:
-            conditions.append(f"kind = {bind(job_filter.kind)}")
-        if job_filter.create_time_start:
-            conditions.append(f"create_time >= {bind(job_filter.create_time_start)}")
-        if job_filter.create_time_end:
-            conditions.append(f"create_time < {bind(job_filter.create_time_end)}")
-        if after:
-            conditions.append(f"(create_time, job_id) < ({bind(after[0])}, {bind(after[1])})")
-        query = f"""
-            SELECT {_COLUMNS} FROM jobs.jobs
-            WHERE {" AND ".join(conditions)}
-            ORDER BY create_time DESC, job_id DESC
-            LIMIT {bind(limit)}
-        """
+        profile_id = None if all_profiles else require_profile_id()
         transaction = (
             self._pool.cross_profile_transaction()
             if all_profiles
             else self._pool.transaction(readonly=True)
         )
+        first_read = list_query(profile_id, job_filter, limit, after)
         async with transaction as connection:
+            rows = await connection.fetch(first_read[0], *first_read[1])
+            if all(row["small"] for row in rows):
+                return [_job(row) for row in rows[:limit]], len(rows) > limit
+            query, arguments = list_query_by_bytes(profile_id, job_filter, limit, after, max_bytes)
             rows = await connection.fetch(query, *arguments)
-        return [_job(row) for row in rows]
+        return [_job(row) for row in rows], bool(rows) and rows[-1]["followed"]
 
     @staticmethod
     async def _locked(connection: asyncpg.Connection, job_id: uuid.UUID) -> Job:

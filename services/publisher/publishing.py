@@ -134,6 +134,21 @@ class Publisher:
             raise InvalidArgument("start_time must be before end_time")
         return await self._postiz.list_posts(await self._account(), start, end)
 
+    async def page_of_posts(
+        self, start: datetime, end: datetime, after: tuple[datetime, str] | None, limit: int
+    ) -> tuple[list[PostizPost], bool]:
+        """Up to `limit` posts of the window, newest publish time first (then id), strictly
+        after the (publish_time, id) given, and whether more follow. Postiz answers a window
+        in one reply, in no promised order; the order here makes page tokens stable."""
+        posts = sorted(
+            await self.list_posts(start, end),
+            key=lambda post: (post.publish_time, post.id),
+            reverse=True,
+        )
+        if after is not None:
+            posts = [post for post in posts if (post.publish_time, post.id) < after]
+        return posts[:limit], len(posts) > limit
+
     async def get_post(
         self, post_id: str, start: datetime | None, end: datetime | None
     ) -> PostizPost:

@@ -17,6 +17,7 @@ from services.publisher.settings import PublisherSettings
 from services.publisher.store import PostingPolicy, PublisherStore
 from services.runtime.database import TenantScopedPool
 from services.runtime.interceptors.handlers import InterceptedHandlers
+from services.runtime.paging import reply_budget
 from services.runtime.server import ServiceDefinition
 from services.runtime.settings import Settings
 
@@ -59,7 +60,7 @@ def publisher_definition(config: PublisherSettings | None = None) -> ServiceDefi
             egress,
         )
         publisher_pb2_grpc.add_PublisherServiceServicer_to_server(
-            PublisherServicer(publisher), handlers
+            PublisherServicer(publisher, reply_budget(settings.max_message_bytes)), handlers
         )
         try:
             yield

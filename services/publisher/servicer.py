@@ -16,6 +16,8 @@ from services.runtime.fields import (
     text,
     timestamp_message,
 )
+from services.runtime.page_tokens import decode_page_token, page_size
+from services.runtime.paging import fill_page
 
 MAX_REQUEST_ID_LENGTH = 128
 MAX_ID_LENGTH = 256
@@ -167,8 +169,10 @@ async def _chunks(
 
 
 class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
-    def __init__(self, publisher: Publisher) -> None:
+    def __init__(self, publisher: Publisher, reply_bytes: int) -> None:
+        """`reply_bytes`: the most a list reply's rows may take (paging.reply_budget)."""
         self._publisher = publisher
+        self._reply_bytes = reply_bytes
 
     async def SetPostizCredentials(
         self, request: publisher_pb2.SetPostizCredentialsRequest, context: ServicerContext
@@ -233,8 +237,24 @@ class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
         end = optional_datetime(request, "end_time")
         if start is None or end is None:
             raise InvalidArgument("start_time and end_time are required")
-        posts = await self._publisher.list_posts(start, end)
-        return publisher_pb2.ListPostsResponse(posts=[post_message(p) for p in posts])
+        size = page_size(request.page_size)
+        window = [start.isoformat(), end.isoformat()]
+        after = None
+        if request.page_token:
+            after = decode_page_token(request.page_token, window, parse_id=str)
+        posts, more = await self._publisher.page_of_posts(start, end, after, size)
+        response = publisher_pb2.ListPostsResponse()
+        fill_page(
+            response,
+            "posts",
+            posts,
+            more=more,
+            to_message=post_message,
+            position=lambda post: (post.publish_time, post.id),
+            filters=window,
+            max_bytes=self._reply_bytes,
+        )
+        return response
 
     async def GetPost(
         self, request: publisher_pb2.GetPostRequest, context: ServicerContext

@@ -1,6 +1,6 @@
 """Keyset pagination (AIP-158): page sizes, and opaque page tokens.
 
-Every list of the suite is newest first on (a time, a UUID). A token carries the last row's
+Every list of the suite is newest first on (a time, an id). A token carries the last row's
 sort key (the time in whole microseconds, so it round-trips exactly), the filters it was made
 for and the profile it was made for ("*" for an operator's read across profiles), under a
 checksum, so a tampered token or one reused with other filters or another profile is refused
@@ -13,8 +13,9 @@ import hashlib
 import hmac
 import json
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from services.runtime.call_context import current_caller, current_profile_id, require_profile_id
 from services.runtime.errors import InvalidArgument
@@ -26,8 +27,10 @@ _INVALID = "page_token is not valid; pass next_page_token from the previous resp
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 
-# The sort key of the last row of a page: (its time, its id).
-KeysetPosition = tuple[datetime, uuid.UUID]
+# The sort key of the last row of a page: (its time, its id). Our own rows have UUIDs;
+# rows read from elsewhere (Postiz posts) keep their ids as strings.
+KeysetPosition = tuple[datetime, uuid.UUID | str]
+RowId = TypeVar("RowId", uuid.UUID, str)
 
 
 def page_size(requested: int) -> int:
@@ -66,8 +69,11 @@ def encode_page_token(position: KeysetPosition, filters: Any) -> str:
     return base64.urlsafe_b64encode(_digest(body) + body).decode().rstrip("=")
 
 
-def decode_page_token(token: str, filters: Any) -> KeysetPosition:
-    """The position a token resumes after; InvalidArgument when it is not one of ours."""
+def decode_page_token(
+    token: str, filters: Any, parse_id: Callable[[str], RowId] = uuid.UUID
+) -> tuple[datetime, RowId]:
+    """The position a token resumes after, its id read by `parse_id`; InvalidArgument when
+    it is not one of ours."""
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         mac, body = raw[:12], raw[12:]
@@ -75,7 +81,7 @@ def decode_page_token(token: str, filters: Any) -> KeysetPosition:
             raise ValueError("checksum mismatch")
         decoded = json.loads(body)
         (micros, row_id), fingerprint = decoded["p"], decoded["f"]
-        position = (_EPOCH + timedelta(microseconds=micros), uuid.UUID(row_id))
+        position = (_EPOCH + timedelta(microseconds=micros), parse_id(row_id))
     except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as error:
         raise InvalidArgument(_INVALID) from error
     if fingerprint != _fingerprint(filters):

@@ -1,0 +1,66 @@
+"""Pages that fit in one reply (AIP-158 with a byte budget as well as a page size).
+
+A list reply holds as many rows as `page_size` asks, but never more bytes than the reply
+budget: what the server may send (GRPC_MAX_MESSAGE_BYTES) less a margin for the reply's other
+fields. A page that stops short of `page_size` still carries a `next_page_token`, so a caller
+that pages until the token is empty sees every row; it never gets RESOURCE_EXHAUSTED for a
+reply the server built too large. A page always holds at least one row: the input limits keep
+a single row well below the budget (see tests/test_reply_bounds.py).
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from google.protobuf.message import Message
+
+from services.runtime.page_tokens import KeysetPosition, encode_page_token
+
+# Room left in a reply for what is not a row: the next page token (under 200 bytes) and
+# anything a later version adds beside the rows.
+REPLY_MARGIN_BYTES = 64 * 1024
+
+Row = TypeVar("Row")
+
+
+def reply_budget(max_message_bytes: int) -> int:
+    """The bytes a page's rows may take in a reply of at most max_message_bytes."""
+    return max(max_message_bytes - REPLY_MARGIN_BYTES, max_message_bytes // 2)
+
+
+def _varint_bytes(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
+
+
+def fill_page(
+    reply: Message,
+    field: str,
+    rows: Sequence[Row],
+    *,
+    more: bool,
+    to_message: Callable[[Row], Message],
+    position: Callable[[Row], KeysetPosition],
+    filters: Any,
+    max_bytes: int,
+) -> None:
+    """Fills the repeated `field` of `reply` from `rows` (one page's worth at most, in list
+    order; `more` says that rows after them match too) and sets its next_page_token.
+
+    Rows are converted one at a time and added while the field's encoded bytes stay within
+    `max_bytes`; the first row is always added. When rows remain, the token resumes after the
+    last row added (`position` gives its sort key).
+    """
+    tag_bytes = _varint_bytes(reply.DESCRIPTOR.fields_by_name[field].number << 3)
+    messages: list[Message] = []
+    used = 0
+    for row in rows:
+        message = to_message(row)
+        length = message.ByteSize()
+        cost = tag_bytes + _varint_bytes(length) + length
+        if messages and used + cost > max_bytes:
+            more = True
+            break
+        messages.append(message)
+        used += cost
+    getattr(reply, field).extend(messages)
+    if more and messages:
+        reply.next_page_token = encode_page_token(position(rows[len(messages) - 1]), filters)
