@@ -165,7 +165,7 @@ TEST_POSTIZ_LIMITS = PostizLimits(
     timeout_seconds=2.0,
     connections_per_profile=4,
     pool_wait_seconds=0.2,
-    max_response_bytes=1024 * 1024,
+    max_response_bytes=6 * 1024 * 1024,  # above the reply budget: ListPosts pages by bytes
 )
 # The fake Postiz and the files it serves are on loopback, over http.
 TEST_TRUSTED_HOSTS = frozenset({"127.0.0.1"})
