@@ -14,6 +14,7 @@ from services.jobs.store import JobStore
 from services.jobs.watch import JobWatchHub
 from services.runtime.errors import InvalidArgument
 from services.runtime.fields import (
+    at_most,
     struct_dict,
     struct_message,
     text,
@@ -26,6 +27,9 @@ from services.runtime.paging import fill_page
 MAX_KIND_LENGTH = 100
 MAX_TEXT_LENGTH = 10_000
 MAX_REQUEST_ID_LENGTH = 128
+MAX_ETAG_LENGTH = 64
+# A filter names each status at most once.
+MAX_STATUSES = len(JobStatus)
 
 
 def job_message(job: Job) -> jobs_pb2.Job:
@@ -60,8 +64,12 @@ def _status(value: int, field: str) -> JobStatus:
     return JobStatus(jobs_pb2.JobStatus.Name(value))
 
 
-def _text(value: str, field: str, limit: int = MAX_TEXT_LENGTH) -> str:
+def _name(value: str, field: str, limit: int) -> str:
     return text(value, field, limit=limit)
+
+
+def _free_text(value: str, field: str) -> str:
+    return text(value, field, limit=MAX_TEXT_LENGTH, free_text=True)
 
 
 def _changes(job: jobs_pb2.Job, paths: list[str]) -> JobChanges:
@@ -76,7 +84,7 @@ def _changes(job: jobs_pb2.Job, paths: list[str]) -> JobChanges:
         elif path == "progress":
             values["progress"] = job.progress
         elif path in ("message", "error"):
-            values[path] = _text(getattr(job, path), f"job.{path}")
+            values[path] = _free_text(getattr(job, path), f"job.{path}")
         elif path in ("data", "result"):
             values[path] = struct_dict(getattr(job, path), f"job.{path}")
         else:
@@ -90,9 +98,10 @@ def _filter(request: jobs_pb2.ListJobsRequest) -> JobFilter:
             return None
         return timestamp_datetime(getattr(request, field), field)
 
+    statuses = at_most(request.statuses, "statuses", MAX_STATUSES)
     return JobFilter(
-        statuses=tuple(sorted({_status(s, "statuses") for s in request.statuses})),
-        kind=_text(request.kind, "kind", MAX_KIND_LENGTH),
+        statuses=tuple(sorted({_status(s, "statuses") for s in statuses})),
+        kind=_name(request.kind, "kind", MAX_KIND_LENGTH),
         create_time_start=time_or_none("create_time_start"),
         create_time_end=time_or_none("create_time_end"),
     )
@@ -110,10 +119,10 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     async def CreateJob(
         self, request: jobs_pb2.CreateJobRequest, context: ServicerContext
     ) -> jobs_pb2.Job:
-        kind = _text(request.job.kind.strip(), "job.kind", MAX_KIND_LENGTH)
+        kind = _name(request.job.kind.strip(), "job.kind", MAX_KIND_LENGTH)
         if not kind:
             raise InvalidArgument('job.kind is required, for example "video_render"')
-        request_id = _text(request.request_id, "request_id", MAX_REQUEST_ID_LENGTH) or None
+        request_id = _name(request.request_id, "request_id", MAX_REQUEST_ID_LENGTH) or None
         job = await self._store.create(kind, struct_dict(request.job.data, "job.data"), request_id)
         return job_message(job)
 
@@ -126,8 +135,10 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         self, request: jobs_pb2.UpdateJobRequest, context: ServicerContext
     ) -> jobs_pb2.Job:
         job_id = parse_job_id(request.job.job_id, "job.job_id")
-        changes = _changes(request.job, list(request.update_mask.paths))
-        job = await self._store.update(job_id, changes, request.job.etag or None)
+        paths = at_most(request.update_mask.paths, "update_mask.paths", len(UPDATABLE_FIELDS))
+        changes = _changes(request.job, list(paths))
+        etag = _name(request.job.etag, "job.etag", MAX_ETAG_LENGTH) or None
+        job = await self._store.update(job_id, changes, etag)
         return job_message(job)
 
     async def ListJobs(

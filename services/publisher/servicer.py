@@ -1,7 +1,7 @@
 """publisher.v1.PublisherService: validates requests and converts between messages and the
 model."""
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 from google.protobuf import empty_pb2, json_format, struct_pb2
 from grpc.aio import ServicerContext
@@ -11,6 +11,7 @@ from services.publisher import model
 from services.publisher.publishing import Publisher
 from services.runtime.errors import InvalidArgument
 from services.runtime.fields import (
+    at_most,
     optional_datetime,
     struct_dict,
     text,
@@ -23,6 +24,18 @@ MAX_REQUEST_ID_LENGTH = 128
 MAX_ID_LENGTH = 256
 MAX_URL_LENGTH = 2048
 MAX_CONTENT_LENGTH = 100_000
+MAX_FILENAME_LENGTH = 255
+# A post goes to at most this many of the profile's channels (integrations) at once.
+MAX_INTEGRATIONS = 20
+# A post on one channel: a thread of at most MAX_VALUES values, each with at most MAX_MEDIA
+# files (Instagram's carousel and X's thread are far shorter).
+MAX_VALUES = 10
+MAX_MEDIA = 10
+MAX_TAGS = 20
+# A channel's settings are a handful of fields (a title, a board, a few subreddits): 200
+# values and 64 KB are several times the largest Postiz provider's.
+MAX_SETTINGS_VALUES = 200
+MAX_SETTINGS_BYTES = 65_536
 
 _POST_TYPES = {
     publisher_pb2.POST_TYPE_NOW: model.PostType.NOW,
@@ -33,6 +46,10 @@ _POST_TYPES = {
 
 def _text(value: str, field: str, limit: int, required: bool = True) -> str:
     return text(value, field, limit=limit, required=required)
+
+
+def _content(value: str, field: str) -> str:
+    return text(value, field, limit=MAX_CONTENT_LENGTH, required=True, free_text=True)
 
 
 def _url(value: str, field: str) -> str:
@@ -103,27 +120,27 @@ def integration_message(integration: model.Integration) -> publisher_pb2.Integra
 
 
 def _settings(message: struct_pb2.Struct, field: str) -> dict:
-    return struct_dict(message, field)
+    return struct_dict(message, field, max_values=MAX_SETTINGS_VALUES, max_bytes=MAX_SETTINGS_BYTES)
 
 
 def _postiz_posts(request: publisher_pb2.CreatePostRequest) -> list[dict]:
     posts = []
-    for index, post in enumerate(request.posts):
+    for index, post in enumerate(at_most(request.posts, "posts", MAX_INTEGRATIONS)):
         field = f"posts[{index}]"
         if not post.values:
             raise InvalidArgument(f"{field}.values must hold at least one value")
         values = [
             {
-                "content": _text(value.content, f"{field}.values[{i}].content", MAX_CONTENT_LENGTH),
+                "content": _content(value.content, f"{field}.values[{i}].content"),
                 "image": [
                     {
                         "id": _text(m.id, f"{field}.values[{i}].media.id", MAX_ID_LENGTH),
                         "path": _text(m.path, f"{field}.values[{i}].media.path", MAX_URL_LENGTH),
                     }
-                    for m in value.media
+                    for m in at_most(value.media, f"{field}.values[{i}].media", MAX_MEDIA)
                 ],
             }
-            for i, value in enumerate(post.values)
+            for i, value in enumerate(at_most(post.values, f"{field}.values", MAX_VALUES))
         ]
         posts.append(
             {
@@ -135,6 +152,15 @@ def _postiz_posts(request: publisher_pb2.CreatePostRequest) -> list[dict]:
             }
         )
     return posts
+
+
+def _tags(request: publisher_pb2.CreatePostRequest) -> list[dict[str, str]]:
+    tags = []
+    for index, tag in enumerate(at_most(request.tags, "tags", MAX_TAGS)):
+        value = _text(tag.value, f"tags[{index}].value", MAX_ID_LENGTH)
+        label = _text(tag.label, f"tags[{index}].label", MAX_ID_LENGTH, required=False)
+        tags.append({"value": value, "label": label or value})
+    return tags
 
 
 def _draft(request: publisher_pb2.CreatePostRequest) -> model.PublicationDraft:
@@ -151,7 +177,7 @@ def _draft(request: publisher_pb2.CreatePostRequest) -> model.PublicationDraft:
         post_type=post_type,
         publish_time=optional_datetime(request, "publish_time"),
         posts=_postiz_posts(request),
-        tags=[{"value": tag.value, "label": tag.label or tag.value} for tag in request.tags],
+        tags=_tags(request),
         short_link=request.short_link,
         described_as=json_format.MessageToDict(described),
     )
@@ -168,6 +194,15 @@ async def _chunks(
         yield request.chunk
 
 
+def _job_settings(settings: Mapping[str, struct_pb2.Struct]) -> dict[str, dict]:
+    """PublishJob's settings by integration id, each checked like CreatePost's."""
+    converted = {}
+    for key in at_most(settings, "settings", MAX_INTEGRATIONS):
+        field = f"settings[{key[:64]!r}]"
+        converted[_text(key, f"{field} key", MAX_ID_LENGTH)] = _settings(settings[key], field)
+    return converted
+
+
 class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
     def __init__(self, publisher: Publisher, reply_bytes: int) -> None:
         """`reply_bytes`: the most a list reply's rows may take (paging.reply_budget)."""
@@ -178,10 +213,10 @@ class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
         self, request: publisher_pb2.SetPostizCredentialsRequest, context: ServicerContext
     ) -> publisher_pb2.PostizCredentials:
         base_url = _text(request.base_url, "base_url", MAX_URL_LENGTH)
-        api_key = _text(request.api_key, "api_key", 1024)
-        if not (api_key.isascii() and api_key.isprintable()):
+        if not (request.api_key.isascii() and request.api_key.isprintable()):
             # It travels in an HTTP header: anything else cannot be a Postiz key.
             raise InvalidArgument("api_key must be printable ASCII, as Postiz shows it")
+        api_key = _text(request.api_key, "api_key", 1024)
         return credentials_message(await self._publisher.set_credentials(base_url, api_key))
 
     async def GetPostizCredentials(
@@ -212,7 +247,9 @@ class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
         if first is None or first.WhichOneof("part") != "metadata":
             raise InvalidArgument("the first UploadMediaRequest must carry metadata")
         upload = model.MediaUpload(
-            filename=first.metadata.filename,
+            filename=_text(
+                first.metadata.filename, "metadata.filename", MAX_FILENAME_LENGTH, required=False
+            ),
             content_type=first.metadata.content_type,
             size_bytes=first.metadata.size_bytes,
         )
@@ -278,13 +315,11 @@ class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
         publication = await self._publisher.publish_job(
             job_id=_text(request.job_id, "job_id", MAX_ID_LENGTH),
             integration_ids=[
-                _text(i, "integration_ids", MAX_ID_LENGTH) for i in request.integration_ids
+                _text(i, "integration_ids", MAX_ID_LENGTH)
+                for i in at_most(request.integration_ids, "integration_ids", MAX_INTEGRATIONS)
             ],
-            content=_text(request.content, "content", MAX_CONTENT_LENGTH),
+            content=_content(request.content, "content"),
             publish_time=optional_datetime(request, "publish_time"),
-            settings={
-                key: _settings(value, f"settings[{key[:64]!r}]")
-                for key, value in request.settings.items()
-            },
+            settings=_job_settings(request.settings),
         )
         return publication_message(publication)

@@ -1,12 +1,15 @@
 """Request and reply fields every servicer converts and checks the same way: text, Structs,
-timestamps. Hostile input is refused with INVALID_ARGUMENT naming the field and the limit,
-and never reaches the database as something Postgres would refuse (NUL characters, NaN,
-year 10000).
+timestamps, repeated fields. Hostile input is refused with INVALID_ARGUMENT naming the field
+and the limit, and never reaches the database as something Postgres would refuse (NUL
+characters, NaN, year 10000). Every check costs at most what the limit allows, so one call
+cannot spend seconds of CPU converting a request that then turns out to be too large.
 """
 
 import math
-from datetime import UTC, datetime
-from typing import Any
+import re
+from collections.abc import Sized
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
 
 from google.protobuf import struct_pb2, timestamp_pb2
 from google.protobuf.message import Message
@@ -15,58 +18,131 @@ from services.runtime.errors import InvalidArgument
 
 MAX_STRUCT_BYTES = 1_000_000
 MAX_STRUCT_DEPTH = 32
+# Every value a Struct holds counts, containers included: a list of 240,000 empty lists is
+# under 1 MB on the wire yet costs seconds to convert, so bytes alone do not bound the work.
+# A pipeline job's inputs (a product, a script, a few dozen scenes) hold tens to hundreds of
+# values; 5,000 is ten times a rich payload, and converting it costs a few milliseconds of
+# CPU (one to two microseconds a value), where 240,000 would cost half a second.
+MAX_STRUCT_VALUES = 5_000
+
+# Characters refused in text. NUL everywhere: Postgres text and jsonb cannot hold it. Free
+# text (a message, a post's content, a Struct's strings) may also hold tab, line feed and
+# carriage return, and refuses the other C0 controls; a name or identifier (request_id,
+# kind, model, an id, a URL, a tag) is one line and refuses every control character (C0,
+# DEL and C1, Unicode category Cc).
+_FREE_TEXT_CONTROLS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f]")
+_NAME_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f]")
+
 # Timestamp's own range (AIP-142): 0001-01-01 to 9999-12-31.
 _MIN_SECONDS = -62_135_596_800
 _MAX_SECONDS = 253_402_300_799
+_Repeated = TypeVar("_Repeated", bound=Sized)
+MIN_TIME = datetime.min.replace(tzinfo=UTC)
+MAX_TIME = datetime.max.replace(tzinfo=UTC)
 
 
-def _python_value(value: struct_pb2.Value, field: str, depth: int, max_depth: int) -> Any:
-    kind = value.WhichOneof("kind")
-    if kind == "string_value":
-        if "\x00" in value.string_value:
-            raise InvalidArgument(f"{field} must not contain NUL characters")
-        return value.string_value
-    if kind == "number_value":
-        if not math.isfinite(value.number_value):
-            raise InvalidArgument(f"{field} must not hold NaN or infinite numbers")
-        return value.number_value
-    if kind == "bool_value":
-        return value.bool_value
-    if kind == "struct_value":
-        return _python_struct(value.struct_value, field, depth + 1, max_depth)
-    if kind == "list_value":
-        if depth + 1 > max_depth:
-            raise InvalidArgument(f"{field} is nested deeper than {max_depth} levels")
-        return [
-            _python_value(item, field, depth + 1, max_depth) for item in value.list_value.values
-        ]
-    return None  # null_value, or no value at all
+def _check_controls(value: str, field: str, controls: re.Pattern[str], allowed: str) -> None:
+    if value.isprintable():  # the common case, checked in C without a regular expression
+        return
+    found = controls.search(value)
+    if found is None:
+        return
+    if found.group() == "\x00":
+        raise InvalidArgument(f"{field} must not contain NUL characters")
+    raise InvalidArgument(
+        f"{field} must not contain control characters{allowed}, got U+{ord(found.group()):04X}"
+    )
 
 
-def _python_struct(message: struct_pb2.Struct, field: str, depth: int, max_depth: int) -> dict:
-    if depth > max_depth:
-        raise InvalidArgument(f"{field} is nested deeper than {max_depth} levels")
-    converted = {}
-    for key, value in message.fields.items():
-        if "\x00" in key:
-            raise InvalidArgument(f"{field} must not contain NUL characters")
-        converted[key] = _python_value(value, field, depth, max_depth)
-    return converted
+def without_controls(value: str) -> str:
+    """The string with each control character free text may not hold replaced by a space:
+    for a client that would rather send a cleaned preview than be refused."""
+    return _FREE_TEXT_CONTROLS.sub(" ", value)
+
+
+def _check_free_text(value: str, field: str) -> None:
+    _check_controls(
+        value, field, _FREE_TEXT_CONTROLS, " other than tab, line feed and carriage return"
+    )
+
+
+class _StructWalk:
+    """One Struct converted to a dict, counting values and depth as it goes, so that a
+    Struct over its budget is refused after at most max_values values are looked at."""
+
+    def __init__(self, field: str, max_values: int, max_depth: int) -> None:
+        self.field = field
+        self.max_depth = max_depth
+        self.values_left = max_values
+        self.max_values = max_values
+
+    def _deeper(self, depth: int) -> None:
+        if depth > self.max_depth:
+            raise InvalidArgument(f"{self.field} is nested deeper than {self.max_depth} levels")
+
+    def value(self, value: struct_pb2.Value, depth: int) -> Any:
+        self.values_left -= 1
+        if self.values_left < 0:
+            raise InvalidArgument(f"{self.field} holds more than {self.max_values} values")
+        kind = value.WhichOneof("kind")
+        if kind == "string_value":
+            string = value.string_value
+            if not string.isprintable():
+                _check_free_text(string, self.field)
+            return string
+        if kind == "number_value":
+            number = value.number_value
+            if not math.isfinite(number):
+                raise InvalidArgument(f"{self.field} must not hold NaN or infinite numbers")
+            return number
+        if kind == "bool_value":
+            return value.bool_value
+        if kind == "struct_value":
+            return self.struct(value.struct_value, depth + 1)
+        if kind == "list_value":
+            self._deeper(depth + 1)
+            return [self.value(item, depth + 1) for item in value.list_value.values]
+        return None  # null_value, or no value at all
+
+    def struct(self, message: struct_pb2.Struct, depth: int) -> dict:
+        self._deeper(depth)
+        fields = message.fields
+        converted = {}
+        # Keys, then a lookup each: twice as fast as items() on protobuf's map.
+        for key in fields:
+            if not key.isprintable():
+                _check_free_text(key, self.field)
+            converted[key] = self.value(fields[key], depth)
+        return converted
 
 
 def struct_dict(
     message: struct_pb2.Struct,
     field: str,
     *,
+    max_values: int = MAX_STRUCT_VALUES,
     max_bytes: int = MAX_STRUCT_BYTES,
     max_depth: int = MAX_STRUCT_DEPTH,
 ) -> dict:
     """The Struct as a dict that JSON and jsonb can hold, as json_format.MessageToDict gives
-    it (in one walk that also checks it, at half the cost); InvalidArgument when it is
-    larger than max_bytes, nested deeper than max_depth, or holds NUL, NaN or infinity."""
+    it (in one walk that also checks it, at half the cost); InvalidArgument when it holds
+    more than max_values values, is nested deeper than max_depth, is larger than max_bytes,
+    or holds NaN, infinity, or control characters that free text may not hold.
+
+    The walk comes first and stops at the budget; the size in bytes is measured after it,
+    on a Struct whose number of values is then known to be small."""
+    converted = _StructWalk(field, max_values, max_depth).struct(message, 1)
     if message.ByteSize() > max_bytes:
         raise InvalidArgument(f"{field} is larger than {max_bytes} bytes")
-    return _python_struct(message, field, 1, max_depth)
+    return converted
+
+
+def at_most(values: _Repeated, field: str, limit: int) -> _Repeated:
+    """The repeated field unchanged; InvalidArgument when it holds more than limit entries.
+    Checked before any entry is converted."""
+    if len(values) > limit:
+        raise InvalidArgument(f"{field} holds more than {limit} entries ({len(values)})")
+    return values
 
 
 def timestamp_datetime(stamp: timestamp_pb2.Timestamp, field: str) -> datetime:
@@ -83,15 +159,29 @@ def optional_datetime(message: Message, field: str) -> datetime | None:
     return timestamp_datetime(getattr(message, field), field)
 
 
-def text(value: str, field: str, *, limit: int, required: bool = False) -> str:
+def shifted_time(moment: datetime, delta: timedelta) -> datetime:
+    """moment + delta, held within years 1 to 9999: a window around a time a caller gave may
+    reach past either end of the range, where datetime arithmetic overflows."""
+    if delta >= timedelta(0):
+        return moment + delta if MAX_TIME - moment > delta else MAX_TIME
+    return moment + delta if moment - MIN_TIME > -delta else MIN_TIME
+
+
+def text(
+    value: str, field: str, *, limit: int, required: bool = False, free_text: bool = False
+) -> str:
     """The string unchanged; InvalidArgument when required and empty, longer than limit
-    characters, or holding a NUL character (which Postgres text cannot store)."""
+    characters, or holding a NUL character (which Postgres text cannot store) or another
+    control character: any in a name or identifier, all but tab, line feed and carriage
+    return in free text."""
     if required and not value:
         raise InvalidArgument(f"{field} is required")
     if len(value) > limit:
         raise InvalidArgument(f"{field} is longer than {limit} characters")
-    if "\x00" in value:
-        raise InvalidArgument(f"{field} must not contain NUL characters")
+    if free_text:
+        _check_free_text(value, field)
+    else:
+        _check_controls(value, field, _NAME_CONTROLS, "")
     return value
 
 
