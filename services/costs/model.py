@@ -20,6 +20,11 @@ from services.runtime.errors import InvalidArgument
 EXACT = decimal.Context(
     prec=100, traps=[decimal.Inexact, decimal.Overflow, decimal.InvalidOperation]
 )
+# The most a decimal on the wire (a quantity, a budget's limit, an estimate) may hold: 15
+# digits before the point (below a quadrillion) and 18 after (an atto-dollar). numeric keeps
+# any such value exactly, and every sum and product of them fits EXACT's 100 digits.
+MAX_INTEGER_DIGITS = 15
+MAX_FRACTION_DIGITS = 18
 ELEVENLABS = "elevenlabs"
 GEMINI = "gemini"
 TEXT_PREVIEW_LENGTH = 100
@@ -409,7 +414,10 @@ class Budget:
                 )
 
     def crossed_thresholds(self, spent: Decimal) -> list[int]:
-        return [t for t in self.alert_thresholds if spent * 100 >= self.limit_usd * t]
+        spent_percent = EXACT.multiply(spent, 100)
+        return [
+            t for t in self.alert_thresholds if spent_percent >= EXACT.multiply(self.limit_usd, t)
+        ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,7 +429,7 @@ class BudgetStatus:
 
     @property
     def remaining_usd(self) -> Decimal:
-        return max(self.budget.limit_usd - self.spent_usd, Decimal(0))
+        return max(EXACT.subtract(self.budget.limit_usd, self.spent_usd), Decimal(0))
 
     @property
     def state(self) -> BudgetState:
@@ -432,4 +440,4 @@ class BudgetStatus:
         return BudgetState.OK
 
     def allows(self, estimated_cost_usd: Decimal) -> bool:
-        return self.spent_usd + estimated_cost_usd <= self.budget.limit_usd
+        return EXACT.add(self.spent_usd, estimated_cost_usd) <= self.budget.limit_usd

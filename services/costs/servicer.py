@@ -1,8 +1,9 @@
 """costs.v1.CostService: validates requests and converts between messages and the model."""
 
 import decimal
+import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -13,6 +14,10 @@ from grpc.aio import ServicerContext
 
 from services.costs.model import (
     DEFAULT_ALERT_THRESHOLDS,
+    EXACT,
+    MAX_FRACTION_DIGITS,
+    MAX_INTEGER_DIGITS,
+    TEXT_PREVIEW_LENGTH,
     AppliedPrice,
     Budget,
     BudgetPeriod,
@@ -31,6 +36,7 @@ from services.costs.recorder import Recorder
 from services.costs.store import CostStore
 from services.runtime.errors import InvalidArgument
 from services.runtime.fields import (
+    at_most,
     optional_datetime,
     struct_dict,
     struct_message,
@@ -43,8 +49,17 @@ from services.runtime.paging import fill_page
 MAX_NAME_LENGTH = 128
 MAX_REQUEST_ID_LENGTH = 128
 MAX_ATTRIBUTES_BYTES = 16_384
-MAX_DECIMAL = Decimal(10) ** 15
-MAX_DECIMAL_PLACES = 18
+# Attributes are a few labels (a voice, a preview, a frame count), not a document.
+MAX_ATTRIBUTES_VALUES = 1_000
+# A budget warns at a few percentages (50, 80, 100 by default).
+MAX_ALERT_THRESHOLDS = 10
+# Lines in one StreamUsage message; a stream may send any number of messages.
+MAX_LINES_PER_MESSAGE = 1_000
+# The longest decimal string read: 15 + 18 digits, a point, and room for zeros and a sign.
+MAX_DECIMAL_TEXT_LENGTH = 64
+# Plain or exponent notation in ASCII digits, as str(Decimal) writes it ("0.5", "1E-7"); not
+# NaN, infinity, underscores or other scripts' digits, which Decimal() would also read.
+_DECIMAL_TEXT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 # Callers' clocks run a little ahead of ours; more than this is a caller's bug.
 CLOCK_SKEW = timedelta(seconds=5)
 # Lines of a StreamUsage call recorded per statement.
@@ -52,8 +67,9 @@ STREAM_BATCH_SIZE = 500
 
 
 def decimal_text(value: Decimal) -> str:
-    """The exact value in plain notation without trailing zeros: "0.0003", "12.5", "100"."""
-    return format(value.normalize(), "f")
+    """The exact value in plain notation without trailing zeros: "0.0003", "12.5", "100".
+    normalize() in EXACT: under the default context it rounds to 28 digits."""
+    return format(value.normalize(EXACT), "f")
 
 
 def _text(value: str, field: str, *, required: bool = False, limit: int = MAX_NAME_LENGTH) -> str:
@@ -85,20 +101,32 @@ def _count(value: int, field: str) -> int:
 
 
 def _decimal(value: str, field: str, *, positive: bool = False) -> Decimal:
-    """An exact decimal from its string form; never through a float."""
+    """The exact decimal a string spells, never through a float or a rounding context;
+    InvalidArgument beyond MAX_INTEGER_DIGITS before the point or MAX_FRACTION_DIGITS after
+    it (trailing zeros aside), so whatever is accepted is stored and answered unchanged."""
+    number_text = value.strip()
     try:
-        number = Decimal(value.strip())
-    except decimal.InvalidOperation:
+        if len(number_text) > MAX_DECIMAL_TEXT_LENGTH or not _DECIMAL_TEXT.fullmatch(number_text):
+            raise decimal.InvalidOperation
+        number = Decimal(number_text)  # exact: a constructor does not round
+    except decimal.InvalidOperation:  # also an exponent beyond what Decimal can hold
         raise InvalidArgument(
             f'{field} must be a decimal number such as "12.50", got {value[:64]!r}'
         ) from None
-    if not number.is_finite() or number < 0 or (positive and number == 0):
+    if number < 0 or (positive and number == 0):
         kind = "more than 0" if positive else "0 or more"
-        raise InvalidArgument(f"{field} must be a finite number {kind}, got {value[:64]!r}")
-    if number >= MAX_DECIMAL or int(number.as_tuple().exponent) < -MAX_DECIMAL_PLACES:
+        raise InvalidArgument(f"{field} must be a number {kind}, got {value[:64]!r}")
+    if not number:
+        return Decimal(0)  # not 0E+999999999, whose exponent no arithmetic needs
+    # adjusted() is the place of the first digit: checked first, so that normalize() below
+    # works on at most MAX_DECIMAL_TEXT_LENGTH digits within EXACT's exponent range.
+    if not (
+        -MAX_FRACTION_DIGITS <= number.adjusted() < MAX_INTEGER_DIGITS
+        and -int(number.normalize(EXACT).as_tuple().exponent) <= MAX_FRACTION_DIGITS
+    ):
         raise InvalidArgument(
-            f"{field} must be below {MAX_DECIMAL:,} with at most {MAX_DECIMAL_PLACES} decimal "
-            f"places, got {value[:64]!r}"
+            f"{field} may have at most {MAX_INTEGER_DIGITS} digits before the decimal point and "
+            f"{MAX_FRACTION_DIGITS} after it, got {value[:64]!r}"
         )
     return number
 
@@ -117,7 +145,9 @@ def _occurred_at(request: Message) -> datetime:
 
 
 def _attributes(message: struct_pb2.Struct) -> dict:
-    return struct_dict(message, "attributes", max_bytes=MAX_ATTRIBUTES_BYTES)
+    return struct_dict(
+        message, "attributes", max_values=MAX_ATTRIBUTES_VALUES, max_bytes=MAX_ATTRIBUTES_BYTES
+    )
 
 
 def elevenlabs_line(request: costs_pb2.RecordElevenLabsTTSRequest) -> UsageLine:
@@ -134,7 +164,12 @@ def elevenlabs_line(request: costs_pb2.RecordElevenLabsTTSRequest) -> UsageLine:
             if request.HasField("credits_charged")
             else None
         ),
-        text_preview=request.text_preview.replace("\x00", ""),
+        text_preview=text(
+            request.text_preview[:TEXT_PREVIEW_LENGTH],
+            "text_preview",
+            limit=TEXT_PREVIEW_LENGTH,
+            free_text=True,
+        ),
         occurred_at=_occurred_at(request),
     )
 
@@ -242,9 +277,9 @@ def _period(value: int) -> BudgetPeriod:
     return BudgetPeriod(costs_pb2.BudgetPeriod.Name(value))
 
 
-def _group_by(values: list[int]) -> list[GroupBy]:
+def _group_by(values: Sequence[int]) -> list[GroupBy]:
     groups = []
-    for value in values:
+    for value in at_most(values, "group_by", len(GroupBy)):
         if value == costs_pb2.GROUP_BY_UNSPECIFIED or value not in costs_pb2.GroupBy.values():
             raise InvalidArgument(f"group_by entries must be among {', '.join(GroupBy)}")
         group = GroupBy(costs_pb2.GroupBy.Name(value))
@@ -312,17 +347,23 @@ class CostServicer(costs_pb2_grpc.CostServiceServicer):
 
         batch: list[UsageLine] = []
         number = 0
+
+        async def refusal(where: str, error: InvalidArgument) -> InvalidArgument:
+            if batch:
+                await record(batch)
+            return InvalidArgument(f"{where}{error}; the {number} line(s) before it are recorded")
+
         async for request in request_iterator:
-            for line in request.lines:
-                number += 1
+            try:
+                lines = at_most(request.lines, "lines", MAX_LINES_PER_MESSAGE)
+            except InvalidArgument as error:
+                raise await refusal(f"the message after line {number}: ", error) from None
+            for line in lines:
                 try:
                     batch.append(stream_line(line))
                 except InvalidArgument as error:
-                    if batch:
-                        await record(batch)
-                    raise InvalidArgument(
-                        f"line {number}: {error}; the {number - 1} line(s) before it are recorded"
-                    ) from None
+                    raise await refusal(f"line {number + 1}: ", error) from None
+                number += 1
                 if len(batch) == STREAM_BATCH_SIZE:
                     await record(batch)
                     batch = []
@@ -356,7 +397,7 @@ class CostServicer(costs_pb2_grpc.CostServiceServicer):
         summary = await self._store.summary(
             TimeRange(start, end),
             _job_id(request.job_id),
-            _group_by(list(request.group_by)),
+            _group_by(request.group_by),
             all_profiles=all_profiles,
         )
         return costs_pb2.CostSummary(
@@ -401,7 +442,11 @@ class CostServicer(costs_pb2_grpc.CostServiceServicer):
         budget = Budget(
             period=_period(request.period),
             limit_usd=_decimal(request.limit_usd, "limit_usd", positive=True),
-            alert_thresholds=tuple(sorted(set(request.alert_thresholds)))
+            alert_thresholds=tuple(
+                sorted(
+                    set(at_most(request.alert_thresholds, "alert_thresholds", MAX_ALERT_THRESHOLDS))
+                )
+            )
             or DEFAULT_ALERT_THRESHOLDS,
         )
         return budget_message(await self._store.set_budget(budget))
