@@ -339,9 +339,12 @@ class TimeRange:
     def whole_days(self) -> tuple[date, date]:
         """[first, last) whole days inside the range; empty when first >= last."""
         first = self.start.astimezone(UTC).date()
+        last = self.end.astimezone(UTC).date()
         if datetime.combine(first, time(), UTC) < self.start:
+            if first == date.max:  # the range lies within the last day a Timestamp holds
+                return last, last
             first += timedelta(days=1)
-        return first, self.end.astimezone(UTC).date()
+        return first, last
 
     @property
     def edges(self) -> tuple[tuple[datetime, datetime], tuple[datetime, datetime]]:

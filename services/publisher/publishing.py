@@ -36,6 +36,7 @@ from services.runtime.errors import (
     InvalidArgument,
     NotFound,
 )
+from services.runtime.fields import shifted_time
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +161,8 @@ class Publisher:
                     f"post {post_id} was not created through this service: give start_time and "
                     "end_time around its publish time"
                 )
-            start = publication.publish_time - GET_POST_WINDOW
-            end = publication.publish_time + GET_POST_WINDOW
+            start = shifted_time(publication.publish_time, -GET_POST_WINDOW)
+            end = shifted_time(publication.publish_time, GET_POST_WINDOW)
         for post in await self.list_posts(start, end):
             if post.id == post_id:
                 return post
@@ -240,8 +241,8 @@ class Publisher:
         now = datetime.now(UTC)
         found = await self._postiz.list_posts(
             account,
-            publication.publish_time - RECONCILE_MARGIN,
-            max(publication.publish_time, now) + RECONCILE_MARGIN,
+            shifted_time(publication.publish_time, -RECONCILE_MARGIN),
+            shifted_time(max(publication.publish_time, now), RECONCILE_MARGIN),
         )
         claimed = await self._store.claimed_post_ids([post.id for post in found])
         posts = matching_posts(publication.postiz_request, found, claimed)

@@ -2,7 +2,7 @@
 
 import enum
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -48,6 +48,13 @@ def _credentials(row: asyncpg.Record) -> StoredCredentials:
     )
 
 
+def _utc(value: datetime) -> datetime:
+    """asyncpg writes the first and last instants a datetime can hold (a publish_time at
+    either end of the Timestamp range) as -infinity and infinity, and reads those back as
+    naive datetimes: the same instants, in UTC."""
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
 def _publication(row: asyncpg.Record) -> Publication:
     return Publication(
         request_id=row["request_id"],
@@ -56,7 +63,7 @@ def _publication(row: asyncpg.Record) -> Publication:
         posts=tuple(CreatedPost(p["post_id"], p["integration_id"]) for p in row["posts"]),
         error=row["error"],
         attempt_count=row["attempt_count"],
-        publish_time=row["publish_time"],
+        publish_time=_utc(row["publish_time"]),
         create_time=row["create_time"],
         update_time=row["update_time"],
         postiz_request=row["postiz_request"],
