@@ -22,6 +22,7 @@ from services.jobs.servicer import MAX_STATUSES
 from services.publisher.servicer import (
     MAX_INTEGRATIONS,
     MAX_MEDIA,
+    MAX_MEDIA_IN_ALL,
     MAX_SETTINGS_VALUES,
     MAX_TAGS,
     MAX_VALUES,
@@ -489,3 +490,13 @@ async def test_control_character_in_a_settings_key_is_invalid_argument(publisher
     request = _publish_job(settings=["integration\n1"])
     details = await _refusal(publisher_stub.PublishJob(request, metadata=profile))
     assert "key must not contain control characters, got U+000A" in details
+
+
+async def test_more_media_in_all_posts_than_one_post_may_hold_is_invalid_argument(
+    publisher_stub, profile
+):
+    request = _media(MAX_MEDIA)
+    while sum(len(value.media) for value in request.posts[0].values) <= MAX_MEDIA_IN_ALL:
+        request.posts[0].values.append(request.posts[0].values[0])
+    details = await _refusal(publisher_stub.CreatePost(request, metadata=profile))
+    assert details.startswith(f"posts hold more than {MAX_MEDIA_IN_ALL} media in all")

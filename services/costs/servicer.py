@@ -53,8 +53,8 @@ MAX_ATTRIBUTES_BYTES = 16_384
 MAX_ATTRIBUTES_VALUES = 1_000
 # A budget warns at a few percentages (50, 80, 100 by default).
 MAX_ALERT_THRESHOLDS = 10
-# Lines in one StreamUsage message; a stream may send any number of messages.
-MAX_LINES_PER_MESSAGE = 1_000
+# Lines in one StreamUsage message (one batch); a stream may send any number of messages.
+MAX_LINES_PER_MESSAGE = 500
 # The longest decimal string read: 15 + 18 digits, a point, and room for zeros and a sign.
 MAX_DECIMAL_TEXT_LENGTH = 64
 # Plain or exponent notation in ASCII digits, as str(Decimal) writes it ("0.5", "1E-7"); not

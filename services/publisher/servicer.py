@@ -31,11 +31,13 @@ MAX_INTEGRATIONS = 20
 # files (Instagram's carousel and X's thread are far shorter).
 MAX_VALUES = 10
 MAX_MEDIA = 10
+# Files in all the values of all the posts of one CreatePost: the counts above multiply.
+MAX_MEDIA_IN_ALL = 50
 MAX_TAGS = 20
-# A channel's settings are a handful of fields (a title, a board, a few subreddits): 200
-# values and 64 KB are several times the largest Postiz provider's.
-MAX_SETTINGS_VALUES = 200
-MAX_SETTINGS_BYTES = 65_536
+# A channel's settings are a handful of fields (a title, a board, a few tags or
+# subreddits): 100 values and 32 KB are a few times the largest Postiz provider's.
+MAX_SETTINGS_VALUES = 100
+MAX_SETTINGS_BYTES = 32_768
 
 _POST_TYPES = {
     publisher_pb2.POST_TYPE_NOW: model.PostType.NOW,
@@ -124,8 +126,15 @@ def _settings(message: struct_pb2.Struct, field: str) -> dict:
 
 
 def _postiz_posts(request: publisher_pb2.CreatePostRequest) -> list[dict]:
+    at_most(request.posts, "posts", MAX_INTEGRATIONS)
+    media = sum(len(value.media) for post in request.posts for value in post.values)
+    if media > MAX_MEDIA_IN_ALL:
+        raise InvalidArgument(
+            f"posts hold more than {MAX_MEDIA_IN_ALL} media in all ({media}); "
+            f"each value may hold {MAX_MEDIA}"
+        )
     posts = []
-    for index, post in enumerate(at_most(request.posts, "posts", MAX_INTEGRATIONS)):
+    for index, post in enumerate(request.posts):
         field = f"posts[{index}]"
         if not post.values:
             raise InvalidArgument(f"{field}.values must hold at least one value")
