@@ -62,14 +62,52 @@ SQL_FRAGMENTS = [
     "*",
     "../../etc/passwd",
 ]
-CONTROL = "".join(chr(c) for c in range(32)) + "\x7f\u2028\u202e\ufeff"
+CONTROL = "".join(chr(c) for c in range(32)) + "\x7f\x85\x9f\u2028\u202e\ufeff"
+
+
+def with_control(text: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    """Strings of `text` with one control (or otherwise odd) character somewhere inside."""
+    return st.tuples(text, st.sampled_from(CONTROL), st.integers(0, 40)).map(
+        lambda parts: parts[0][: parts[2]] + parts[1] + parts[0][parts[2] :]
+    )
+
 
 hostile_text = st.one_of(
     st.text(max_size=40),
     st.text(alphabet=CONTROL, max_size=20),
+    with_control(st.text(alphabet=string.ascii_letters + " ", max_size=20)),
     st.sampled_from(SQL_FRAGMENTS),
     st.integers(min_value=1_000, max_value=300_000).map(lambda n: "x" * n),
     st.integers(min_value=1, max_value=3).map(lambda n: "\x00" * n),
+)
+
+# Money and quantities: the longest kept exactly, one digit past it on either side of the
+# point, notations Decimal() reads but the wire does not take, and random ones.
+LONGEST_DECIMAL = "999999999999999.999999999999999999"
+hostile_decimals = st.one_of(
+    st.sampled_from(
+        [
+            LONGEST_DECIMAL,
+            LONGEST_DECIMAL + "9",
+            "9" + LONGEST_DECIMAL,
+            "1" + "0" * 15,
+            "0." + "0" * 18 + "1",
+            "1e15",
+            "1E-7",
+            "12.5" + "0" * 40,
+            "0e999999999",
+            "1e99999999999999999999",
+            "1_000",
+            "\u0661\u0662",
+            "NaN",
+            "-Infinity",
+            "-0",
+            " 7 ",
+        ]
+    ),
+    st.decimals(allow_nan=True, allow_infinity=True).map(str),
+    st.integers(1, 80).map(lambda n: "9" * n),
+    st.integers(1, 40).map(lambda n: "0." + "0" * n + "1"),
 )
 
 _INTS = {
@@ -115,22 +153,45 @@ def _struct(value: dict) -> struct_pb2.Struct:
     return message
 
 
+# Node-heavy Structs: around each budget on values (100, 1,000, 5,000), and far above it.
+_VALUE_COUNTS = [99, 100, 101, 999, 1_000, 1_001, 4_999, 5_000, 5_001, 20_000]
+
 structs = st.one_of(
     st.dictionaries(hostile_text, json_values, max_size=5),
     st.integers(1, 80).map(lambda depth: {"deep": _nested(depth, "leaf")}),
     st.integers(100, 3_000).map(lambda n: {f"k{i}": i for i in range(n)}),
+    st.sampled_from(_VALUE_COUNTS).map(lambda n: {"l": [[] for _ in range(n - 1)]}),
     st.just({"big": "x" * 1_100_000}),
 ).map(_struct)
 
-timestamps = st.fixed_dictionaries(
-    {
-        "seconds": st.one_of(
-            _ints(-(2**63), 2**63 - 1),
-            st.integers(-62_135_596_800, 253_402_300_799),
-            st.sampled_from([0, 1_700_000_000, 4_102_444_800]),
-        ),
-        "nanos": _ints(-(2**31), 2**31 - 1),
-    }
+_FIRST_SECOND = -62_135_596_800  # 0001-01-01T00:00:00Z
+_LAST_SECOND = 253_402_300_799  # 9999-12-31T23:59:59Z
+timestamps = st.one_of(
+    st.fixed_dictionaries(
+        {
+            "seconds": st.one_of(
+                _ints(-(2**63), 2**63 - 1),
+                st.integers(_FIRST_SECOND, _LAST_SECOND),
+                st.sampled_from([0, 1_700_000_000, 4_102_444_800]),
+            ),
+            "nanos": _ints(-(2**31), 2**31 - 1),
+        }
+    ),
+    # Either end of the range, exactly, and the last day and month before the end.
+    st.fixed_dictionaries(
+        {
+            "seconds": st.sampled_from(
+                [
+                    _FIRST_SECOND,
+                    _FIRST_SECOND + 1,
+                    _LAST_SECOND,
+                    _LAST_SECOND - 86_400,
+                    _LAST_SECOND - 40 * 86_400,
+                ]
+            ),
+            "nanos": st.sampled_from([0, 999_999_999]),
+        }
+    ),
 )
 
 # gRPC metadata values are printable ASCII; anything else never leaves the client.
@@ -165,8 +226,34 @@ def _scalar(field: descriptor.FieldDescriptor, plausible: Plausible) -> st.Searc
     else:
         base = _ints(*_INTS[field.type])
     if field.name in plausible:
-        return st.one_of(plausible[field.name], plausible[field.name], base)
+        near_plausible = base
+        if field.type == types.TYPE_STRING:  # one odd character in an otherwise good value
+            near_plausible = st.one_of(base, with_control(plausible[field.name]))
+        return st.one_of(plausible[field.name], plausible[field.name], near_plausible)
     return base
+
+
+# Counts just past each repeated field's maximum (5 statuses, 6 group_by or update paths,
+# 10 thresholds, values or media, 20 posts, tags or integrations, 500 lines).
+_LONG_COUNTS = [6, 7, 11, 21, 501]
+
+
+def _empty(field: descriptor.FieldDescriptor) -> Any:
+    """The cheapest entry of a field's type: many copies of it stay a small message."""
+    if field.type == descriptor.FieldDescriptor.TYPE_MESSAGE:
+        return field.message_type._concrete_class()
+    if field.type == descriptor.FieldDescriptor.TYPE_ENUM:
+        return field.enum_type.values[-1].number
+    types = descriptor.FieldDescriptor
+    return {types.TYPE_STRING: "", types.TYPE_BYTES: b"", types.TYPE_BOOL: False}.get(field.type, 0)
+
+
+def _long(field: descriptor.FieldDescriptor, one: st.SearchStrategy[Any]) -> st.SearchStrategy:
+    """A repeated field over its maximum count: copies of one drawn entry while that stays
+    small, of an empty entry beyond."""
+    return st.tuples(one, st.sampled_from(_LONG_COUNTS)).map(
+        lambda drawn: [drawn[0] if drawn[1] <= 25 else _empty(field)] * drawn[1]
+    )
 
 
 def _field(
@@ -175,14 +262,20 @@ def _field(
     if field.type == descriptor.FieldDescriptor.TYPE_MESSAGE:
         if field.message_type.GetOptions().map_entry:
             key, value = field.message_type.fields_by_name.values()
-            return st.dictionaries(
+            small = st.dictionaries(
                 _scalar(key, plausible), _field(value, plausible, depth + 1), max_size=3
             )
+            if key.type != descriptor.FieldDescriptor.TYPE_STRING:
+                return small
+            many = st.sampled_from([21, 25]).map(
+                lambda n: {f"key-{i}": _empty(value) for i in range(n)}
+            )
+            return st.one_of(small, small, many)
         one = messages(field.message_type._concrete_class, plausible, depth + 1)
     else:
         one = _scalar(field, plausible)
     if field.is_repeated:
-        return st.lists(one, max_size=4)
+        return st.one_of(st.lists(one, max_size=4), st.lists(one, max_size=4), _long(field, one))
     return one
 
 
