@@ -500,3 +500,12 @@ async def test_more_media_in_all_posts_than_one_post_may_hold_is_invalid_argumen
         request.posts[0].values.append(request.posts[0].values[0])
     details = await _refusal(publisher_stub.CreatePost(request, metadata=profile))
     assert details.startswith(f"posts hold more than {MAX_MEDIA_IN_ALL} media in all")
+
+
+async def test_unknown_update_path_longer_than_any_known_is_refused_without_echoing_it(
+    jobs_stub, profile
+):
+    request = _update_with_paths(0)
+    request.update_mask.paths.append("p" * 100_000)
+    details = await _refusal(jobs_stub.UpdateJob(request, metadata=profile))
+    assert details == "update_mask.paths is longer than 64 characters"

@@ -28,6 +28,8 @@ MAX_KIND_LENGTH = 100
 MAX_TEXT_LENGTH = 10_000
 MAX_REQUEST_ID_LENGTH = 128
 MAX_ETAG_LENGTH = 64
+# Longer than any path UpdateJob knows, short enough to name in a refusal.
+MAX_PATH_LENGTH = 64
 # A filter names each status at most once.
 MAX_STATUSES = len(JobStatus)
 
@@ -87,8 +89,8 @@ def _changes(job: jobs_pb2.Job, paths: list[str]) -> JobChanges:
             values[path] = _free_text(getattr(job, path), f"job.{path}")
         elif path in ("data", "result"):
             values[path] = struct_dict(getattr(job, path), f"job.{path}")
-        else:
-            values[path] = None  # JobChanges names the unknown path
+        else:  # JobChanges names the unknown path
+            values[_name(path, "update_mask.paths", MAX_PATH_LENGTH)] = None
     return JobChanges(values)
 
 

@@ -177,16 +177,21 @@ def _draft(request: publisher_pb2.CreatePostRequest) -> model.PublicationDraft:
     post_type = _POST_TYPES.get(request.type)
     if post_type is None:
         raise InvalidArgument("type must be POST_TYPE_NOW, POST_TYPE_SCHEDULE or POST_TYPE_DRAFT")
+    job_id = _text(request.job_id, "job_id", MAX_ID_LENGTH, required=False)
+    publish_time = optional_datetime(request, "publish_time")
+    posts = _postiz_posts(request)
+    tags = _tags(request)
+    # Copied and described (the costliest step) only once every field has passed.
     described = publisher_pb2.CreatePostRequest()
     described.CopyFrom(request)
     described.ClearField("request_id")
     return model.new_draft(
         request_id=request_id,
-        job_id=_text(request.job_id, "job_id", MAX_ID_LENGTH, required=False),
+        job_id=job_id,
         post_type=post_type,
-        publish_time=optional_datetime(request, "publish_time"),
-        posts=_postiz_posts(request),
-        tags=_tags(request),
+        publish_time=publish_time,
+        posts=posts,
+        tags=tags,
         short_link=request.short_link,
         described_as=json_format.MessageToDict(described),
     )
