@@ -385,7 +385,6 @@ _TEXT_FIELDS = [
     ("jobs", "ListJobs", "kind", lambda t: jobs_pb2.ListJobsRequest(kind=t)),
     ("costs", "RecordElevenLabsTTS", "model_id", lambda t: _tts(model_id=f"m{t}")),
     ("costs", "RecordElevenLabsTTS", "voice_id", lambda t: _tts(voice_id=t)),
-    ("costs", "RecordElevenLabsTTS", "text_preview", lambda t: _tts(text_preview=t)),
     ("costs", "RecordElevenLabsTTS", "request_id", lambda t: _tts(request_id=f"r{t}")),
     ("costs", "RecordGeminiUsage", "model", lambda t: costs_pb2.RecordGeminiUsageRequest(
         request_id="r", model=f"m{t}")),
@@ -419,7 +418,6 @@ _TEXT_FIELDS = [
 _FREE_TEXT = {
     "job.message",
     "job.error",
-    "text_preview",
     "attributes",
     "posts[0].values[0].content",
     "posts[0].settings",
@@ -509,3 +507,11 @@ async def test_unknown_update_path_longer_than_any_known_is_refused_without_echo
     request.update_mask.paths.append("p" * 100_000)
     details = await _refusal(jobs_stub.UpdateJob(request, metadata=profile))
     assert details == "update_mask.paths is longer than 64 characters"
+
+
+async def test_control_characters_in_a_text_preview_become_spaces_not_a_refusal(
+    costs_stub, profile
+):
+    request = _tts(text_preview="Hello\x00world\x1b!\nBye")
+    entry = (await costs_stub.RecordElevenLabsTTS(request, metadata=profile)).entry
+    assert entry.attributes["text_preview"] == "Hello world !\nBye"

@@ -42,6 +42,7 @@ from services.runtime.fields import (
     struct_message,
     text,
     timestamp_message,
+    without_controls,
 )
 from services.runtime.page_tokens import decode_page_token, page_size
 from services.runtime.paging import fill_page
@@ -164,12 +165,9 @@ def elevenlabs_line(request: costs_pb2.RecordElevenLabsTTSRequest) -> UsageLine:
             if request.HasField("credits_charged")
             else None
         ),
-        text_preview=text(
-            request.text_preview[:TEXT_PREVIEW_LENGTH],
-            "text_preview",
-            limit=TEXT_PREVIEW_LENGTH,
-            free_text=True,
-        ),
+        # A preview never refuses a record of money spent (a metering outbox would keep
+        # resending it): cut to its length, its control characters made spaces.
+        text_preview=without_controls(request.text_preview[:TEXT_PREVIEW_LENGTH]),
         occurred_at=_occurred_at(request),
     )
 

@@ -56,7 +56,7 @@ def _check_controls(value: str, field: str, controls: re.Pattern[str], allowed: 
 
 def without_controls(value: str) -> str:
     """The string with each control character free text may not hold replaced by a space:
-    for a client that would rather send a cleaned preview than be refused."""
+    for a field that is only a preview, where refusing the call would lose more."""
     return _FREE_TEXT_CONTROLS.sub(" ", value)
 
 
