@@ -422,7 +422,7 @@ class CostServicer(costs_pb2_grpc.CostServiceServicer):
             after = decode_page_token(request.page_token, entry_filter.as_key())
         entries = await self._store.list_entries(entry_filter, size + 1, after)
         response = costs_pb2.ListCostEntriesResponse()
-        fill_page(
+        await fill_page(
             response,
             "entries",
             entries[:size],

@@ -165,7 +165,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             job_filter, size, after, max_bytes=self._reply_bytes, all_profiles=all_profiles
         )
         response = jobs_pb2.ListJobsResponse()
-        fill_page(
+        await fill_page(
             response,
             "jobs",
             jobs,

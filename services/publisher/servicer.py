@@ -295,7 +295,7 @@ class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
             after = decode_page_token(request.page_token, window, parse_id=str)
         posts, more = await self._publisher.page_of_posts(start, end, after, size)
         response = publisher_pb2.ListPostsResponse()
-        fill_page(
+        await fill_page(
             response,
             "posts",
             posts,

@@ -8,6 +8,8 @@ reply the server built too large. A page always holds at least one row: the inpu
 a single row well below the budget (see tests/test_reply_bounds.py).
 """
 
+import asyncio
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -18,6 +20,9 @@ from services.runtime.page_tokens import KeysetPosition, encode_page_token
 # Room left in a reply for what is not a row: the next page token (under 200 bytes) and
 # anything a later version adds beside the rows.
 REPLY_MARGIN_BYTES = 64 * 1024
+# The longest a page's conversion holds the event loop before it lets other calls run: a page
+# of jobs whose Structs are at their value budget costs far more than this in all.
+CONVERSION_SLICE_SECONDS = 0.002
 
 Row = TypeVar("Row")
 
@@ -31,7 +36,7 @@ def _varint_bytes(value: int) -> int:
     return max(1, (value.bit_length() + 6) // 7)
 
 
-def fill_page(
+async def fill_page(
     reply: Message,
     field: str,
     rows: Sequence[Row],
@@ -47,12 +52,17 @@ def fill_page(
 
     Rows are converted one at a time and added while the field's encoded bytes stay within
     `max_bytes`; the first row is always added. When rows remain, the token resumes after the
-    last row added (`position` gives its sort key).
+    last row added (`position` gives its sort key). The conversion yields to the event loop
+    every CONVERSION_SLICE_SECONDS, so a costly page delays other calls by no more than that.
     """
     tag_bytes = _varint_bytes(reply.DESCRIPTOR.fields_by_name[field].number << 3)
     messages: list[Message] = []
     used = 0
+    slice_ends = time.perf_counter() + CONVERSION_SLICE_SECONDS
     for row in rows:
+        if time.perf_counter() > slice_ends:
+            await asyncio.sleep(0)
+            slice_ends = time.perf_counter() + CONVERSION_SLICE_SECONDS
         message = to_message(row)
         length = message.ByteSize()
         cost = tag_bytes + _varint_bytes(length) + length
