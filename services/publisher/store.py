@@ -139,24 +139,6 @@ class PublisherStore:
             )
         return None if row is None else _credentials(row)
 
-    async def reencrypt_credentials(
-        self, old_key_id: str, api_key_ciphertext: bytes, encryption_key_id: str
-    ) -> None:
-        """Replaces the ciphertext made under old_key_id (key rotation); a no-op when the
-        credentials changed meanwhile."""
-        async with self._pool.transaction() as connection:
-            await connection.execute(
-                """
-                UPDATE publisher.postiz_credentials
-                SET api_key_ciphertext = $3, encryption_key_id = $4
-                WHERE profile_id = $1 AND encryption_key_id = $2
-                """,
-                require_profile_id(),
-                old_key_id,
-                api_key_ciphertext,
-                encryption_key_id,
-            )
-
     async def delete_credentials(self) -> None:
         async with self._pool.transaction() as connection:
             deleted = await connection.fetchval(
