@@ -115,14 +115,24 @@ async def _postiz_set_credentials(args: argparse.Namespace) -> None:
 
 async def _postiz_reencrypt(args: argparse.Namespace) -> None:
     # Server code, imported only here, like migrate's.
+    import asyncpg
+
     from services.publisher.reencryption import reencrypt
     from services.publisher.service import PUBLISHER
     from services.publisher.settings import PublisherSettings
     from services.runtime.settings import Settings
 
-    report = await reencrypt(
-        Settings.from_environment(PUBLISHER.default_port), PublisherSettings.from_environment()
-    )
+    try:
+        report = await reencrypt(
+            Settings.from_environment(PUBLISHER.default_port), PublisherSettings.from_environment()
+        )
+    except asyncpg.InsufficientPrivilegeError as error:
+        raise CommandFailed(
+            f"{error}: DATABASE_URL must be the Publisher's own login role (the url of "
+            f"publisher-database, a member of {PUBLISHER.database_role}), not the schema owner"
+        ) from None
+    except errors.DomainError as error:
+        raise CommandFailed(str(error)) from None
     print(f"publisher: {report.summary()}")
     for profile_id, reason in report.unreadable.items():
         print(f"  {profile_id}: {reason}")

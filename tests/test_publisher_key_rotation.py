@@ -10,6 +10,7 @@ import secrets
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import grpc
@@ -284,3 +285,28 @@ async def test_suitectl_postiz_reencrypt_fails_naming_a_row_it_cannot_read(
     )
     assert outcome.exit_code == 1
     assert profile_id in outcome.stdout
+
+
+def with_user(url: str, user: str) -> str:
+    parts = urlsplit(url)
+    server = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit(parts._replace(netloc=f"{user}@{server}"))
+
+
+async def test_suitectl_postiz_reencrypt_as_a_role_outside_the_service_says_which_to_use(
+    publisher, rotation_database
+):
+    role = f"not_the_service_{secrets.token_hex(4)}"
+    await execute(rotation_database, f"CREATE ROLE {role} LOGIN")
+    try:
+        outcome = await suitectl(
+            "postiz",
+            "reencrypt",
+            DATABASE_URL=with_user(rotation_database, role),
+            PUBLISHER_ENCRYPTION_KEYS=encryption_keys("k2"),
+        )
+    finally:
+        await execute(rotation_database, f"DROP ROLE {role}")
+    assert outcome.exit_code == 1
+    assert "publisher_service" in outcome.stderr
+    assert "Traceback" not in outcome.stderr
