@@ -66,7 +66,9 @@ class Instance:
 @asynccontextmanager
 async def instance(database_url: str, config: PublisherSettings) -> AsyncIterator[Instance]:
     async with (
-        running(publisher_definition(config), settings_for(database_url)) as service,
+        running(
+            publisher_definition(config), settings_for(database_url, db_pool_max_size=2)
+        ) as service,
         grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel,
     ):
         yield Instance(service, Stub(channel))
