@@ -113,6 +113,36 @@ async def _postiz_set_credentials(args: argparse.Namespace) -> None:
     print(f"profile {args.profile}: Postiz key {stored.api_key_fingerprint} for {stored.base_url}")
 
 
+async def _postiz_reencrypt(args: argparse.Namespace) -> None:
+    # Server code, imported only here, like migrate's.
+    import asyncpg
+
+    from services.publisher.reencryption import reencrypt
+    from services.publisher.service import PUBLISHER
+    from services.publisher.settings import PublisherSettings
+    from services.runtime.settings import Settings
+
+    try:
+        report = await reencrypt(
+            Settings.from_environment(PUBLISHER.default_port), PublisherSettings.from_environment()
+        )
+    except asyncpg.InsufficientPrivilegeError as error:
+        raise CommandFailed(
+            f"{error}: DATABASE_URL must be the Publisher's own login role (the url of "
+            f"publisher-database, a member of {PUBLISHER.database_role}), not the schema owner"
+        ) from None
+    except errors.DomainError as error:
+        raise CommandFailed(str(error)) from None
+    print(f"publisher: {report.summary()}")
+    for profile_id, reason in report.unreadable.items():
+        print(f"  {profile_id}: {reason}")
+    if report.unreadable:
+        raise CommandFailed(
+            "some rows could not be moved: set those profiles' credentials again (or keep their "
+            "key configured) before retiring a key"
+        )
+
+
 async def _jobs_list(args: argparse.Namespace) -> None:
     request = jobs_pb2.ListJobsRequest(
         page_size=min(args.limit, 500),
@@ -245,6 +275,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="the Postiz public API root, e.g. https://api.postiz.com/public/v1",
     )
     credentials.set_defaults(run=_postiz_set_credentials)
+    reencrypt = postiz_commands.add_parser(
+        "reencrypt",
+        help="move every profile's stored API key to the current encryption key",
+        description="Seal every profile's stored Postiz API key again under the key\n"
+        "PUBLISHER_ENCRYPTION_KEY_ID names (and in the current format, bound to the profile\n"
+        "and its base URL), and report how many rows moved. Talks to the database directly\n"
+        "with the Publisher's own settings: DATABASE_URL (the service's login role, not the\n"
+        "schema owner), PUBLISHER_ENCRYPTION_KEYS and PUBLISHER_ENCRYPTION_KEY_ID. Run it\n"
+        "once every instance encrypts with the new key; run it again until 0 rows move\n"
+        "before dropping the old key. Exit 1 if any row could not be read.",
+        epilog="example, inside a Publisher pod (its environment is the service's):\n"
+        "  kubectl exec deploy/publisher -c server -- python -m suite_client.cli postiz reencrypt",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    reencrypt.set_defaults(run=_postiz_reencrypt)
 
     jobs = commands.add_parser("jobs", help="a profile's jobs")
     jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")

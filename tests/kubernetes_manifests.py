@@ -21,6 +21,8 @@ DEPLOY = REPO / "deploy"
 BASE = DEPLOY / "k8s/base"
 OVERLAYS = {path.name: path for path in sorted((DEPLOY / "k8s/overlays").iterdir())}
 KUBECTL = str(Path(sys.executable).parent / "kubectl")
+# The private half of the dev overlay's throwaway token key pair: in no Kubernetes object.
+DEV_SIGNING_KEY = OVERLAYS["dev"] / "auth-jwt-dev-signing-key.pem"
 
 Manifest = dict[str, Any]
 
@@ -93,6 +95,7 @@ class EnvSource:
     value: str | None = None
     secret: str | None = None
     key: str | None = None
+    config_map: str | None = None  # with `key`: a configMapKeyRef
 
 
 def container_environment(
@@ -111,6 +114,11 @@ def container_environment(
     for variable in container.get("env", []):
         if "value" in variable:
             environment[variable["name"]] = EnvSource(value=variable["value"])
+        elif "configMapKeyRef" in variable["valueFrom"]:
+            reference = variable["valueFrom"]["configMapKeyRef"]
+            environment[variable["name"]] = EnvSource(
+                config_map=reference["name"], key=reference["key"]
+            )
         else:
             reference = variable["valueFrom"]["secretKeyRef"]
             environment[variable["name"]] = EnvSource(
@@ -120,7 +128,10 @@ def container_environment(
 
 
 def resolved(manifests: tuple[Manifest, ...], source: EnvSource) -> str:
-    """The variable's value, read from its Secret if it comes from one."""
+    """The variable's value, read from its Secret or ConfigMap if it comes from one."""
+    if source.config_map is not None:
+        assert source.key is not None
+        return find(manifests, "ConfigMap", source.config_map)["data"][source.key]
     if source.secret is None:
         assert source.value is not None
         return source.value

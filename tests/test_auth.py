@@ -7,6 +7,7 @@ import hmac
 import json
 import logging
 import secrets
+import subprocess
 import sys
 import time
 import uuid
@@ -248,22 +249,25 @@ def test_misconfigured_auth_stops_the_service_at_start(values):
         Settings(database_url="postgresql://x", **values)
 
 
-async def test_publish_job_reaches_the_jobs_service_with_the_callers_token(
-    database_url, jwt_jobs_service, jwt_jobs_stub, fake_postiz
-):
-    """Both services in AUTH_MODE=jwt: the Publisher reads and writes the job as the caller."""
-    settings = settings_for(database_url, auth_mode="jwt", auth_jwt_secret=TEST_JWT_SECRET)
-    definition = publisher_definition(publisher_config(jwt_jobs_service))
-    profile_id = new_profile_id()
-    metadata = signed_in(profile_id)
+async def publish_a_completed_job(
+    jobs_stub: jobs_pb2_grpc.JobServiceStub,
+    jobs_service,
+    settings: Settings,
+    metadata: tuple[tuple[str, str], ...],
+    fake_postiz,
+    publish_metadata: tuple[tuple[str, str], ...] | None = None,
+) -> publisher_pb2.Publication:
+    """Makes a COMPLETED job as `metadata`, then PublishJob through a Publisher started with
+    `settings` (as `publish_metadata`, by default the same)."""
+    definition = publisher_definition(publisher_config(jobs_service))
     organization = fake_postiz.add_organization()
     fake_postiz.files["signed.mp4"] = b"\x00\x00\x00\x18ftypmp42" + bytes(100)
-    job = await jwt_jobs_stub.CreateJob(
+    job = await jobs_stub.CreateJob(
         jobs_pb2.CreateJobRequest(job=jobs_pb2.Job(kind="video_render")), metadata=metadata
     )
     done = jobs_pb2.Job(job_id=job.job_id, status=jobs_pb2.COMPLETED)
     done.result.update({"video_url": f"{fake_postiz.base_url}/files/signed.mp4"})
-    await jwt_jobs_stub.UpdateJob(
+    await jobs_stub.UpdateJob(
         jobs_pb2.UpdateJobRequest(
             job=done, update_mask=field_mask_pb2.FieldMask(paths=["status", "result"])
         ),
@@ -280,19 +284,31 @@ async def test_publish_job_reaches_the_jobs_service_with_the_callers_token(
             ),
             metadata=metadata,
         )
-        publication = await stub.PublishJob(
+        return await stub.PublishJob(
             publisher_pb2.PublishJobRequest(
                 job_id=job.job_id,
                 integration_ids=[organization.integrations[0]["id"]],
                 content="Signed and delivered",
             ),
-            metadata=metadata,
+            metadata=publish_metadata or metadata,
         )
+
+
+async def test_publish_job_reaches_the_jobs_service_with_the_callers_token(
+    database_url, jwt_jobs_service, jwt_jobs_stub, fake_postiz
+):
+    """Both services in AUTH_MODE=jwt: the Publisher reads and writes the job as the caller."""
+    settings = settings_for(database_url, auth_mode="jwt", auth_jwt_secret=TEST_JWT_SECRET)
+    profile_id = new_profile_id()
+    metadata = signed_in(profile_id)
+    publication = await publish_a_completed_job(
+        jwt_jobs_stub, jwt_jobs_service, settings, metadata, fake_postiz
+    )
     assert publication.state == publisher_pb2.PUBLICATION_STATE_ACCEPTED
     written = await jwt_jobs_stub.GetJob(
-        jobs_pb2.GetJobRequest(job_id=job.job_id), metadata=metadata
+        jobs_pb2.GetJobRequest(job_id=publication.job_id), metadata=metadata
     )
-    assert written.result["publication"]["request_id"] == f"job:{job.job_id}"
+    assert written.result["publication"]["request_id"] == f"job:{publication.job_id}"
 
 
 def test_es256_public_key_may_be_given_as_pem_text(es256_keys):
@@ -325,3 +341,213 @@ async def test_mint_command_signs_es256_with_a_private_key_file(es256_jobs, es25
     assert process.returncode == 0
     error = await status_of(get_job(es256_jobs, signed_in(profile_id, out.decode().strip())))
     assert error.code() == Code.NOT_FOUND
+
+
+# ES256 with what the manifests set: a key set (two kids during a rotation), an audience, an
+# issuer and a maximum lifetime.
+ISSUER = "test-issuer"
+JOBS_AUDIENCE = "jobs.v1.JobService"
+PUBLISHER_AUDIENCE = "publisher.v1.PublisherService"
+MAX_LIFETIME = 3600
+
+
+@pytest.fixture(scope="module")
+def rotating_keys(tmp_path_factory) -> dict[str, str]:
+    """Two private keys by kid, "old" and "new", as files; and their JWK set."""
+    folder = tmp_path_factory.mktemp("rotating")
+    keys = {}
+    for kid in ("old", "new"):
+        keys[kid] = _es256_keys()[0]
+        (folder / f"{kid}.pem").write_text(keys[kid])
+    jwks = subprocess_output("jwks", *(f"{kid}={folder / f'{kid}.pem'}" for kid in ("old", "new")))
+    return keys | {"jwks": jwks}
+
+
+def subprocess_output(*args: str) -> str:
+    completed = subprocess.run(
+        [sys.executable, "-m", "services.runtime.auth", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    return completed.stdout
+
+
+def es256_settings(database_url: str, jwks: str, audience: str) -> Settings:
+    return settings_for(
+        database_url,
+        auth_mode="jwt",
+        auth_jwt_public_key=jwks,
+        auth_jwt_audience=audience,
+        auth_jwt_issuer=ISSUER,
+        auth_jwt_max_lifetime_seconds=MAX_LIFETIME,
+    )
+
+
+@pytest.fixture(scope="module")
+async def strict_jobs_service(database_url, rotating_keys):
+    async with running(
+        JOBS, es256_settings(database_url, rotating_keys["jwks"], JOBS_AUDIENCE)
+    ) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+async def strict_jobs(strict_jobs_service):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{strict_jobs_service.port}") as channel:
+        yield jobs_pb2_grpc.JobServiceStub(channel)
+
+
+def strict_token(rotating_keys, profile_id: str, kid: str = "new", **changes: object) -> str:
+    """A token as the manifests expect it, with `changes` to its options."""
+    options: dict = {
+        "sub": "svc",
+        "profiles": [profile_id],
+        "algorithm": "ES256",
+        "key_id": kid,
+        "audience": [JOBS_AUDIENCE],
+        "issuer": ISSUER,
+        "ttl_seconds": 600,
+    }
+    return mint_token(rotating_keys[kid], **(options | changes))
+
+
+@pytest.mark.parametrize("kid", ["old", "new"])
+async def test_during_a_rotation_tokens_of_either_key_of_the_set_are_accepted(
+    strict_jobs, rotating_keys, kid
+):
+    profile_id = new_profile_id()
+    token = strict_token(rotating_keys, profile_id, kid)
+    error = await status_of(get_job(strict_jobs, signed_in(profile_id, token)))
+    assert error.code() == Code.NOT_FOUND
+
+
+async def test_token_whose_aud_lists_this_service_among_others_is_accepted(
+    strict_jobs, rotating_keys
+):
+    profile_id = new_profile_id()
+    token = strict_token(rotating_keys, profile_id, audience=[PUBLISHER_AUDIENCE, JOBS_AUDIENCE])
+    error = await status_of(get_job(strict_jobs, signed_in(profile_id, token)))
+    assert error.code() == Code.NOT_FOUND
+
+
+def _without_iat(keys: dict[str, str], profile_id: str) -> str:
+    claims = jwt.decode(strict_token(keys, profile_id), options={"verify_signature": False})
+    del claims["iat"]
+    return jwt.encode(claims, keys["new"], algorithm="ES256", headers={"kid": "new"})
+
+
+STRICT_BAD_TOKENS = {
+    "for_another_service": (
+        lambda keys, p: strict_token(keys, p, audience=["costs.v1.CostService"]),
+        "aud",
+    ),
+    "without_aud": (lambda keys, p: strict_token(keys, p, audience=[]), "aud"),
+    "from_another_issuer": (lambda keys, p: strict_token(keys, p, issuer="someone-else"), "iss"),
+    "without_iss": (lambda keys, p: strict_token(keys, p, issuer=None), "iss"),
+    "living_too_long": (
+        lambda keys, p: strict_token(keys, p, ttl_seconds=MAX_LIFETIME + 60),
+        "AUTH_JWT_MAX_LIFETIME_SECONDS",
+    ),
+    "without_iat": (_without_iat, "iat"),
+    "with_iat_as_text": (
+        lambda keys, p: strict_token(keys, p, extra_claims={"iat": str(int(time.time()))}),
+        "iat",
+    ),
+    "of_a_kid_outside_the_set": (lambda keys, p: strict_token(keys, p, key_id="retired"), "kid"),
+}
+
+
+@pytest.mark.parametrize(
+    ("make_token", "named"), STRICT_BAD_TOKENS.values(), ids=STRICT_BAD_TOKENS.keys()
+)
+async def test_token_not_meant_for_this_service_or_too_long_lived_is_unauthenticated(
+    strict_jobs, rotating_keys, make_token, named
+):
+    profile_id = new_profile_id()
+    token = make_token(rotating_keys, profile_id)
+    error = await status_of(get_job(strict_jobs, signed_in(profile_id, token)))
+    assert error.code() == Code.UNAUTHENTICATED
+    assert named in error.details()
+
+
+async def test_es256_publish_job_reaches_jobs_with_a_token_naming_both_services(
+    database_url, strict_jobs_service, strict_jobs, rotating_keys, fake_postiz
+):
+    """The Publisher calls Jobs with the caller's own token: its aud names both."""
+    profile_id = new_profile_id()
+    both = strict_token(rotating_keys, profile_id, audience=[PUBLISHER_AUDIENCE, JOBS_AUDIENCE])
+    settings = es256_settings(database_url, rotating_keys["jwks"], PUBLISHER_AUDIENCE)
+    publication = await publish_a_completed_job(
+        strict_jobs, strict_jobs_service, settings, signed_in(profile_id, both), fake_postiz
+    )
+    assert publication.state == publisher_pb2.PUBLICATION_STATE_ACCEPTED
+
+
+async def test_es256_publish_job_with_a_token_for_the_publisher_only_is_unauthenticated(
+    database_url, strict_jobs_service, strict_jobs, rotating_keys, fake_postiz
+):
+    profile_id = new_profile_id()
+    both = strict_token(rotating_keys, profile_id, audience=[PUBLISHER_AUDIENCE, JOBS_AUDIENCE])
+    publisher_only = strict_token(rotating_keys, profile_id, audience=[PUBLISHER_AUDIENCE])
+    settings = es256_settings(database_url, rotating_keys["jwks"], PUBLISHER_AUDIENCE)
+    error = await status_of(
+        publish_a_completed_job(
+            strict_jobs,
+            strict_jobs_service,
+            settings,
+            signed_in(profile_id, both),
+            fake_postiz,
+            publish_metadata=signed_in(profile_id, publisher_only),
+        )
+    )
+    assert error.code() == Code.UNAUTHENTICATED
+    assert JOBS_AUDIENCE in error.details()
+
+
+@pytest.mark.parametrize("form", ["pem", "jwk_set"])
+def test_a_private_key_given_as_the_public_key_stops_the_service_at_start(es256_keys, form):
+    private_pem = es256_keys[0]
+    if form == "jwk_set":
+        private = serialization.load_pem_private_key(private_pem.encode(), password=None)
+        jwk = jwt.algorithms.ECAlgorithm.to_jwk(private, as_dict=True)
+        value = json.dumps({"keys": [jwk | {"kid": "k"}]})
+    else:
+        value = private_pem
+    settings = Settings(database_url="postgresql://x", auth_mode="jwt", auth_jwt_public_key=value)
+    with pytest.raises(SystemExit, match="public"):
+        JwtAuthorizer.from_settings(settings)
+
+
+async def test_mint_command_names_the_kid_audiences_and_issuer(
+    strict_jobs, rotating_keys, tmp_path
+):
+    key_file = tmp_path / "new.pem"
+    key_file.write_text(rotating_keys["new"])
+    profile_id = new_profile_id()
+    token = subprocess_output(
+        "mint",
+        "--private-key",
+        str(key_file),
+        "--kid",
+        "new",
+        "--aud",
+        f"{PUBLISHER_AUDIENCE},{JOBS_AUDIENCE}",
+        "--iss",
+        ISSUER,
+        "--sub",
+        "ops",
+        "--profiles",
+        profile_id,
+    ).strip()
+    error = await status_of(get_job(strict_jobs, signed_in(profile_id, token)))
+    assert error.code() == Code.NOT_FOUND
+
+
+def test_keygen_writes_a_private_key_only_its_owner_may_read(tmp_path):
+    path = tmp_path / "key.pem"
+    subprocess_output("keygen", str(path))
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert "PRIVATE KEY" in path.read_text()

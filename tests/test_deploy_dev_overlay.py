@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from jobs.v1 import jobs_pb2, jobs_pb2_grpc
 
 from services.jobs.service import JOBS
+from services.runtime.auth import mint_token
 from services.runtime.embedded_postgres import with_database
 from services.runtime.server import ServiceDefinition
 from tests.conftest import (
@@ -28,10 +29,10 @@ from tests.conftest import (
     new_profile_id,
     server_process,
     signed_in,
-    token_for,
 )
 from tests.kubernetes_manifests import (
     DEPLOY,
+    DEV_SIGNING_KEY,
     OVERLAYS,
     Manifest,
     container_environment,
@@ -207,9 +208,16 @@ async def test_jobs_serves_calls_as_its_login_role(dev_pods):
     profile_id = new_profile_id()
     manifests = render(DEV)
     variables = container_environment(manifests, server_container(manifests, JOBS.name))
-    metadata = signed_in(
-        profile_id, token_for(profile_id, secret=resolved(manifests, variables["AUTH_JWT_SECRET"]))
+    token = mint_token(
+        DEV_SIGNING_KEY.read_text(),
+        sub="dev",
+        profiles=[profile_id],
+        algorithm="ES256",
+        key_id="dev",
+        audience=[resolved(manifests, variables["AUTH_JWT_AUDIENCE"])],
+        issuer=resolved(manifests, variables["AUTH_JWT_ISSUER"]),
     )
+    metadata = signed_in(profile_id, token)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{dev_pods[JOBS.name].port}") as channel:
         jobs = jobs_pb2_grpc.JobServiceStub(channel)
         job = await jobs.CreateJob(

@@ -2,9 +2,11 @@
 command is `python -m <module>`, and the wheel it installs holds every service, its migrations
 and the generated code."""
 
+import fnmatch
 import json
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -51,3 +53,23 @@ def test_the_wheel_holds_the_service_its_migrations_and_its_generated_code(servi
         assert path.relative_to(REPO).as_posix() in wheel_files
     package = service.grpc_service.rsplit(".", 1)[0].replace(".", "/")
     assert any(name.startswith(package) and name.endswith("_pb2_grpc.py") for name in wheel_files)
+
+
+def test_the_image_build_copies_every_package_the_wheel_installs():
+    """The Dockerfile builds its wheel from what it copies: a package left out is missing from
+    the image, not from a wheel built here (the Publisher imports suite_client)."""
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"
+    ]["find"]["include"]
+    packages = [
+        path.parent.name
+        for path in REPO.glob("*/__init__.py")
+        if any(fnmatch.fnmatch(path.parent.name, pattern) for pattern in include)
+    ]
+    copied = {
+        line.split()[1].rstrip("/")
+        for line in DOCKERFILE.read_text().splitlines()
+        if line.startswith("COPY ") and "--from" not in line
+    }
+    assert packages
+    assert set(packages) <= copied

@@ -2,6 +2,7 @@
 the health names the probes ask for, the environment, the commands; and each overlay holds
 together (its references resolve, prod's images are pinned)."""
 
+import base64
 import ipaddress
 import json
 import os
@@ -11,12 +12,15 @@ import pytest
 import yaml
 
 import suite_client
+from services.runtime.auth import JwtAuthorizer, mint_token
 from services.runtime.server import ServiceDefinition
 from services.runtime.settings import Settings
 from tests.kubernetes_manifests import (
     BASE,
     DEPLOY,
+    DEV_SIGNING_KEY,
     OVERLAYS,
+    EnvSource,
     Manifest,
     container_environment,
     containers,
@@ -24,6 +28,7 @@ from tests.kubernetes_manifests import (
     find,
     pod_specs,
     render,
+    resolved,
     server_container,
     service_definitions,
 )
@@ -196,6 +201,9 @@ def test_every_secret_and_config_map_a_pod_uses_is_in_the_overlay_or_documented(
                 if source.secret and ("Secret", source.secret) not in defined:
                     assert f"secret generic {source.secret} " in documented, name
                     assert f"{source.key}=" in documented, name
+                if source.config_map and ("ConfigMap", source.config_map) not in defined:
+                    assert f"configmap {source.config_map} " in documented, name
+                    assert f"{source.key}=" in documented, name
         for volume in spec.get("volumes", []):
             if "configMap" in volume:
                 assert ("ConfigMap", volume["configMap"]["name"]) in defined, name
@@ -312,3 +320,93 @@ def test_only_the_publisher_reaches_outside_the_cluster_and_only_https_to_public
 def test_no_deployment_trusts_any_postiz_host(overlay: str):
     manifests = render(OVERLAYS[overlay])
     assert "POSTIZ_TRUSTED_HOSTS" not in yaml.safe_dump_all(manifests)
+
+
+def _holds_a_signing_key(text: str) -> bool:
+    """A private key in PEM, or a JWK with its private part `d`."""
+    if "PRIVATE KEY" in text:
+        return True
+    try:
+        document = json.loads(text)
+    except ValueError:
+        return False
+    keys = document.get("keys", [document]) if isinstance(document, dict) else []
+    return any(isinstance(key, dict) and "d" in key for key in keys)
+
+
+def _data_of(manifests: tuple[Manifest, ...], kind: str, name: str) -> list[str]:
+    """The values of a Secret or ConfigMap the overlay defines (none if made outside it)."""
+    values: list[str] = []
+    for manifest in manifests:
+        if manifest["kind"] != kind or manifest["metadata"]["name"] != name:
+            continue
+        data = manifest.get("data", {})
+        if kind == "Secret":
+            values += [base64.b64decode(value).decode(errors="replace") for value in data.values()]
+        else:
+            values += list(data.values())
+        values += list(manifest.get("stringData", {}).values())
+    return values
+
+
+@EVERY_OVERLAY
+def test_no_pod_gets_a_token_signing_key(overlay: str):
+    """Services check tokens with public keys only: no pod may hold what mints them, neither
+    an HS256 secret nor a private key, through its environment or its volumes."""
+    manifests = render(OVERLAYS[overlay])
+    for name, spec in pod_specs(manifests):
+        seen: list[str] = []
+        for container in containers(spec):
+            environment = container_environment(manifests, container)
+            assert not {"AUTH_JWT_SECRET", "AUTH_JWT_PRIVATE_KEY"} & set(environment), name
+            for source in environment.values():
+                if source.value is not None:
+                    seen.append(source.value)
+                elif source.secret is not None:
+                    seen += _data_of(manifests, "Secret", source.secret)
+                elif source.config_map is not None:
+                    seen += _data_of(manifests, "ConfigMap", source.config_map)
+            for source in container.get("envFrom", []):
+                if "secretRef" in source:
+                    seen += _data_of(manifests, "Secret", source["secretRef"]["name"])
+        for volume in spec.get("volumes", []):
+            if "secret" in volume:
+                seen += _data_of(manifests, "Secret", volume["secret"]["secretName"])
+            if "configMap" in volume:
+                seen += _data_of(manifests, "ConfigMap", volume["configMap"]["name"])
+        assert not any(_holds_a_signing_key(value) for value in seen), name
+
+
+@SERVICES
+def test_every_service_checks_es256_tokens_meant_for_it_by_the_suites_issuer(
+    service: ServiceDefinition,
+):
+    manifests = render(BASE)
+    environment = container_environment(manifests, server_container(manifests, service.name))
+    assert environment["AUTH_MODE"].value == "jwt"
+    assert environment["AUTH_JWT_PUBLIC_KEY"] == EnvSource(config_map="auth-jwt", key="public-keys")
+    assert environment["AUTH_JWT_AUDIENCE"].value == service.grpc_service
+    assert environment["AUTH_JWT_ISSUER"].value == "video-pipeline"
+
+
+def test_the_dev_public_keys_check_tokens_of_the_dev_signing_key():
+    manifests = render(OVERLAYS["dev"])
+    environment = container_environment(manifests, server_container(manifests, "jobs"))
+    public_keys = resolved(manifests, environment["AUTH_JWT_PUBLIC_KEY"])
+    settings = Settings(
+        database_url="postgresql://unused",
+        auth_mode="jwt",
+        auth_jwt_public_key=public_keys,
+        auth_jwt_audience="jobs.v1.JobService",
+        auth_jwt_issuer="video-pipeline",
+    )
+    token = mint_token(
+        DEV_SIGNING_KEY.read_text(),
+        sub="dev",
+        profiles=["store-1"],
+        algorithm="ES256",
+        key_id="dev",
+        audience=["jobs.v1.JobService"],
+        issuer="video-pipeline",
+    )
+    assert JwtAuthorizer.from_settings(settings).claims(token)["sub"] == "dev"

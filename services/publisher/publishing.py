@@ -5,7 +5,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from services.publisher.api_key_cipher import ApiKeyCipher, api_key_fingerprint
+from services.publisher.api_key_cipher import ApiKeyCipher, Sealed, api_key_fingerprint
 from services.publisher.egress import EgressPolicy
 from services.publisher.jobs_client import JobsClient
 from services.publisher.metrics import RATE_LIMIT_REFUSALS
@@ -74,11 +74,11 @@ class Publisher:
             require_profile_id(), self._egress.postiz_base_url(base_url), api_key
         )
         await self._postiz.check_connected(account)
-        key_id, ciphertext = self._cipher.encrypt(require_profile_id(), api_key)
+        sealed = self._cipher.encrypt(require_profile_id(), account.base_url, api_key)
         stored = await self._store.set_credentials(
             account.base_url,
-            ciphertext,
-            key_id,
+            sealed.blob,
+            sealed.key_id,
             api_key_fingerprint(api_key),
             datetime.now(UTC),
         )
@@ -109,12 +109,10 @@ class Publisher:
                 "with SetPostizCredentials"
             ) from None
         profile_id = require_profile_id()
-        api_key = self._cipher.decrypt(
-            profile_id, stored.encryption_key_id, stored.api_key_ciphertext
-        )
-        if stored.encryption_key_id != self._cipher.current_key_id:
-            key_id, ciphertext = self._cipher.encrypt(profile_id, api_key)
-            await self._store.reencrypt_credentials(stored.encryption_key_id, ciphertext, key_id)
+        # Never rewritten here: an instance that does not hold the current key yet (a rolling
+        # deploy) must still read every row; `suitectl postiz reencrypt` moves them.
+        sealed = Sealed(stored.encryption_key_id, stored.api_key_ciphertext)
+        api_key = self._cipher.decrypt(profile_id, stored.base_url, sealed)
         return PostizAccount(profile_id, stored.base_url, api_key)
 
     # Reads and media

@@ -7,7 +7,6 @@ from pathlib import Path
 from publisher.v1 import publisher_pb2_grpc
 
 import suite_client
-from services.publisher.api_key_cipher import ApiKeyCipher
 from services.publisher.egress import EgressPolicy
 from services.publisher.jobs_client import JobsClient
 from services.publisher.postiz import PostizClient
@@ -54,7 +53,7 @@ def publisher_definition(config: PublisherSettings | None = None) -> ServiceDefi
         publisher = Publisher(
             PublisherStore(pool),
             postiz,
-            ApiKeyCipher(own.encryption_keys),
+            own.api_key_cipher(),
             jobs,
             policy,
             egress,

@@ -1,7 +1,9 @@
 """The Publisher's settings beyond the shared ones, from environment variables.
 
 - `PUBLISHER_ENCRYPTION_KEYS` (required): `id:base64key[,id:base64key…]`, 32-byte AES keys,
-  newest first; the newest encrypts, any of them decrypts (rotation).
+  in any order: every key that may decrypt a stored API key.
+- `PUBLISHER_ENCRYPTION_KEY_ID` (required with more than one key): the one that encrypts. A new
+  key is added to every instance's keys before any instance encrypts with it (rotation).
 - `PUBLISHER_POSTS_PER_HOUR` (30): each profile's budget of `POST /posts` per rolling hour.
 - `POSTIZ_TIMEOUT_SECONDS` (30): one Postiz HTTP call in total, its answer included (an
   upload gets a second more for every 256 KiB of its size).
@@ -26,11 +28,12 @@ import binascii
 import os
 from dataclasses import dataclass
 
+from services.publisher.api_key_cipher import ApiKeyCipher
 from services.runtime.settings import env_float, env_int
 
 ENCRYPTION_KEYS_HOW_TO = (
-    "PUBLISHER_ENCRYPTION_KEYS must be 'id:base64key[,id:base64key…]' with 32-byte keys, "
-    'newest first; make one with: python -c "import os,base64;'
+    "PUBLISHER_ENCRYPTION_KEYS must be 'id:base64key[,id:base64key…]' with 32-byte keys and "
+    'distinct ids; make one with: python -c "import os,base64;'
     "print('k1:'+base64.b64encode(os.urandom(32)).decode())\""
 )
 
@@ -42,7 +45,7 @@ def _hosts(name: str) -> frozenset[str]:
 
 
 def parse_encryption_keys(raw: str) -> dict[str, bytes]:
-    """`id:base64key,…` as an ordered mapping, newest (the one that encrypts) first."""
+    """`id:base64key,…` as a mapping of key id to key."""
     keys: dict[str, bytes] = {}
     for entry in filter(None, (part.strip() for part in raw.split(","))):
         key_id, _, encoded = entry.partition(":")
@@ -56,6 +59,18 @@ def parse_encryption_keys(raw: str) -> dict[str, bytes]:
     if not keys:
         raise ValueError(ENCRYPTION_KEYS_HOW_TO)
     return keys
+
+
+def encrypting_key_id(keys: dict[str, bytes], key_id: str) -> str:
+    """The key PUBLISHER_ENCRYPTION_KEY_ID names; unnamed, the only key there is."""
+    if not key_id and len(keys) == 1:
+        return next(iter(keys))
+    if key_id not in keys:
+        raise ValueError(
+            f"PUBLISHER_ENCRYPTION_KEY_ID must name the key that encrypts, one of "
+            f"{', '.join(sorted(keys))}; got {key_id!r}"
+        )
+    return key_id
 
 
 @dataclass(frozen=True)
@@ -80,6 +95,7 @@ class PostizLimits:
 @dataclass(frozen=True)
 class PublisherSettings:
     encryption_keys: dict[str, bytes]
+    encryption_key_id: str = ""  # the key that encrypts; empty: the only one there is
     posts_per_hour: int = 30
     postiz_limits: PostizLimits = PostizLimits()
     postiz_get_attempts: int = 3
@@ -89,13 +105,22 @@ class PublisherSettings:
     postiz_allowed_hosts: frozenset[str] = frozenset()
     postiz_trusted_hosts: frozenset[str] = frozenset()
 
+    def api_key_cipher(self) -> ApiKeyCipher:
+        return ApiKeyCipher(
+            self.encryption_keys, encrypting_key_id(self.encryption_keys, self.encryption_key_id)
+        )
+
     def __repr__(self) -> str:
-        return f"PublisherSettings(keys={list(self.encryption_keys)}, jobs={self.jobs_target})"
+        return (
+            f"PublisherSettings(keys={list(self.encryption_keys)}, "
+            f"encrypting={self.encryption_key_id!r}, jobs={self.jobs_target})"
+        )
 
     @classmethod
     def from_environment(cls) -> "PublisherSettings":
         try:
             keys = parse_encryption_keys(os.environ.get("PUBLISHER_ENCRYPTION_KEYS", ""))
+            key_id = encrypting_key_id(keys, os.environ.get("PUBLISHER_ENCRYPTION_KEY_ID", ""))
             limits = PostizLimits(
                 timeout_seconds=env_float("POSTIZ_TIMEOUT_SECONDS", PostizLimits.timeout_seconds),
                 connections_per_profile=env_int(
@@ -112,6 +137,7 @@ class PublisherSettings:
             raise SystemExit(str(error)) from None
         return cls(
             encryption_keys=keys,
+            encryption_key_id=key_id,
             posts_per_hour=env_int("PUBLISHER_POSTS_PER_HOUR", cls.posts_per_hour),
             postiz_limits=limits,
             postiz_get_attempts=env_int("POSTIZ_GET_ATTEMPTS", cls.postiz_get_attempts),

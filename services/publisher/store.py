@@ -7,6 +7,7 @@ from typing import Any
 
 import asyncpg
 
+from services.publisher.api_key_cipher import Sealed
 from services.publisher.metrics import RATE_LIMIT_REFUSALS
 from services.publisher.model import (
     CreatedPost,
@@ -146,23 +147,40 @@ class PublisherStore:
             )
         return None if row is None else _credentials(row)
 
-    async def reencrypt_credentials(
-        self, old_key_id: str, api_key_ciphertext: bytes, encryption_key_id: str
-    ) -> None:
-        """Replaces the ciphertext made under old_key_id (key rotation); a no-op when the
-        credentials changed meanwhile."""
+    async def credentials_of_every_profile(self) -> list[tuple[str, str, Sealed]]:
+        """(profile id, base_url, sealed API key) of every profile: an operator's read."""
+        async with self._pool.cross_profile_transaction() as connection:
+            rows = await connection.fetch(
+                "SELECT profile_id, base_url, encryption_key_id, api_key_ciphertext "
+                "FROM publisher.postiz_credentials ORDER BY profile_id"
+            )
+        return [
+            (
+                r["profile_id"],
+                r["base_url"],
+                Sealed(r["encryption_key_id"], r["api_key_ciphertext"]),
+            )
+            for r in rows
+        ]
+
+    async def replace_sealed_api_key(self, profile_id: str, old: Sealed, new: Sealed) -> bool:
+        """Puts `new` where `old` is (key rotation); False when the credentials changed
+        meanwhile, which leaves them as they are."""
         async with self._pool.transaction() as connection:
-            await connection.execute(
+            replaced = await connection.fetchval(
                 """
                 UPDATE publisher.postiz_credentials
-                SET api_key_ciphertext = $3, encryption_key_id = $4
-                WHERE profile_id = $1 AND encryption_key_id = $2
+                SET api_key_ciphertext = $4, encryption_key_id = $5
+                WHERE profile_id = $1 AND encryption_key_id = $2 AND api_key_ciphertext = $3
+                RETURNING profile_id
                 """,
-                require_profile_id(),
-                old_key_id,
-                api_key_ciphertext,
-                encryption_key_id,
+                profile_id,
+                old.key_id,
+                old.blob,
+                new.blob,
+                new.key_id,
             )
+        return replaced is not None
 
     async def delete_credentials(self) -> None:
         async with self._pool.transaction() as connection:

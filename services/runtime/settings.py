@@ -59,7 +59,11 @@ class Settings:
     # Who may act for a profile (services.runtime.auth): "none" trusts x-profile-id.
     auth_mode: str = "none"
     auth_jwt_secret: str = field(default="", repr=False)
-    auth_jwt_public_key: str = ""  # PEM text or a file path
+    auth_jwt_public_key: str = ""  # PEM text, a JWK set, or a file path holding either
+    # Checked when set: `aud` must name the audience, `iss` must equal the issuer.
+    auth_jwt_audience: str = ""
+    auth_jwt_issuer: str = ""
+    auth_jwt_max_lifetime_seconds: float = 86400.0  # longest exp - iat accepted
     # TLS on the gRPC port (file paths); a client CA makes it mutual TLS.
     tls_cert: str = ""
     tls_key: str = ""
@@ -75,6 +79,8 @@ class Settings:
                 "AUTH_MODE=jwt needs exactly one of AUTH_JWT_SECRET (HS256) "
                 "or AUTH_JWT_PUBLIC_KEY (ES256)"
             )
+        if self.auth_jwt_max_lifetime_seconds <= 0:
+            raise SystemExit("AUTH_JWT_MAX_LIFETIME_SECONDS must be more than 0")
         if self.access_log not in ACCESS_LOG_MODES:
             raise SystemExit(f"ACCESS_LOG must be one of {', '.join(ACCESS_LOG_MODES)}")
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -116,6 +122,11 @@ class Settings:
             auth_mode=os.environ.get("AUTH_MODE", cls.auth_mode).strip().lower() or "none",
             auth_jwt_secret=os.environ.get("AUTH_JWT_SECRET", ""),
             auth_jwt_public_key=os.environ.get("AUTH_JWT_PUBLIC_KEY", ""),
+            auth_jwt_audience=os.environ.get("AUTH_JWT_AUDIENCE", "").strip(),
+            auth_jwt_issuer=os.environ.get("AUTH_JWT_ISSUER", "").strip(),
+            auth_jwt_max_lifetime_seconds=env_float(
+                "AUTH_JWT_MAX_LIFETIME_SECONDS", cls.auth_jwt_max_lifetime_seconds
+            ),
             tls_cert=os.environ.get("GRPC_TLS_CERT", ""),
             tls_key=os.environ.get("GRPC_TLS_KEY", ""),
             tls_client_ca=os.environ.get("GRPC_TLS_CLIENT_CA", ""),
