@@ -146,7 +146,9 @@ async def dev_pods(
             assert server["args"] == [f"services.{definition.name}"]
             environment = environment_of(server, dev_database, scratch)
             database_url = environment.pop("DATABASE_URL")
-            environment.pop("GRPC_PORT")  # the test's server takes a free port
+            # The test's server takes free ports, so another run on the machine cannot collide.
+            environment.pop("GRPC_PORT")
+            environment.pop("METRICS_PORT", None)
             pods[definition.name] = await stack.enter_async_context(
                 server_process(definition.name, database_url, **environment)
             )
