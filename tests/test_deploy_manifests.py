@@ -125,8 +125,10 @@ def test_the_server_settings_parse_from_the_manifest(
     container = server_container(manifests, service.name)
     environment = container_environment(manifests, container)
     assert environment["DATABASE_URL"].secret == f"{service.name}-database"
+    assert environment["PAGE_TOKEN_KEY"].secret == "page-token"  # one for the deployment
     for name, source in environment.items():
-        monkeypatch.setenv(name, source.value or "postgresql://from-a-secret/db")
+        # What a Secret would hold: long enough for the keys among them.
+        monkeypatch.setenv(name, source.value or "postgresql://from-a-secret/db-" + "x" * 32)
 
     settings = Settings.from_environment(service.default_port)
 
