@@ -110,13 +110,14 @@ class Settings:
     access_log: str = ACCESS_LOG_FAILURES
     # Fair shares (see the README): per profile on this replica, calls in flight (beyond
     # them a call waits up to profile_queue_seconds) and response streams open; 0 is no limit.
+    # Streams sit above Jobs' own watcher caps, which answer WatchJob first, more precisely.
     profile_max_calls_in_flight: int = 32
     profile_queue_seconds: float = 0.25
-    profile_max_streams: int = 64
+    profile_max_streams: int = 128
     # gRPC's own: streams per HTTP/2 connection (more wait in the client), calls in flight
     # per process (more are refused RESOURCE_EXHAUSTED); 0 is gRPC's default, no limit.
-    grpc_max_concurrent_streams: int = 256
-    grpc_max_concurrent_rpcs: int = 2000
+    grpc_max_concurrent_streams: int = 512
+    grpc_max_concurrent_rpcs: int = 12_000
     # Waiting for a pool connection, and each statement: at most these, and the call's deadline.
     db_acquire_timeout_seconds: float = 5.0
     db_statement_timeout_seconds: float = 10.0
