@@ -38,10 +38,6 @@ class ProfileShares:
         # Calls waiting for a slot, oldest first; a future's result says whether it got one.
         self._waiting: dict[str, deque[asyncio.Future[bool]]] = {}
 
-    @property
-    def limit(self) -> int:
-        return self._limit
-
     def in_flight(self, key: str) -> int:
         return self._in_flight.get(key, 0)
 
