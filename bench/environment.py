@@ -156,6 +156,8 @@ async def start_suite(database_url: str, *, workers: int, noop: bool) -> AsyncIt
             METRICS_PORT="0",
             MIGRATE_ON_START="false",
             DB_POOL_MAX_SIZE=str(POOL_SIZE),
+            # The watch fan-out opens every watcher as one profile.
+            PROFILE_MAX_STREAMS="0",
         )
         channels = [await _channel(stack, jobs_port) for _ in range(CONNECTIONS)]
         await asyncio.gather(*(_serving(channel) for channel in channels))

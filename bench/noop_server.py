@@ -13,7 +13,8 @@ from services.runtime.interceptors.server import (
     allow_any_caller,
 )
 from services.runtime.logs import configure_logging
-from services.runtime.server import new_server, suite_interceptor
+from services.runtime.server import new_server, profile_shares, suite_interceptor
+from services.runtime.settings import Settings
 
 METHOD = "/bench.Noop/Call"
 
@@ -26,7 +27,9 @@ async def serve(port: int, interceptor: bool, access_log: str) -> None:
     handler = grpc.unary_unary_rpc_method_handler(_noop)
     if interceptor:
         # Registered as the services register theirs.
-        server, handlers = new_server(suite_interceptor(allow_any_caller, access_log=access_log))
+        shares = profile_shares(Settings(database_url=""))  # the default limits
+        interceptor = suite_interceptor(allow_any_caller, access_log=access_log, shares=shares)
+        server, handlers = new_server(interceptor)
         handlers.add_registered_method_handlers("bench.Noop", {"Call": handler})
     else:
         server = grpc.aio.server()

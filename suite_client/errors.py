@@ -9,17 +9,22 @@ another and lets the error through answers its own caller with the same status c
 | INVALID_ARGUMENT, OUT_OF_RANGE       | InvalidArgument    | fix the request                     |
 | ABORTED, ALREADY_EXISTS              | Conflict           | re-read, then retry                 |
 | FAILED_PRECONDITION                  | FailedPrecondition | change the state first              |
-| RESOURCE_EXHAUSTED                   | ResourceExhausted  | wait, then retry                    |
+| RESOURCE_EXHAUSTED                   | ResourceExhausted  | wait retry_after_seconds, then retry|
 | UNAUTHENTICATED                      | Unauthenticated    | send a (valid) profile              |
 | PERMISSION_DENIED                    | PermissionDenied   | act for a profile you may act for   |
 | DEADLINE_EXCEEDED                    | DeadlineExceeded   | retry with a longer deadline        |
 | UNAVAILABLE and every other code     | Unavailable        | retry later (already retried once   |
 |                                      |                    | or more by the channel)             |
+
+Every one has `retry_after_seconds`: the delay the server asked for in a google.rpc.RetryInfo
+of the status details (for example the profile's fair share of a replica is in use), or None.
 """
 
 from typing import Any
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from services.runtime import errors
 
@@ -27,11 +32,18 @@ from services.runtime import errors
 class SuiteError(errors.DomainError):
     """A call to a suite service ended with a status other than OK."""
 
-    def __init__(self, method: str, code: grpc.StatusCode, details: str | None) -> None:
+    def __init__(
+        self,
+        method: str,
+        code: grpc.StatusCode,
+        details: str | None,
+        retry_after_seconds: float | None = None,
+    ) -> None:
         self.method = method
         self.code = code
         self.details = details or ""
         super().__init__(f"{method} answered {code.name}: {self.details}")
+        self.retry_after_seconds = retry_after_seconds
 
 
 class NotFound(SuiteError, errors.NotFound):
@@ -66,7 +78,7 @@ class Unavailable(SuiteError, errors.Unavailable):
     pass
 
 
-class DeadlineExceeded(Unavailable):
+class DeadlineExceeded(Unavailable, errors.DeadlineExceeded):
     pass
 
 
@@ -84,9 +96,24 @@ _BY_CODE: dict[grpc.StatusCode, type[SuiteError]] = {
 }
 
 
+def retry_delay(error: grpc.aio.AioRpcError) -> float | None:
+    """Seconds the server asked the caller to wait (google.rpc.RetryInfo), or None."""
+    try:
+        status = rpc_status.from_call(error)
+    except ValueError:  # status details that contradict the status: not to be trusted
+        return None
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            return retry.retry_delay.ToNanoseconds() / 1e9
+    return None
+
+
 def error_from(method: str, error: grpc.aio.AioRpcError) -> SuiteError:
     """The exception for a failed call; use it on streams, whose errors arrive while reading."""
-    return _BY_CODE.get(error.code(), Unavailable)(method, error.code(), error.details())
+    exception_type = _BY_CODE.get(error.code(), Unavailable)
+    return exception_type(method, error.code(), error.details(), retry_delay(error))
 
 
 def _method_name(details: grpc.aio.ClientCallDetails) -> str:

@@ -76,6 +76,10 @@ def span_exporter() -> InMemorySpanExporter:
     return exporter
 
 
+# The deployment's page-token key, as AUTH_MODE=jwt requires one.
+TEST_PAGE_TOKEN_KEY = "test-only-page-token-key-" + "0123456789abcdef" * 2
+
+
 def settings_for(database_url: str, **overrides: object) -> Settings:
     values: dict = {
         "database_url": database_url,
@@ -85,6 +89,7 @@ def settings_for(database_url: str, **overrides: object) -> Settings:
         "shutdown_grace_seconds": 5.0,
         "metrics_port": 0,
         "access_log": "all",  # tests read the access lines of calls that succeed too
+        "page_token_key": TEST_PAGE_TOKEN_KEY,
     }
     return Settings(**(values | overrides))
 

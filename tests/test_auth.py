@@ -30,6 +30,7 @@ from services.runtime.settings import Settings
 from tests.conftest import (
     REPO,
     TEST_JWT_SECRET,
+    TEST_PAGE_TOKEN_KEY,
     as_profile,
     new_profile_id,
     publisher_config,
@@ -246,7 +247,7 @@ async def test_mint_command_prints_a_token_the_service_accepts(jwt_jobs_stub):
 )
 def test_misconfigured_auth_stops_the_service_at_start(values):
     with pytest.raises(SystemExit):
-        Settings(database_url="postgresql://x", **values)
+        Settings(database_url="postgresql://x", page_token_key=TEST_PAGE_TOKEN_KEY, **values)
 
 
 async def publish_a_completed_job(
@@ -313,7 +314,10 @@ async def test_publish_job_reaches_the_jobs_service_with_the_callers_token(
 
 def test_es256_public_key_may_be_given_as_pem_text(es256_keys):
     settings = Settings(
-        database_url="postgresql://x", auth_mode="jwt", auth_jwt_public_key=es256_keys[1]
+        database_url="postgresql://x",
+        auth_mode="jwt",
+        auth_jwt_public_key=es256_keys[1],
+        page_token_key=TEST_PAGE_TOKEN_KEY,
     )
     token = mint_token(es256_keys[0], sub="svc", profiles=["p"], algorithm="ES256")
     assert JwtAuthorizer.from_settings(settings).claims(token)["sub"] == "svc"

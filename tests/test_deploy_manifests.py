@@ -130,8 +130,10 @@ def test_the_server_settings_parse_from_the_manifest(
     container = server_container(manifests, service.name)
     environment = container_environment(manifests, container)
     assert environment["DATABASE_URL"].secret == f"{service.name}-database"
+    assert environment["PAGE_TOKEN_KEY"].secret == "page-token"  # one for the deployment
     for name, source in environment.items():
-        monkeypatch.setenv(name, source.value or "postgresql://from-a-secret/db")
+        # What a Secret would hold: long enough for the keys among them.
+        monkeypatch.setenv(name, source.value or "postgresql://from-a-secret/db-" + "x" * 32)
 
     settings = Settings.from_environment(service.default_port)
 
@@ -399,6 +401,7 @@ def test_the_dev_public_keys_check_tokens_of_the_dev_signing_key():
         auth_jwt_public_key=public_keys,
         auth_jwt_audience="jobs.v1.JobService",
         auth_jwt_issuer="video-pipeline",
+        page_token_key=resolved(manifests, environment["PAGE_TOKEN_KEY"]),
     )
     token = mint_token(
         DEV_SIGNING_KEY.read_text(),

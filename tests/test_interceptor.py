@@ -167,6 +167,7 @@ async def _serve_raising(error: BaseException):
         (errors.FailedPrecondition("job is done"), Code.FAILED_PRECONDITION),
         (errors.ResourceExhausted("slow down"), Code.RESOURCE_EXHAUSTED),
         (errors.Unavailable("database down"), Code.UNAVAILABLE),
+        (errors.DeadlineExceeded("deadline passed"), Code.DEADLINE_EXCEEDED),
         (errors.PermissionDenied("not yours"), Code.PERMISSION_DENIED),
     ],
 )

@@ -5,18 +5,26 @@ and switches to the service's role, which neither owns the tables nor bypasses r
 security. A query that forgets its `WHERE profile_id = …` still sees only that profile's rows.
 The one exception is an operator's cross-profile read: a READ ONLY transaction that sets
 `app.operator`, which a service's SELECT-only policy honours.
+
+Nothing waits on the database forever: a connection is waited for at most the call's
+remaining deadline and `acquire_timeout_seconds`, and every statement of the transaction runs
+under a `statement_timeout` (set in the same round trip as BEGIN) of at most the deadline and
+`statement_timeout_seconds`. Running out of the call's deadline is DeadlineExceeded; of the
+pool's own bounds, Unavailable ("busy; retry").
 """
 
+import asyncio
 import contextlib
 import json
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import asyncpg
 
-from services.runtime.call_context import current_caller, require_profile_id
-from services.runtime.errors import PermissionDenied, Unavailable
+from services.runtime.call_context import current_caller, remaining_seconds, require_profile_id
+from services.runtime.errors import DeadlineExceeded, DomainError, PermissionDenied, Unavailable
 from services.runtime.metrics import POSTGRES_ERRORS
 from services.runtime.tracing import tracing_enabled, transaction_span
 
@@ -73,11 +81,27 @@ async def create_pool(
 class TenantScopedPool:
     """Hands out connections inside a transaction scoped to the current call's profile."""
 
-    def __init__(self, pool: asyncpg.Pool, role: str, service: str | None = None) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        role: str,
+        service: str | None = None,
+        *,
+        acquire_timeout_seconds: float = 5.0,
+        statement_timeout_seconds: float = 10.0,
+    ) -> None:
         self.pool = pool
         self.role = role
         self.service = service or role  # the `service` label of its metrics
+        self.acquire_timeout_seconds = acquire_timeout_seconds
+        self.statement_timeout_seconds = statement_timeout_seconds
         self._role_literal = _literal(role)
+        # A transaction left idle (its caller stuck) ends, and frees its locks, after as long
+        # as a statement may run.
+        self._idle_timeout = (
+            f", set_config('idle_in_transaction_session_timeout', "
+            f"'{_milliseconds(statement_timeout_seconds)}', true)"
+        )
         self._waiting = 0
         self._traced = tracing_enabled()
 
@@ -112,7 +136,8 @@ class TenantScopedPool:
 
     @asynccontextmanager
     async def _scoped(self, begin: str) -> AsyncIterator[asyncpg.Connection]:
-        """Runs `begin`, then commits, or rolls back on any error or cancellation."""
+        """Runs `begin` with the statement timeout, then commits, or rolls back on any error or
+        cancellation."""
         span = (
             transaction_span(self.service, begin.startswith("BEGIN READ ONLY"))
             if self._traced
@@ -120,13 +145,16 @@ class TenantScopedPool:
         )
         with span:
             try:
-                self._waiting += 1
+                connection = await self._acquire()
                 try:
-                    connection = await self.pool.acquire()
-                finally:
-                    self._waiting -= 1
-                try:
-                    await connection.execute(begin)
+                    # Measured once the connection is in hand: the wait for it has spent some.
+                    statement_seconds, deadline_bound = self._bound(
+                        self.statement_timeout_seconds, "running a database statement"
+                    )
+                    await connection.execute(
+                        f"{begin}, set_config('statement_timeout', "
+                        f"'{_milliseconds(statement_seconds)}', true){self._idle_timeout}"
+                    )
                     try:
                         yield connection
                     except BaseException:
@@ -144,9 +172,52 @@ class TenantScopedPool:
                 POSTGRES_ERRORS.labels(self.service, "connection").inc()
                 log.warning("database unavailable: %s", error)
                 raise Unavailable("the database is unavailable; retry shortly") from error
+            except asyncpg.QueryCanceledError as error:
+                # The statement timeout (or an administrator) cancelled a statement.
+                POSTGRES_ERRORS.labels(self.service, "timeout").inc()
+                raise _out_of_time(
+                    deadline_bound,
+                    "the database was still running a statement",
+                    f"a database statement ran longer than {statement_seconds:g}s",
+                ) from error
             except asyncpg.PostgresError:
                 POSTGRES_ERRORS.labels(self.service, "query").inc()
                 raise
+
+    def _bound(self, limit: float, doing: str) -> tuple[float, bool]:
+        """At most `limit` seconds and the call's remaining deadline: the bound, and whether
+        the deadline is what sets it. DeadlineExceeded when the deadline has passed."""
+        remaining = remaining_seconds()
+        if remaining is None or remaining >= limit:
+            return limit, False
+        if remaining <= 0:
+            raise DeadlineExceeded(f"the call's deadline passed before {doing}")
+        return remaining, True
+
+    async def _acquire(self) -> asyncpg.Connection:
+        """A connection of the pool, waited for within the bounds; DeadlineExceeded or
+        Unavailable ("busy") when none came in time."""
+        seconds, deadline_bound = self._bound(
+            self.acquire_timeout_seconds, "waiting for a database connection"
+        )
+        if self.pool.get_idle_size():
+            # An idle connection is handed out at once: no timer to arm (it costs more CPU
+            # than the rest of acquiring).
+            return await self.pool.acquire()
+        self._waiting += 1
+        try:
+            async with asyncio.timeout(seconds) as timeout:
+                return await self.pool.acquire()
+        except TimeoutError as error:
+            if not timeout.expired():
+                raise  # connecting timed out: the database is unreachable
+            raise _out_of_time(
+                deadline_bound,
+                "no database connection came free",
+                f"the database is busy: no connection came free in {seconds:g}s",
+            ) from error
+        finally:
+            self._waiting -= 1
 
     def usage(self) -> dict[str, int]:
         """Connections by state, for the pool gauges."""
@@ -170,3 +241,14 @@ class TenantScopedPool:
 
     async def close(self) -> None:
         await self.pool.close()
+
+
+def _milliseconds(seconds: float) -> int:
+    """Whole milliseconds for a Postgres timeout, rounded up: never 0, which means none."""
+    return max(1, math.ceil(seconds * 1000))
+
+
+def _out_of_time(deadline_bound: bool, before_deadline: str, busy: str) -> DomainError:
+    if deadline_bound:
+        return DeadlineExceeded(f"the call's deadline passed: {before_deadline}")
+    return Unavailable(f"{busy}; retry shortly")

@@ -9,6 +9,9 @@ and never put a secret in it.
 class DomainError(Exception):
     """Base of the errors a caller can act on."""
 
+    # How long the caller should wait before retrying, when the error knows.
+    retry_after_seconds: float | None = None
+
 
 class InvalidArgument(DomainError):
     """The request itself is malformed; retrying it unchanged cannot succeed."""
@@ -27,7 +30,11 @@ class FailedPrecondition(DomainError):
 
 
 class ResourceExhausted(DomainError):
-    """A quota or rate limit refuses the call for now."""
+    """A quota or rate limit refuses the call for now.
+
+    `retry_after_seconds` reaches the caller as a google.rpc.RetryInfo in the status details;
+    say the delay in the message too ("retry in 30s"): grpcurl users read the message.
+    """
 
     def __init__(self, message: str, retry_after_seconds: float | None = None) -> None:
         super().__init__(message)
@@ -36,6 +43,11 @@ class ResourceExhausted(DomainError):
 
 class Unavailable(DomainError):
     """A dependency (the database, a third-party API) cannot be reached; retry later."""
+
+
+class DeadlineExceeded(Unavailable):
+    """The call's deadline ran out while a dependency was still working on it (waiting for a
+    database connection, a statement cancelled at the deadline); retry with a longer one."""
 
 
 class Unauthenticated(DomainError):

@@ -7,8 +7,10 @@ services on Ctrl-C or SIGTERM.
 import asyncio
 import base64
 import os
+import secrets
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -26,6 +28,7 @@ SERVICES = [
     ("publisher", "publisher.v1.PublisherService", 50053),
 ]
 DEV_KEY_FILE = Path(".data/publisher-dev-key")
+DEV_PAGE_TOKEN_KEY_FILE = Path(".data/page-token-key")
 # Locally a Postiz (or a fake of it) may run on this machine: the Publisher may call these
 # hosts over http and on loopback. Deployments leave POSTIZ_TRUSTED_HOSTS unset.
 LOCAL_TRUSTED_HOSTS = "127.0.0.1,localhost,::1"
@@ -63,14 +66,19 @@ async def _wait_until_serving(port: int) -> None:
             raise RuntimeError(f"service on port {port} is not serving")
 
 
-def _development_encryption_keys() -> str:
-    """A Publisher key made once for this checkout and kept under .data/, so stored Postiz
-    credentials survive restarts. Local use only: deployments set their own."""
-    if not DEV_KEY_FILE.exists():
-        DEV_KEY_FILE.parent.mkdir(parents=True, exist_ok=True)
-        DEV_KEY_FILE.write_text("dev:" + base64.b64encode(os.urandom(32)).decode())
-        DEV_KEY_FILE.chmod(0o600)
-    return DEV_KEY_FILE.read_text().strip()
+def _development_secret(path: Path, make: Callable[[], str]) -> str:
+    """A secret made once for this checkout and kept under .data/, so what it protects
+    survives restarts (stored Postiz credentials, page tokens in hand). Local use only:
+    deployments set their own."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(make())
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def _new_encryption_keys() -> str:
+    return "dev:" + base64.b64encode(os.urandom(32)).decode()
 
 
 async def main() -> int:
@@ -82,7 +90,9 @@ async def main() -> int:
         # Locally every call is worth a line: that is how a grpcurl call shows up.
         "ACCESS_LOG": os.environ.get("ACCESS_LOG", "all"),
         "PUBLISHER_ENCRYPTION_KEYS": os.environ.get("PUBLISHER_ENCRYPTION_KEYS")
-        or _development_encryption_keys(),
+        or _development_secret(DEV_KEY_FILE, _new_encryption_keys),
+        "PAGE_TOKEN_KEY": os.environ.get("PAGE_TOKEN_KEY")
+        or _development_secret(DEV_PAGE_TOKEN_KEY_FILE, lambda: secrets.token_urlsafe(32)),
         "POSTIZ_TRUSTED_HOSTS": os.environ.get("POSTIZ_TRUSTED_HOSTS", LOCAL_TRUSTED_HOSTS),
     }
     processes = []

@@ -4,8 +4,10 @@ Every list of the suite is newest first on (a time, an id). A token carries the 
 sort key (the time in whole microseconds, so it round-trips exactly), the filters it was made
 for and the profile it was made for ("*" for an operator's read across profiles), under a
 checksum, so a tampered token or one reused with other filters or another profile is refused
-with INVALID_ARGUMENT instead of silently paging the wrong list. It is not a secret: a cursor
-can only move within the caller's own rows.
+with INVALID_ARGUMENT instead of silently paging the wrong list. The checksum is keyed with the
+deployment's own secret (PAGE_TOKEN_KEY, set once at start-up with `use_key`), so only its
+replicas can make a token: a caller cannot forge one with a position or filters of its
+choosing. Without one (AUTH_MODE=none, local use only) the key is a development constant.
 """
 
 import base64
@@ -20,7 +22,8 @@ from typing import Any, TypeVar
 from services.runtime.call_context import current_caller, current_profile_id, require_profile_id
 from services.runtime.errors import InvalidArgument
 
-_KEY = b"page-token-v1"
+DEVELOPMENT_KEY = b"page-token-v1"
+_key = DEVELOPMENT_KEY
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _INVALID = "page_token is not valid; pass next_page_token from the previous response unchanged"
 
@@ -40,8 +43,14 @@ def page_size(requested: int) -> int:
     return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
+def use_key(key: bytes) -> None:
+    """Signs and checks tokens with this process's deployment key from now on."""
+    global _key
+    _key = key
+
+
 def _digest(body: bytes) -> bytes:
-    return hmac.new(_KEY, body, hashlib.blake2b).digest()[:12]
+    return hmac.new(_key, body, hashlib.blake2b).digest()[:12]
 
 
 def _scope() -> str:

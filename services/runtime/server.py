@@ -1,10 +1,10 @@
 """Server start-up and shutdown, the same for every service.
 
 A service contributes a ServiceDefinition; this module adds what every gRPC service of the
-suite has: the profile interceptor with the authorizer AUTH_MODE names, optional TLS, health
-(NOT_SERVING while the database is unreachable), reflection for grpcurl, message-size and
-keepalive options, migrations at start-up, and a graceful shutdown on SIGTERM or SIGINT in a
-fixed order.
+suite has: the profile interceptor with the authorizer AUTH_MODE names and each profile's fair
+share of the replica, optional TLS, health (NOT_SERVING while the database is unreachable),
+reflection for grpcurl, message-size, keepalive and concurrency limits, migrations at
+start-up, and a graceful shutdown on SIGTERM or SIGINT in a fixed order.
 """
 
 import argparse
@@ -26,6 +26,7 @@ import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
+from services.runtime import page_tokens
 from services.runtime.auth import authorizer_for
 from services.runtime.database import CONNECTION_ERRORS, TenantScopedPool, create_pool
 from services.runtime.interceptors.handlers import (
@@ -38,6 +39,7 @@ from services.runtime.interceptors.server import (
     Authorizer,
     ProfileInterceptor,
 )
+from services.runtime.interceptors.shares import ProfileShares
 from services.runtime.logs import configure_logging
 from services.runtime.metrics import POOLS, MetricsServer, serve_metrics
 from services.runtime.migrations import apply_migrations
@@ -89,32 +91,57 @@ class ServiceDefinition:
         return self.default_port - 50051 + 9091
 
 
+def profile_shares(settings: Settings) -> tuple[ProfileShares, ProfileShares]:
+    """Each profile's share of a replica: its calls in flight, and its response streams."""
+    return (
+        ProfileShares(settings.profile_max_calls_in_flight, settings.profile_queue_seconds),
+        ProfileShares(settings.profile_max_streams, what="streams open"),
+    )
+
+
 def suite_interceptor(
     authorize: Authorizer,
     cross_profile_methods: frozenset[str] = frozenset(),
     access_log: str = ACCESS_LOG_FAILURES,
+    shares: tuple[ProfileShares, ProfileShares] | None = None,
 ) -> InterceptorChain:
-    """The suite's work around every handler, outermost first."""
+    """The suite's work around every handler, outermost first; `shares` as profile_shares
+    makes them (no limits without)."""
+    calls, streams = shares or (None, None)
     return InterceptorChain(
-        ProfileInterceptor(authorize, cross_profile_methods, access_log),
+        ProfileInterceptor(
+            authorize, cross_profile_methods, access_log, calls=calls, streams=streams
+        ),
         *inner_server_interceptors(),
     )
 
 
 def new_server(
-    interceptor: WrappingInterceptor, options: list[tuple[str, int]] | None = None
+    interceptor: WrappingInterceptor,
+    options: list[tuple[str, int]] | None = None,
+    maximum_concurrent_rpcs: int | None = None,
 ) -> tuple[grpc.aio.Server, InterceptedHandlers]:
     """A grpc.aio server and the registry its services register their handlers on; the
     suite's interceptor wraps each handler there, once. Only the tracing interceptor (when
-    tracing is on) runs as a grpc.aio interceptor, so that refused calls are traced too."""
+    tracing is on) runs as a grpc.aio interceptor, so that refused calls are traced too.
+
+    Beyond `maximum_concurrent_rpcs` calls in flight, grpc.aio refuses a call before any
+    handler or interceptor runs: RESOURCE_EXHAUSTED "Concurrent RPC limit exceeded!"."""
     handlers = InterceptedHandlers(interceptor)
-    server = grpc.aio.server(interceptors=outer_server_interceptors(), options=options)
+    server = grpc.aio.server(
+        interceptors=outer_server_interceptors(),
+        options=options,
+        maximum_concurrent_rpcs=maximum_concurrent_rpcs,
+    )
     server.add_generic_rpc_handlers([handlers])
     return server, handlers
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
+    # Streams beyond the limit wait in the client for one of the connection's streams to end.
+    streams = [("grpc.max_concurrent_streams", settings.grpc_max_concurrent_streams)]
     return [
+        *(streams if settings.grpc_max_concurrent_streams else []),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.keepalive_time_ms", 30_000),
@@ -252,13 +279,24 @@ async def start_service(
     if settings.migrate_on_start:
         async with raw_pool.acquire() as connection:
             await migrate(definition, connection)
-    pool = TenantScopedPool(raw_pool, definition.database_role, service=definition.name)
+    pool = TenantScopedPool(
+        raw_pool,
+        definition.database_role,
+        service=definition.name,
+        acquire_timeout_seconds=settings.db_acquire_timeout_seconds,
+        statement_timeout_seconds=settings.db_statement_timeout_seconds,
+    )
+    if settings.page_token_key:
+        page_tokens.use_key(settings.page_token_key.encode())
     interceptor = suite_interceptor(
         authorize or authorizer_for(settings),
         definition.cross_profile_methods,
         settings.access_log,
+        profile_shares(settings),
     )
-    server, handlers = new_server(interceptor, server_options(settings))
+    server, handlers = new_server(
+        interceptor, server_options(settings), settings.grpc_max_concurrent_rpcs or None
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, handlers)
     resources = AsyncExitStack()

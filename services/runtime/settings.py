@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from services.runtime.interceptors.server import ACCESS_LOG_FAILURES, ACCESS_LOG_MODES
 
 AUTH_MODES = ("none", "jwt")
+PAGE_TOKEN_KEY_MIN_LENGTH = 32
+PAGE_TOKEN_KEY_HOWTO = "python3 -c 'import secrets;print(secrets.token_urlsafe(32))'"
 
 
 def env_int(name: str, default: int) -> int:
@@ -87,10 +89,46 @@ class Settings:
             raise SystemExit("GRPC_TLS_CERT and GRPC_TLS_KEY go together")
         if self.tls_client_ca and not self.tls_cert:
             raise SystemExit("GRPC_TLS_CLIENT_CA needs GRPC_TLS_CERT and GRPC_TLS_KEY")
+        if self.page_token_key and len(self.page_token_key) < PAGE_TOKEN_KEY_MIN_LENGTH:
+            raise SystemExit(
+                f"PAGE_TOKEN_KEY must be at least {PAGE_TOKEN_KEY_MIN_LENGTH} characters"
+            )
+        if self.auth_mode == "jwt" and not self.page_token_key:
+            raise SystemExit(
+                f"AUTH_MODE=jwt needs PAGE_TOKEN_KEY; make one: {PAGE_TOKEN_KEY_HOWTO}"
+            )
+        limits = (
+            self.profile_max_calls_in_flight,
+            self.profile_queue_seconds,
+            self.profile_max_streams,
+            self.grpc_max_concurrent_streams,
+            self.grpc_max_concurrent_rpcs,
+        )
+        if min(limits) < 0:
+            raise SystemExit("the PROFILE_* and GRPC_MAX_CONCURRENT_* limits must not be negative")
+        if min(self.db_acquire_timeout_seconds, self.db_statement_timeout_seconds) <= 0:
+            raise SystemExit(
+                "DB_ACQUIRE_TIMEOUT_SECONDS and DB_STATEMENT_TIMEOUT_SECONDS must be above 0"
+            )
 
     metrics_port: int | None = None  # None: no /metrics endpoint; 0: any free port
     # Which calls get an access line: "failures" (and slow unary calls) or "all".
     access_log: str = ACCESS_LOG_FAILURES
+    # Fair shares (see the README): per profile on this replica, calls in flight (beyond
+    # them a call waits up to profile_queue_seconds) and response streams open; 0 is no limit.
+    # Streams sit above Jobs' own watcher caps, which answer WatchJob first, more precisely.
+    profile_max_calls_in_flight: int = 32
+    profile_queue_seconds: float = 0.25
+    profile_max_streams: int = 128
+    # gRPC's own: streams per HTTP/2 connection (more wait in the client), calls in flight
+    # per process (more are refused RESOURCE_EXHAUSTED); 0 is gRPC's default, no limit.
+    grpc_max_concurrent_streams: int = 512
+    grpc_max_concurrent_rpcs: int = 12_000
+    # Waiting for a pool connection, and each statement: at most these, and the call's deadline.
+    db_acquire_timeout_seconds: float = 5.0
+    db_statement_timeout_seconds: float = 10.0
+    # The page tokens' checksum key (runtime.page_tokens); required with AUTH_MODE=jwt.
+    page_token_key: str = field(default="", repr=False)
 
     @classmethod
     def from_environment(
@@ -134,4 +172,22 @@ class Settings:
             metrics_port=env_port_or_off("METRICS_PORT", default_metrics_port),
             access_log=os.environ.get("ACCESS_LOG", cls.access_log).strip().lower()
             or ACCESS_LOG_FAILURES,
+            profile_max_calls_in_flight=env_int(
+                "PROFILE_MAX_CALLS_IN_FLIGHT", cls.profile_max_calls_in_flight
+            ),
+            profile_queue_seconds=env_float("PROFILE_QUEUE_SECONDS", cls.profile_queue_seconds),
+            profile_max_streams=env_int("PROFILE_MAX_STREAMS", cls.profile_max_streams),
+            grpc_max_concurrent_streams=env_int(
+                "GRPC_MAX_CONCURRENT_STREAMS", cls.grpc_max_concurrent_streams
+            ),
+            grpc_max_concurrent_rpcs=env_int(
+                "GRPC_MAX_CONCURRENT_RPCS", cls.grpc_max_concurrent_rpcs
+            ),
+            db_acquire_timeout_seconds=env_float(
+                "DB_ACQUIRE_TIMEOUT_SECONDS", cls.db_acquire_timeout_seconds
+            ),
+            db_statement_timeout_seconds=env_float(
+                "DB_STATEMENT_TIMEOUT_SECONDS", cls.db_statement_timeout_seconds
+            ),
+            page_token_key=os.environ.get("PAGE_TOKEN_KEY", "").strip(),
         )

@@ -2,7 +2,9 @@
 logging.
 
 For each RPC it reads and validates `x-profile-id`, authorizes the caller, scopes the call to
-that profile, turns domain errors into gRPC status codes, counts and times the call for
+that profile, holds it to the profile's fair share of the replica (runtime.interceptors.shares:
+calls in flight, and response streams open, per profile), turns domain errors into gRPC status
+codes (a retry delay as google.rpc.RetryInfo in the status details), counts and times the call for
 Prometheus (runtime.interceptors.metrics) and writes an access line: for every
 call with ACCESS_LOG=all, otherwise (the default) for each call that fails and each unary
 call slower than SLOW_CALL_SECONDS. Every call is counted by method and status code in the
@@ -21,7 +23,9 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
 from grpc.aio import ServicerContext
+from grpc_status import rpc_status
 
 from services.runtime import errors
 from services.runtime.call_context import (
@@ -29,9 +33,11 @@ from services.runtime.call_context import (
     CallScope,
     current_caller,
     profile_id_from_metadata,
+    remaining_seconds,
 )
 from services.runtime.interceptors.handlers import WrappingInterceptor
 from services.runtime.interceptors.metrics import MethodMetrics, counted
+from services.runtime.interceptors.shares import CROSS_PROFILE_KEY, ProfileShares
 
 access_log = logging.getLogger("services.access")
 operator_log = logging.getLogger("services.operator")
@@ -50,6 +56,7 @@ STATUS_CODES: dict[type[errors.DomainError], grpc.StatusCode] = {
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
@@ -75,11 +82,28 @@ def allow_any_caller(
     return ANONYMOUS_OPERATOR if profile_id is None else None
 
 
+TrailingMetadata = tuple[tuple[str, str | bytes], ...]
+
+
 def status_code_for(error: errors.DomainError) -> grpc.StatusCode:
     for error_type in type(error).__mro__:
         if error_type in STATUS_CODES:
             return STATUS_CODES[error_type]
     return grpc.StatusCode.INTERNAL
+
+
+def status_for(error: errors.DomainError) -> tuple[grpc.StatusCode, str, TrailingMetadata]:
+    """The code, message and trailing metadata a domain error ends its call with. A retry
+    delay travels the standard way: a google.rpc.RetryInfo in the google.rpc.Status of
+    `grpc-status-details-bin`, which gRPC clients (suite_client) and grpcurl decode."""
+    code, message = status_code_for(error), str(error)
+    if error.retry_after_seconds is None:
+        return code, message, ()
+    retry = error_details_pb2.RetryInfo()
+    retry.retry_delay.FromNanoseconds(round(max(error.retry_after_seconds, 0.0) * 1e9))
+    status = status_pb2.Status(code=code.value[0], message=message)
+    status.details.add().Pack(retry)
+    return code, message, rpc_status.to_status(status).trailing_metadata
 
 
 class ProfileInterceptor(WrappingInterceptor):
@@ -88,6 +112,11 @@ class ProfileInterceptor(WrappingInterceptor):
     `authorize` is the one place where the proof that the caller may act for the profile
     (signed tokens, an operator scope) is checked; it raises Unauthenticated or
     PermissionDenied. Handlers never see a call it refused.
+
+    `calls` limits each profile's calls in flight; `streams` its calls with a response stream
+    (WatchJob), which stay open for as long as the caller likes while costing little, so they
+    neither use up the profile's calls nor escape a limit of their own. Cross-profile reads
+    count under one key of their own. No limit by default.
     """
 
     def __init__(
@@ -96,6 +125,8 @@ class ProfileInterceptor(WrappingInterceptor):
         cross_profile_methods: frozenset[str] = frozenset(),
         access_log: str = ACCESS_LOG_FAILURES,
         slow_call_seconds: float = SLOW_CALL_SECONDS,
+        calls: ProfileShares | None = None,
+        streams: ProfileShares | None = None,
     ) -> None:
         if access_log not in ACCESS_LOG_MODES:
             raise ValueError(f"access_log must be one of {', '.join(ACCESS_LOG_MODES)}")
@@ -103,6 +134,8 @@ class ProfileInterceptor(WrappingInterceptor):
         self._cross_profile_methods = cross_profile_methods
         self._log_every_call = access_log == ACCESS_LOG_ALL
         self._slow_call_seconds = slow_call_seconds
+        self.calls = calls or ProfileShares(0)
+        self.streams = streams or ProfileShares(0, what="streams open")
 
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if method.startswith(EXEMPT_SERVICE_PREFIXES):
@@ -115,6 +148,7 @@ class ProfileInterceptor(WrappingInterceptor):
             # A stream's length is the caller's to choose: only its failure is news.
             self._log_every_call,
             None if handler.response_streaming else self._slow_call_seconds,
+            self.streams if handler.response_streaming else self.calls,
         )
         return _wrap_handler(handler, pipeline)
 
@@ -130,6 +164,7 @@ class _CallPipeline:
         "cross_profile",
         "method",
         "metrics",
+        "shares",
     )
 
     def __init__(
@@ -140,6 +175,7 @@ class _CallPipeline:
         cross_profile: bool = False,
         log_every_call: bool = True,
         slow_seconds: float | None = None,
+        shares: ProfileShares | None = None,
     ) -> None:
         self.method = method
         self.metrics = metrics
@@ -147,9 +183,11 @@ class _CallPipeline:
         self.cross_profile = cross_profile
         self._log_every_call = log_every_call
         self._slow_seconds = slow_seconds
+        self.shares = shares or ProfileShares(0)
 
-    def enter(self, context: ServicerContext) -> CallScope:
-        """The call's scope; a DomainError when the caller is refused."""
+    def enter(self, context: ServicerContext) -> tuple[CallScope, str]:
+        """The call's scope, and the key its share is counted under; a DomainError when the
+        caller is refused."""
         profile_id = (
             None if self.cross_profile else profile_id_from_metadata(context.invocation_metadata())
         )
@@ -157,13 +195,20 @@ class _CallPipeline:
         self._check_scope(caller)
         if self.cross_profile:
             operator_log.info("operator %s calls %s", caller.subject, self.method)
-        return CallScope(profile_id, context.time_remaining(), caller)
+        scope = CallScope(profile_id, context.time_remaining(), caller)
+        return scope, CROSS_PROFILE_KEY if profile_id is None else profile_id
+
+    async def take_share(self, share: str) -> None:
+        """Waits for a slot of the profile's share (the queue time at most, and never past
+        the call's deadline); ResourceExhausted when none comes. Only for a call that
+        `shares.try_enter` refused."""
+        await self.shares.enter_when_free(share, remaining_seconds())
 
     async def refuse(
         self, context: ServicerContext, error: errors.DomainError, started: float
     ) -> None:
         """Ends a call the caller may not make (logged)."""
-        await self.abort(context, status_code_for(error), str(error), started)
+        await self.abort(context, *status_for(error), started)
 
     def _check_scope(self, caller: Caller | None) -> None:
         """Operator scope is for the cross-profile reads, and only for them."""
@@ -179,27 +224,33 @@ class _CallPipeline:
 
     def outcome(
         self, context: ServicerContext, error: BaseException
-    ) -> tuple[grpc.StatusCode, str | None]:
-        """The status a failed call ends with, and the message to abort with where the error
-        is one this pipeline answers (None: let gRPC finish the call as it is)."""
+    ) -> tuple[grpc.StatusCode, str | None, TrailingMetadata]:
+        """The status a failed call ends with, and the message and trailing metadata to abort
+        with where the error is one this pipeline answers (None: let gRPC finish the call as
+        it is)."""
         if isinstance(error, grpc.aio.AbortError):
-            return context.code() or grpc.StatusCode.UNKNOWN, None
+            return context.code() or grpc.StatusCode.UNKNOWN, None, ()
         if isinstance(error, asyncio.CancelledError | GeneratorExit):
-            return grpc.StatusCode.CANCELLED, None
+            return grpc.StatusCode.CANCELLED, None, ()
         if isinstance(error, errors.DomainError):
-            return status_code_for(error), str(error)
+            return status_for(error)
         if isinstance(error, Exception):
             log.error("%s failed", self.method, exc_info=error)
-            return grpc.StatusCode.INTERNAL, "internal error; see the server log"
-        return grpc.StatusCode.UNKNOWN, None
+            return grpc.StatusCode.INTERNAL, "internal error; see the server log", ()
+        return grpc.StatusCode.UNKNOWN, None, ()
 
     async def abort(
-        self, context: ServicerContext, code: grpc.StatusCode, message: str, started: float
+        self,
+        context: ServicerContext,
+        code: grpc.StatusCode,
+        message: str,
+        trailing_metadata: TrailingMetadata,
+        started: float,
     ) -> None:
         """Records the call, then ends it: grpc.aio sends the status as abort is called, so
         a line logged after it could come after the caller has its answer."""
         self.finish(code, started)
-        await context.abort(code, message)
+        await context.abort(code, message, trailing_metadata)
 
     def finish(self, code: grpc.StatusCode, started: float) -> None:
         """Counts and times the call; writes its access line if the policy wants one:
@@ -230,28 +281,35 @@ class _CallPipeline:
 
 def _wrap_handler(handler: grpc.RpcMethodHandler, call: _CallPipeline) -> grpc.RpcMethodHandler:
     """The same handler run inside the call pipeline; the call type is kept."""
+    shares = call.shares
     if handler.response_streaming:
         inner_stream = handler.unary_stream or handler.stream_stream
 
         async def streaming(request_or_iterator: Any, context: ServicerContext) -> Any:
             started = call.metrics.start()
             try:
-                scope = call.enter(context)
+                scope, share = call.enter(context)
             except errors.DomainError as error:
                 await call.refuse(context, error, started)
             code, logged = grpc.StatusCode.OK, False
+            entered = shares.try_enter(share)
             try:
+                if not entered:
+                    await call.take_share(share)
+                    entered = True
                 requests = _decoded(request_or_iterator, handler.request_streaming)
                 async for response in inner_stream(requests, context):
                     yield response
                 code = context.code() or code
             except BaseException as error:
-                code, message = call.outcome(context, error)
+                code, message, trailing = call.outcome(context, error)
                 if message is None:
                     raise
                 logged = True
-                await call.abort(context, code, message, started)
+                await call.abort(context, code, message, trailing, started)
             finally:
+                if entered:
+                    shares.leave(share)
                 if not logged:
                     call.finish(code, started)
                 scope.close()
@@ -268,22 +326,28 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, call: _CallPipeline) -> grpc.R
         async def unary(request_or_iterator: Any, context: ServicerContext) -> Any:
             started = call.metrics.start()
             try:
-                scope = call.enter(context)
+                scope, share = call.enter(context)
             except errors.DomainError as error:
                 await call.refuse(context, error, started)
             code, logged = grpc.StatusCode.OK, False
+            entered = shares.try_enter(share)
             try:
+                if not entered:
+                    await call.take_share(share)
+                    entered = True
                 requests = _decoded(request_or_iterator, handler.request_streaming)
                 response = await inner_unary(requests, context)
                 code = context.code() or code
                 return response
             except BaseException as error:
-                code, message = call.outcome(context, error)
+                code, message, trailing = call.outcome(context, error)
                 if message is None:
                     raise
                 logged = True
-                await call.abort(context, code, message, started)
+                await call.abort(context, code, message, trailing, started)
             finally:
+                if entered:
+                    shares.leave(share)
                 if not logged:
                     call.finish(code, started)
                 scope.close()
