@@ -520,7 +520,12 @@ def test_a_private_key_given_as_the_public_key_stops_the_service_at_start(es256_
         value = json.dumps({"keys": [jwk | {"kid": "k"}]})
     else:
         value = private_pem
-    settings = Settings(database_url="postgresql://x", auth_mode="jwt", auth_jwt_public_key=value)
+    settings = Settings(
+        database_url="postgresql://x",
+        auth_mode="jwt",
+        auth_jwt_public_key=value,
+        page_token_key=TEST_PAGE_TOKEN_KEY,
+    )
     with pytest.raises(SystemExit, match="public"):
         JwtAuthorizer.from_settings(settings)
 
