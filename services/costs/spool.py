@@ -22,14 +22,16 @@ What it guarantees:
 """
 
 import asyncio
+import contextlib
 import fcntl
-import json
 import logging
 import os
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from itertools import groupby, islice
 from pathlib import Path
 from typing import BinaryIO
+
+import orjson
 
 from services.costs.metrics import SPOOL_DEAD_LETTERED, SPOOL_LINES
 from services.costs.model import UsageLine
@@ -38,7 +40,7 @@ from services.runtime.errors import Unavailable
 log = logging.getLogger(__name__)
 
 # Lines read, parsed and recorded at a time: what replay holds in memory.
-REPLAY_BATCH_LINES = 500
+REPLAY_BATCH_LINES = 1000
 # Below this much room (in the spool's cap or on the volume) the spool counts as full.
 SPOOL_HEADROOM_BYTES = 4096
 _CHUNK_BYTES = 1 << 20
@@ -52,13 +54,13 @@ RecordBatch = Callable[[str, list[UsageLine]], Awaitable[None]]
 
 
 def encode_line(profile_id: str, line: UsageLine) -> bytes:
-    """One spool line (ASCII JSON, so no newline inside), newline included."""
-    return json.dumps({"profile_id": profile_id, "line": line.as_json()}).encode() + b"\n"
+    """One spool line (JSON, which escapes every newline inside strings), newline included."""
+    return orjson.dumps({"profile_id": profile_id, "line": line.as_json()}) + b"\n"
 
 
 def decode_line(raw: bytes) -> tuple[str, UsageLine]:
     """(profile_id, line); ValueError, KeyError, TypeError or ArithmeticError if malformed."""
-    decoded = json.loads(raw)
+    decoded = orjson.loads(raw)
     return decoded["profile_id"], UsageLine.from_json(decoded["line"])
 
 
@@ -131,8 +133,18 @@ def _size(path: Path) -> int:
     return path.stat().st_size if path.exists() else 0
 
 
-def _read_batch(lines: Iterator[bytes]) -> list[bytes]:
-    return list(islice(lines, REPLAY_BATCH_LINES))
+# A spooled line as read back: the raw bytes and the line, or why it cannot be parsed.
+ReadLine = tuple[bytes, tuple[str, UsageLine] | Exception]
+
+
+def _read_batch(lines: Iterator[bytes]) -> list[ReadLine]:
+    batch: list[ReadLine] = []
+    for raw in islice(lines, REPLAY_BATCH_LINES):
+        try:
+            batch.append((raw, decode_line(raw)))
+        except _UNREADABLE as error:
+            batch.append((raw, error))
+    return batch
 
 
 class Spool:
@@ -243,18 +255,27 @@ class Spool:
         size = _size(self._replaying)
         number = 0
         with self._replaying.open("rb") as file:
-            while batch := await asyncio.to_thread(_read_batch, file):
-                entries = []
-                for raw in batch:
-                    number += 1
-                    try:
-                        entries.append((raw, *decode_line(raw)))
-                    except _UNREADABLE as error:
-                        await self._dead_letter(raw, "unreadable", f"line {number}: {error!r}")
-                for profile_id, group in groupby(entries, key=lambda entry: entry[1]):
-                    await self._record_group(
-                        record, profile_id, [(r, line) for r, _, line in group]
-                    )
+            # The next batch is read and parsed (in a thread) while this one is recorded:
+            # two batches in memory at most.
+            reading = asyncio.ensure_future(asyncio.to_thread(_read_batch, file))
+            try:
+                while batch := await reading:
+                    reading = asyncio.ensure_future(asyncio.to_thread(_read_batch, file))
+                    entries = []
+                    for raw, parsed in batch:
+                        number += 1
+                        if isinstance(parsed, Exception):
+                            why = f"line {number}: {parsed!r}"
+                            await self._dead_letter(raw, "unreadable", why)
+                        else:
+                            entries.append((raw, *parsed))
+                    for profile_id, group in groupby(entries, key=lambda entry: entry[1]):
+                        await self._record_group(
+                            record, profile_id, [(r, line) for r, _, line in group]
+                        )
+            finally:
+                with contextlib.suppress(BaseException):  # the file is not closed under it
+                    await reading
         self._replaying.unlink()
         await asyncio.to_thread(_fsync_directory, self.path.parent)
         async with self._append_lock:
