@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import logging
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -22,7 +23,7 @@ from services.costs.model import UsageLine, elevenlabs_tts_line
 from services.costs.service import costs_definition
 from services.costs.spool import Spool, append_durably, encode_line
 from services.runtime.server import RunningService
-from tests.conftest import Metadata, as_profile, new_profile_id, running, settings_for
+from tests.conftest import REPO, Metadata, as_profile, new_profile_id, running, settings_for
 from tests.kubernetes_manifests import DEPLOY
 from tests.metrics_scrape import sample, scrape
 
@@ -210,6 +211,52 @@ async def test_a_torn_last_line_is_cut_off_before_the_next_append(tmp_path):
         assert not spool.dead_letter_path.exists()
     finally:
         await spool.close()
+
+
+# Appends one line at a time to a spool until the disk is "full" (a file size limit: the
+# write that crosses it is cut short, the next fails), then prints how many were acknowledged.
+FILL_THE_DISK = """
+import asyncio, resource, signal, sys
+from pathlib import Path
+from services.costs.spool import Spool
+from services.runtime.errors import Unavailable
+from tests.test_costs_spool import tts_line
+
+async def fill(path):
+    spool = Spool(path, max_bytes=1 << 30)
+    await spool.open()
+    acknowledged = 0
+    try:
+        while True:
+            await spool.append("store-1", [tts_line(f"line-{acknowledged}")])
+            acknowledged += 1
+    except Unavailable:
+        print(acknowledged)
+    await spool.close()
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, 10_000))
+asyncio.run(fill(Path(sys.argv[1])))
+"""
+
+
+async def test_an_append_the_disk_cannot_hold_leaves_no_torn_line(tmp_path):
+    path = tmp_path / "spool.jsonl"
+    filled = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", FILL_THE_DISK, str(path), stdout=asyncio.subprocess.PIPE, cwd=REPO
+    )
+    output, _ = await asyncio.wait_for(filled.communicate(), 60)
+    assert filled.returncode == 0
+    acknowledged = int(output)
+    assert path.read_bytes().endswith(b"\n")  # cut back at once, not at the next open
+    spool = Spool(path, max_bytes=1 << 20)
+    await spool.open()
+    try:
+        replayed = await read_spool(spool)
+    finally:
+        await spool.close()
+    assert replayed == [("store-1", f"line-{n}") for n in range(acknowledged)]
+    assert acknowledged > 0
 
 
 async def test_an_unreadable_line_goes_to_the_dead_letter_file_and_replay_goes_on(tmp_path):
