@@ -156,7 +156,7 @@ async def test_a_spool_larger_than_memory_replays_in_bounded_memory(
         **spool_environment(spool_path),
         **MEMORY_LIMIT_ENVIRONMENT,
     ) as server:
-        count = await recorded(database_url, profile_id, LARGE_SPOOL_LINES, 120)
+        count = await recorded(database_url, profile_id, LARGE_SPOOL_LINES, 180)
         seconds = time.monotonic() - started
         peak = peak_resident_mib(server.process.pid)
         assert await server.terminate() == 0
