@@ -17,7 +17,7 @@ What it guarantees:
 - A line that cannot be parsed, or that the database refuses for good (the record function
   raises LineRefused), goes to the dead-letter file next to the spool, in the spool's own
   format, and replay goes on. After fixing the cause, an operator appends that file to the
-  spool to replay it.
+  spool and restarts the service, which replays it.
 - One process at a time: the spool is locked (flock) while open.
 """
 
