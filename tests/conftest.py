@@ -313,10 +313,12 @@ class ServerProcess:
 
 @asynccontextmanager
 async def server_process(
-    service: str, database_url: str, **env: str
+    service: str, database_url: str, wrapper: tuple[str, ...] = (), **env: str
 ) -> AsyncIterator[ServerProcess]:
-    """Runs `python -m services.<service>` on an ephemeral port until the block ends."""
+    """Runs `python -m services.<service>` on an ephemeral port until the block ends, under
+    `wrapper` if given (a command that execs the rest, such as prlimit)."""
     process = await asyncio.create_subprocess_exec(
+        *wrapper,
         sys.executable,
         "-m",
         f"services.{service}",

@@ -82,8 +82,23 @@ def containers(pod_spec: Manifest) -> list[Manifest]:
     return [*pod_spec.get("initContainers", []), *pod_spec["containers"]]
 
 
+def server_workload(manifests: tuple[Manifest, ...], service: str) -> Manifest:
+    """The service's Deployment, or StatefulSet where it keeps state on disk (Costs)."""
+    matches = [
+        m
+        for m in manifests
+        if m["kind"] in ("Deployment", "StatefulSet") and m["metadata"]["name"] == service
+    ]
+    assert len(matches) == 1, f"expected one Deployment or StatefulSet {service}"
+    return matches[0]
+
+
+def server_pod_spec(manifests: tuple[Manifest, ...], service: str) -> Manifest:
+    return server_workload(manifests, service)["spec"]["template"]["spec"]
+
+
 def server_container(manifests: tuple[Manifest, ...], service: str) -> Manifest:
-    spec = find(manifests, "Deployment", service)["spec"]["template"]["spec"]
+    spec = server_pod_spec(manifests, service)
     (container,) = (c for c in spec["containers"] if c["name"] == "server")
     return container
 

@@ -40,6 +40,7 @@ from tests.kubernetes_manifests import (
     render,
     resolved,
     server_container,
+    server_pod_spec,
     service_definitions,
 )
 
@@ -131,8 +132,7 @@ async def dev_pods(
     pods = {}
     async with contextlib.AsyncExitStack() as stack:
         for definition in service_definitions():
-            deployment = find(render(DEV), "Deployment", definition.name)
-            spec = deployment["spec"]["template"]["spec"]
+            spec = server_pod_spec(render(DEV), definition.name)
             scratch = tmp_path_factory.mktemp(definition.name)
             for init in spec["initContainers"]:
                 migrated = await asyncio.create_subprocess_exec(

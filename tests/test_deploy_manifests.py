@@ -30,6 +30,8 @@ from tests.kubernetes_manifests import (
     render,
     resolved,
     server_container,
+    server_pod_spec,
+    server_workload,
     service_definitions,
 )
 
@@ -58,8 +60,8 @@ def test_the_server_container_listens_on_the_service_port(service: ServiceDefini
 
 @SERVICES
 def test_prometheus_is_told_where_the_metrics_are(service: ServiceDefinition):
-    deployment = find(render(BASE), "Deployment", service.name)
-    assert deployment["spec"]["template"]["metadata"]["annotations"] == {
+    workload = server_workload(render(BASE), service.name)
+    assert workload["spec"]["template"]["metadata"]["annotations"] == {
         "prometheus.io/scrape": "true",
         "prometheus.io/port": str(service.default_metrics_port),
         "prometheus.io/path": "/metrics",
@@ -116,9 +118,9 @@ def test_readiness_asks_health_for_the_grpc_service_and_liveness_for_the_server(
 def test_every_variable_the_manifests_set_is_one_the_code_reads(service: ServiceDefinition):
     manifests = render(BASE)
     read = environment_variables_read(service.name)
-    deployment = find(manifests, "Deployment", service.name)["spec"]["template"]["spec"]
+    server = server_pod_spec(manifests, service.name)
     migration = find(manifests, "Job", f"{service.name}-migrate")["spec"]["template"]["spec"]
-    for container in [*containers(deployment), *containers(migration)]:
+    for container in [*containers(server), *containers(migration)]:
         assert set(container_environment(manifests, container)) <= read, container["name"]
 
 
@@ -139,7 +141,7 @@ def test_the_server_settings_parse_from_the_manifest(
 
     assert settings.port == service.default_port
     assert not settings.migrate_on_start
-    pod = find(manifests, "Deployment", service.name)["spec"]["template"]["spec"]
+    pod = server_pod_spec(manifests, service.name)
     pause = container["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert settings.shutdown_drain_seconds > 0
     shutdown = pause + settings.shutdown_drain_seconds + settings.shutdown_grace_seconds
@@ -149,14 +151,14 @@ def test_the_server_settings_parse_from_the_manifest(
 @SERVICES
 def test_every_container_runs_the_service_module(service: ServiceDefinition):
     manifests = render(BASE)
-    deployment = find(manifests, "Deployment", service.name)["spec"]["template"]["spec"]
+    server = server_pod_spec(manifests, service.name)
     migration = find(manifests, "Job", f"{service.name}-migrate")["spec"]["template"]["spec"]
     module = f"services.{service.name}"
     assert find_spec(f"{module}.__main__") is not None
-    assert [c["args"] for c in deployment["containers"]] == [[module]]
-    assert [c["args"] for c in deployment["initContainers"]] == [[module, "migrate"]]
+    assert [c["args"] for c in server["containers"]] == [[module]]
+    assert [c["args"] for c in server["initContainers"]] == [[module, "migrate"]]
     assert [c["args"] for c in migration["containers"]] == [[module, "migrate"]]
-    for container in [*deployment["initContainers"], *migration["containers"]]:
+    for container in [*server["initContainers"], *migration["containers"]]:
         assert container_environment(manifests, container)["DATABASE_URL"].key == "owner-url"
 
 
@@ -165,16 +167,20 @@ def test_disruption_budget_autoscaler_and_network_policy_target_the_server_pods(
     service: ServiceDefinition,
 ):
     manifests = render(BASE)
-    deployment = find(manifests, "Deployment", service.name)
-    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    workload = server_workload(manifests, service.name)
+    pod_labels = workload["spec"]["template"]["metadata"]["labels"]
     budget = find(manifests, "PodDisruptionBudget", service.name)["spec"]["selector"]
     policy = find(manifests, "NetworkPolicy", service.name)["spec"]
     autoscaler = find(manifests, "HorizontalPodAutoscaler", service.name)["spec"]
     assert budget["matchLabels"].items() <= pod_labels.items()
     assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
     assert pod_labels["app.kubernetes.io/part-of"] == "video-pipeline"
-    assert autoscaler["scaleTargetRef"]["name"] == service.name
-    assert autoscaler["minReplicas"] == deployment["spec"]["replicas"] == 2
+    assert autoscaler["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": workload["kind"],
+        "name": service.name,
+    }
+    assert autoscaler["minReplicas"] == workload["spec"]["replicas"] == 2
 
 
 @EVERY_OVERLAY
@@ -249,9 +255,12 @@ def test_the_egress_policy_holds_the_server_and_migration_pods(service: ServiceD
     manifests = render(BASE)
     policy = find(manifests, "NetworkPolicy", f"{service.name}-egress")["spec"]
     assert policy["policyTypes"] == ["Egress"]
-    for kind, name in (("Deployment", service.name), ("Job", f"{service.name}-migrate")):
-        labels = find(manifests, kind, name)["spec"]["template"]["metadata"]["labels"]
-        assert policy["podSelector"]["matchLabels"].items() <= labels.items(), name
+    for workload in (
+        server_workload(manifests, service.name),
+        find(manifests, "Job", f"{service.name}-migrate"),
+    ):
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        assert policy["podSelector"]["matchLabels"].items() <= labels.items(), workload["kind"]
 
 
 @SERVICES
@@ -413,3 +422,41 @@ def test_the_dev_public_keys_check_tokens_of_the_dev_signing_key():
         issuer="video-pipeline",
     )
     assert JwtAuthorizer.from_settings(settings).claims(token)["sub"] == "dev"
+
+
+@EVERY_OVERLAY
+def test_the_costs_spool_is_on_a_volume_that_outlives_the_pod(overlay: str):
+    manifests = render(OVERLAYS[overlay])
+    statefulset = find(manifests, "StatefulSet", "costs")
+    container = server_container(manifests, "costs")
+    spool_path = container_environment(manifests, container)["COSTS_SPOOL_PATH"].value
+    assert spool_path is not None
+    (mount,) = (m for m in container["volumeMounts"] if spool_path.startswith(m["mountPath"] + "/"))
+    volumes = {v["name"] for v in statefulset["spec"]["template"]["spec"].get("volumes", [])}
+    assert mount["name"] not in volumes  # not an emptyDir, nor any volume of the pod's own
+    (claim,) = (
+        c
+        for c in statefulset["spec"]["volumeClaimTemplates"]
+        if c["metadata"]["name"] == mount["name"]
+    )
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert statefulset["spec"]["persistentVolumeClaimRetentionPolicy"] == {
+        "whenDeleted": "Retain",
+        "whenScaled": "Retain",
+    }
+    assert statefulset["spec"]["serviceName"] == "costs"
+    assert find(manifests, "Service", "costs")["spec"]["clusterIP"] == "None"
+
+
+def test_the_costs_spool_cap_fits_its_volume():
+    manifests = render(BASE)
+    container = server_container(manifests, "costs")
+    cap = int(container_environment(manifests, container)["COSTS_SPOOL_MAX_BYTES"].value or 0)
+    (claim,) = find(manifests, "StatefulSet", "costs")["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "1Gi"
+    assert 0 < cap <= 2**30 // 2  # the rest is room for the dead-letter file
+
+
+def test_the_costs_pods_may_write_their_spool_volume_as_non_root():
+    security = server_pod_spec(render(BASE), "costs")["securityContext"]
+    assert security["fsGroup"] == security["runAsGroup"]

@@ -14,3 +14,10 @@ SPOOL_LINES = Gauge(
     "Lines in the local spool waiting for the database (steadily above 0: replay is failing).",
     multiprocess_mode="livesum",
 )
+SPOOL_DEAD_LETTERED = Counter(
+    "costs_spool_dead_lettered_total",
+    "Spooled lines moved to the dead-letter file instead of the database, by reason: "
+    "unreadable (cannot be parsed) or refused (the database refuses the line for good). "
+    "Above 0: see the log line, fix the cause, append the file to the spool.",
+    ["reason"],
+)

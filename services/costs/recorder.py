@@ -6,14 +6,21 @@ import contextlib
 import logging
 from collections.abc import Sequence
 
+import asyncpg
+
 from services.costs.metrics import LINES_RECORDED
 from services.costs.model import CostEntry, UsageLine
-from services.costs.spool import Spool
+from services.costs.spool import LineRefused, Spool
 from services.costs.store import CostStore
 from services.runtime.call_context import profile_scope, require_profile_id
-from services.runtime.errors import Unavailable
+from services.runtime.errors import InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
+
+# SQLSTATE classes that say "not now" rather than "never": connection (08), transaction
+# rollback such as a deadlock (40), insufficient resources (53), object in use (55), operator
+# intervention (57), system error (58). Replay retries these; any other refusal is the line's.
+TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "55", "57", "58"})
 
 
 class Recorder:
@@ -25,14 +32,12 @@ class Recorder:
         self._replayer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Replays what a previous run left in the spool before serving (in the background
-        if the database is gone again), then replays whenever something is spooled."""
+        """Opens the spool; replays what a previous run left there in the background, so that
+        a long spool delays neither serving nor the probes, then whenever a line is spooled."""
+        await self._spool.open()
         if not self._spool.is_empty():
             log.info("spool %s is not empty; replaying it", self._spool.path)
-            try:
-                await self.replay()
-            except Unavailable:
-                self._spooled.set()
+            self._spooled.set()
         self._replayer = asyncio.create_task(self._replay_forever())
 
     async def close(self) -> None:
@@ -40,6 +45,7 @@ class Recorder:
             self._replayer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._replayer
+        await self._spool.close()
 
     async def record(self, line: UsageLine) -> CostEntry | None:
         """The recorded line (the first one for a repeated request_id), or None if spooled."""
@@ -72,8 +78,15 @@ class Recorder:
         return await self._spool.drain(self._record_for)
 
     async def _record_for(self, profile_id: str, lines: list[UsageLine]) -> None:
-        with profile_scope(profile_id):
-            await self._store.record_many(lines)
+        try:
+            with profile_scope(profile_id):
+                await self._store.record_many(lines)
+        except InvalidArgument as error:  # a malformed profile id
+            raise LineRefused(str(error)) from error
+        except asyncpg.PostgresError as error:
+            if (error.sqlstate or "")[:2] in TRANSIENT_SQLSTATE_CLASSES:
+                raise
+            raise LineRefused(f"{type(error).__name__}: {error}") from error
 
     async def _replay_forever(self) -> None:
         while True:

@@ -22,19 +22,21 @@ from services.runtime.settings import Settings
 PRICE_CATALOG = Path(__file__).parent / "prices.csv"
 DEFAULT_SPOOL_PATH = Path(".data/costs/spool.jsonl")
 DEFAULT_SPOOL_RETRY_SECONDS = 5.0
+# Half of the Kubernetes manifests' 1 GiB claim: room left for the dead-letter file.
+DEFAULT_SPOOL_MAX_BYTES = 512 * 1024 * 1024
 
 
 async def load_price_catalog(connection: asyncpg.Connection) -> None:
     await load_catalog(connection, read_catalog(PRICE_CATALOG))
 
 
-def costs_servicers(spool_path: Path, spool_retry_seconds: float) -> ServicersFactory:
+def costs_servicers(spool: Spool, spool_retry_seconds: float) -> ServicersFactory:
     @asynccontextmanager
     async def servicers(
         handlers: InterceptedHandlers, pool: TenantScopedPool, settings: Settings
     ) -> AsyncIterator[None]:
         store = CostStore(pool)
-        recorder = Recorder(store, Spool(spool_path), spool_retry_seconds)
+        recorder = Recorder(store, spool, spool_retry_seconds)
         await recorder.start()
         servicer = CostServicer(store, recorder, reply_budget(settings.max_message_bytes))
         costs_pb2_grpc.add_CostServiceServicer_to_server(servicer, handlers)
@@ -46,25 +48,41 @@ def costs_servicers(spool_path: Path, spool_retry_seconds: float) -> ServicersFa
     return servicers
 
 
+def _positive_number(name: str, default: float) -> float:
+    raw = os.environ.get(name) or default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise SystemExit(f"{name} must be a number above 0, got {raw!r}")
+    return value
+
+
 def costs_definition(
-    spool_path: Path | None = None, spool_retry_seconds: float | None = None
+    spool_path: Path | None = None,
+    spool_retry_seconds: float | None = None,
+    spool_max_bytes: int | None = None,
 ) -> ServiceDefinition:
-    """The service; the spool settings default to COSTS_SPOOL_PATH and
-    COSTS_SPOOL_RETRY_SECONDS."""
+    """The service; the spool settings default to COSTS_SPOOL_PATH, COSTS_SPOOL_RETRY_SECONDS
+    and COSTS_SPOOL_MAX_BYTES."""
     if spool_path is None:
         spool_path = Path(os.environ.get("COSTS_SPOOL_PATH") or DEFAULT_SPOOL_PATH)
     if spool_retry_seconds is None:
-        raw = os.environ.get("COSTS_SPOOL_RETRY_SECONDS") or DEFAULT_SPOOL_RETRY_SECONDS
-        try:
-            spool_retry_seconds = float(raw)
-        except ValueError:
-            raise SystemExit(f"COSTS_SPOOL_RETRY_SECONDS must be a number, got {raw!r}") from None
+        spool_retry_seconds = _positive_number(
+            "COSTS_SPOOL_RETRY_SECONDS", DEFAULT_SPOOL_RETRY_SECONDS
+        )
+    if spool_max_bytes is None:
+        spool_max_bytes = int(_positive_number("COSTS_SPOOL_MAX_BYTES", DEFAULT_SPOOL_MAX_BYTES))
+    spool = Spool(spool_path, spool_max_bytes)
     return ServiceDefinition(
         name="costs",
         grpc_service="costs.v1.CostService",
         default_port=50052,
         migrations=Path(__file__).parent / "migrations",
-        servicers=costs_servicers(spool_path, spool_retry_seconds),
+        servicers=costs_servicers(spool, spool_retry_seconds),
         cross_profile_reads=("GetAllProfilesCostSummary",),
         reference_data=load_price_catalog,
+        # Record calls are spooled while the database is down: callers should keep coming.
+        accepts_writes_without_database=spool.accepts_lines,
     )

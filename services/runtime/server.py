@@ -2,9 +2,10 @@
 
 A service contributes a ServiceDefinition; this module adds what every gRPC service of the
 suite has: the profile interceptor with the authorizer AUTH_MODE names and each profile's fair
-share of the replica, optional TLS, health (NOT_SERVING while the database is unreachable),
-reflection for grpcurl, message-size, keepalive and concurrency limits, migrations at
-start-up, and a graceful shutdown on SIGTERM or SIGINT in a fixed order.
+share of the replica, optional TLS, health (NOT_SERVING while the database is unreachable,
+unless the service still takes writes), reflection for grpcurl, message-size, keepalive and
+concurrency limits, migrations at start-up, and a graceful shutdown on SIGTERM or SIGINT in a
+fixed order.
 """
 
 import argparse
@@ -75,6 +76,9 @@ class ServiceDefinition:
     reference_data: Callable[[asyncpg.Connection], Awaitable[None]] | None = None
     # RPC names that read across profiles: operator scope only, no x-profile-id.
     cross_profile_reads: tuple[str, ...] = ()
+    # True while the service still takes writes with its database unreachable (Costs, while
+    # its spool has room): its health then stays SERVING, so callers keep sending them.
+    accepts_writes_without_database: Callable[[], bool] = lambda: False
 
     @property
     def database_role(self) -> str:
@@ -222,9 +226,10 @@ class RunningService:
         self._monitor = asyncio.create_task(self._watch_database())
 
     async def _set_serving(self, serving: bool) -> None:
-        """The service's own health follows the database (readiness); the server's overall
-        health ("", liveness) stays SERVING until shutdown, so an outage of the database
-        takes replicas out of rotation without getting them restarted."""
+        """The service's own health follows the database, or whether the service can take
+        writes without it (readiness); the server's overall health ("", liveness) stays
+        SERVING until shutdown, so an outage of the database takes replicas out of rotation
+        without getting them restarted."""
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if serving
@@ -233,15 +238,18 @@ class RunningService:
         await self.health.set(self.definition.grpc_service, status)
 
     async def _watch_database(self) -> None:
-        serving = True
+        reachable = serving = True
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._set_serving(serving)
         while True:
             await asyncio.sleep(self.settings.health_check_interval_seconds)
-            reachable = await self.pool.is_reachable()
-            if reachable != serving:
-                serving = reachable
-                log.warning("database %s", "reachable again" if serving else "unreachable")
+            now_reachable = await self.pool.is_reachable()
+            if now_reachable != reachable:
+                reachable = now_reachable
+                log.warning("database %s", "reachable again" if reachable else "unreachable")
+            now_serving = reachable or self.definition.accepts_writes_without_database()
+            if now_serving != serving:
+                serving = now_serving
                 await self._set_serving(serving)
 
     async def stop(self, grace: float | None = None) -> None:
