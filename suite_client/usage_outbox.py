@@ -48,7 +48,8 @@ class WaitingUsage:
         return (self.profile_id, self.request_id)
 
 
-def _fsync_directory(path: Path) -> None:
+def fsync_directory(path: Path) -> None:
+    """Makes a file's creation, rename or truncation in `path` survive a crash."""
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
@@ -160,7 +161,7 @@ class UsageOutbox:
             file.flush()
             os.fsync(file.fileno())
         os.replace(staged, self.path)
-        _fsync_directory(self.path.parent)
+        fsync_directory(self.path.parent)
 
     def _read(self) -> None:
         if not self.path.exists():

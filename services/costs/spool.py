@@ -36,6 +36,7 @@ import orjson
 from services.costs.metrics import SPOOL_DEAD_LETTERED, SPOOL_LINES
 from services.costs.model import UsageLine
 from services.runtime.errors import Unavailable
+from suite_client.usage_outbox import fsync_directory
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +68,6 @@ def decode_line(raw: bytes) -> tuple[str, UsageLine]:
 _UNREADABLE = (ValueError, KeyError, TypeError, AttributeError, ArithmeticError)
 
 
-def _fsync_directory(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def append_durably(path: Path, data: bytes) -> None:
     """Appends `data` and fsyncs it; on any error the file is cut back to where it was."""
     created = not path.exists()
@@ -93,7 +86,7 @@ def append_durably(path: Path, data: bytes) -> None:
     finally:
         os.close(descriptor)
     if created:
-        _fsync_directory(path.parent)
+        fsync_directory(path.parent)
 
 
 def _cut_torn_tail(path: Path) -> int:
@@ -248,7 +241,7 @@ class Spool:
                         if _size(self.path) == 0:
                             return drained
                         os.replace(self.path, self._replaying)
-                        await asyncio.to_thread(_fsync_directory, self.path.parent)
+                        await asyncio.to_thread(fsync_directory, self.path.parent)
                 drained += await self._replay_file(record)
 
     async def _replay_file(self, record: RecordBatch) -> int:
@@ -277,7 +270,7 @@ class Spool:
                 with contextlib.suppress(BaseException):  # the file is not closed under it
                     await reading
         self._replaying.unlink()
-        await asyncio.to_thread(_fsync_directory, self.path.parent)
+        await asyncio.to_thread(fsync_directory, self.path.parent)
         async with self._append_lock:
             self._bytes -= size
             self._lines -= number
