@@ -448,8 +448,26 @@ def fault_figures(pytestconfig: pytest.Config) -> dict[str, dict[str, int]]:
     return pytestconfig.stash.setdefault(_FAULT_FIGURES, {})
 
 
+_NOISY_NEIGHBOUR_FIGURES = pytest.StashKey[dict[str, str]]()
+
+
+@pytest.fixture(scope="session")
+def noisy_neighbour_figures(pytestconfig: pytest.Config) -> dict[str, str]:
+    """One line per noisy-neighbour scenario (tests/test_noisy_neighbours.py), by scenario;
+    printed at the end of the run."""
+    return pytestconfig.stash.setdefault(_NOISY_NEIGHBOUR_FIGURES, {})
+
+
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
-    figures = config.stash.get(_FAULT_FIGURES, {})
+    _write_fault_figures(terminalreporter, config.stash.get(_FAULT_FIGURES, {}))
+    noisy = config.stash.get(_NOISY_NEIGHBOUR_FIGURES, {})
+    if noisy:
+        terminalreporter.section("noisy-neighbour figures")
+        for name, line in sorted(noisy.items()):
+            terminalreporter.write_line(f"{name}: {line}")
+
+
+def _write_fault_figures(terminalreporter: Any, figures: dict[str, dict[str, int]]) -> None:
     if not figures:
         return
     terminalreporter.section("fault figures")

@@ -1,0 +1,604 @@
+"""One profile cannot slow, starve or crash the suite for another.
+
+Each scenario measures a quiet profile's calls alone, then again while another profile attacks
+one way, on services started with the scenario's limits spelled out. The quiet profile must see
+no error at all, and its p99 under attack must stay within a bound loose enough for a loaded
+2-core machine, which the unprotected suite broke by seconds. The goal itself, p99 under attack
+≤ max(3 x p99 alone, p99 alone + 50 ms), is reported beside every scenario in the
+"noisy-neighbour figures" at the end of the run.
+
+Attackers send and take raw bytes, so that their own client (sharing the test's event loop
+with the services) costs as little as a client on another machine would.
+"""
+
+import asyncio
+import collections
+import itertools
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import asyncpg
+import grpc
+import pytest
+from costs.v1 import costs_pb2, costs_pb2_grpc
+from google.protobuf import field_mask_pb2, struct_pb2
+from google.protobuf.message import Message
+from jobs.v1 import jobs_pb2, jobs_pb2_grpc
+from publisher.v1 import publisher_pb2, publisher_pb2_grpc
+
+from services.costs.service import costs_definition
+from services.jobs.service import JOBS
+from services.publisher.service import publisher_definition
+from services.publisher.settings import PublisherSettings
+from services.runtime.interceptors.server import ACCESS_LOG_FAILURES
+from services.runtime.server import RunningService
+from tests.conftest import Metadata, as_profile, new_profile_id, running, settings_for
+from tests.fake_postiz import api_root, serve_fake_postiz
+from tests.slow_postiz import serve_slow_postiz
+
+Code = grpc.StatusCode
+
+QUIET_DEADLINE_SECONDS = 5.0
+ALONE_SECONDS = 1.5
+UNDER_ATTACK_SECONDS = 3.0
+DB_POOL_MAX_SIZE = 10
+
+
+def goal_seconds(alone_p99: float) -> float:
+    """What a neighbour may cost the quiet profile's p99 (reported)."""
+    return max(3 * alone_p99, alone_p99 + 0.05)
+
+
+def bound_seconds(alone_p99: float) -> float:
+    """What it may cost on a loaded shared machine before the test fails (asserted)."""
+    return max(10 * alone_p99, alone_p99 + 1.0)
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(int(fraction * len(ordered)), len(ordered) - 1)]
+
+
+QuietCall = Callable[[], Awaitable[object]]
+
+
+@dataclass
+class QuietRun:
+    """A quiet profile's calls over a while: every call's latency, failed ones included."""
+
+    latencies: list[float] = field(default_factory=list)
+    errors: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    @property
+    def p50(self) -> float:
+        return percentile(self.latencies, 0.50)
+
+    @property
+    def p99(self) -> float:
+        return percentile(self.latencies, 0.99)
+
+
+async def run_quiet(calls: Sequence[QuietCall], seconds: float) -> QuietRun:
+    """The calls in turn, one at a time, for `seconds`."""
+    run = QuietRun()
+    end = time.monotonic() + seconds
+    for call in itertools.cycle(calls):
+        if time.monotonic() >= end:
+            return run
+        start = time.perf_counter()
+        try:
+            await call()
+        except grpc.aio.AioRpcError as error:
+            run.errors[error.code().name] += 1
+        run.latencies.append(time.perf_counter() - start)
+    raise AssertionError("unreachable")
+
+
+class Attack:
+    """Workers that each repeat one call as soon as it is answered, counting the answers by
+    status. A refused attacker retries at once: it honours no retry delay."""
+
+    def __init__(self) -> None:
+        self.outcomes: collections.Counter[str] = collections.Counter()
+        self._calls: list[Callable[[], Awaitable[object]]] = []
+        self._launched = 0
+        self.launched = asyncio.Event()  # every worker has sent its first call
+
+    def add(self, workers: int, call: Callable[[], Awaitable[object]]) -> None:
+        self._calls.extend([call] * workers)
+
+    async def _repeat(self, call: Callable[[], Awaitable[object]]) -> None:
+        first = True
+        while True:
+            pending = call()
+            if first:
+                first = False
+                self._launched += 1
+                if self._launched == len(self._calls):
+                    self.launched.set()
+            try:
+                await pending
+                self.outcomes["OK"] += 1
+            except grpc.aio.AioRpcError as error:
+                self.outcomes[error.code().name] += 1
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator["Attack"]:
+        tasks = [asyncio.ensure_future(self._repeat(call)) for call in self._calls]
+        try:
+            await asyncio.wait_for(self.launched.wait(), 30)
+            yield self
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    @property
+    def refusals(self) -> dict[str, int]:
+        return {code: n for code, n in sorted(self.outcomes.items()) if code != "OK"}
+
+
+def raw_unary(
+    channel: grpc.aio.Channel, method: str, request: Message | Callable[[], Message], profile
+) -> Callable[[], Awaitable[bytes]]:
+    """A call that sends the request's bytes (serialized once, unless made anew per call by a
+    function) and takes the reply as bytes, never parsed."""
+    multicallable = channel.unary_unary(method)
+    if isinstance(request, Message):
+        payload = request.SerializeToString()
+        return lambda: multicallable(payload, metadata=profile)
+    return lambda: multicallable(request().SerializeToString(), metadata=profile)
+
+
+@dataclass
+class Scenario:
+    name: str
+    alone: QuietRun
+    under_attack: QuietRun
+    attack: Attack
+    notes: str = ""
+
+    @property
+    def goal_met(self) -> bool:
+        return self.under_attack.p99 <= goal_seconds(self.alone.p99)
+
+    def line(self) -> str:
+        def ms(seconds: float) -> str:
+            return f"{seconds * 1000:.1f} ms"
+
+        errors = ", ".join(f"{c}={n}" for c, n in sorted(self.under_attack.errors.items()))
+        refusals = ", ".join(f"{c}={n}" for c, n in self.attack.refusals.items())
+        return (
+            f"quiet p50 {ms(self.alone.p50)}, p99 {ms(self.alone.p99)} alone "
+            f"({len(self.alone.latencies)} calls); p99 {ms(self.under_attack.p99)} under attack "
+            f"({len(self.under_attack.latencies)} calls, "
+            f"{self.under_attack.p99 / self.alone.p99:.1f}x); "
+            f"goal ≤ {ms(goal_seconds(self.alone.p99))}: {'yes' if self.goal_met else 'NO'}; "
+            f"quiet errors: {errors or 'none'}; "
+            f"attacker: {self.attack.outcomes['OK']} OK, refused: {refusals or 'none'}"
+            + (f"; {self.notes}" if self.notes else "")
+        )
+
+
+async def measure(
+    name: str,
+    quiet: Sequence[QuietCall],
+    attack: Attack,
+    figures: dict[str, str],
+    notes: Callable[[], str] = lambda: "",
+) -> Scenario:
+    """The quiet calls alone, then under the attack; the figures recorded before any check."""
+    alone = await run_quiet(quiet, ALONE_SECONDS)
+    async with attack.running():
+        under_attack = await run_quiet(quiet, UNDER_ATTACK_SECONDS)
+    scenario = Scenario(name, alone, under_attack, attack, notes())
+    figures[name] = scenario.line()
+    return scenario
+
+
+def assert_quiet_profile_unharmed(scenario: Scenario) -> None:
+    assert not scenario.alone.errors, scenario.line()
+    assert not scenario.under_attack.errors, scenario.line()
+    assert scenario.under_attack.p99 <= bound_seconds(scenario.alone.p99), scenario.line()
+
+
+# The services, with the limits every scenario relies on spelled out
+
+
+def jobs_settings(database_url: str, **overrides: object):
+    return settings_for(
+        database_url,
+        db_pool_max_size=DB_POOL_MAX_SIZE,
+        access_log=ACCESS_LOG_FAILURES,
+        **overrides,
+    )
+
+
+@asynccontextmanager
+async def channels(service: RunningService, count: int) -> AsyncIterator[list[grpc.aio.Channel]]:
+    """`count` channels (connections) to the service: one per client."""
+    opened = [grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") for _ in range(count)]
+    try:
+        yield opened
+    finally:
+        for channel in opened:
+            await channel.close()
+
+
+def quiet_jobs_calls(stub: jobs_pb2_grpc.JobServiceStub, profile: Metadata) -> list[QuietCall]:
+    """CreateJob then GetJob of the job just made: what a store's pipeline does all day."""
+    made: list[str] = []
+
+    async def create() -> None:
+        job = jobs_pb2.Job(kind="video_render")
+        job.data.update({"product": "sku-1", "scenes": [1, 2, 3]})
+        reply = await stub.CreateJob(
+            jobs_pb2.CreateJobRequest(job=job), metadata=profile, timeout=QUIET_DEADLINE_SECONDS
+        )
+        made.append(reply.job_id)
+
+    async def get() -> None:
+        await stub.GetJob(
+            jobs_pb2.GetJobRequest(job_id=made[-1]),
+            metadata=profile,
+            timeout=QUIET_DEADLINE_SECONDS,
+        )
+
+    return [create, get]
+
+
+def quiet_costs_call(stub: costs_pb2_grpc.CostServiceStub, profile: Metadata) -> QuietCall:
+    async def record() -> None:
+        await stub.RecordUsage(usage_request(), metadata=profile, timeout=QUIET_DEADLINE_SECONDS)
+
+    return record
+
+
+def usage_request() -> costs_pb2.RecordUsageRequest:
+    return costs_pb2.RecordUsageRequest(
+        request_id=f"req-{uuid.uuid4()}",
+        provider="acme",
+        model="voice-1",
+        unit="seconds",
+        quantity="12.5",
+    )
+
+
+async def create_job(stub: jobs_pb2_grpc.JobServiceStub, profile: Metadata, **data) -> str:
+    job = jobs_pb2.Job(kind="video_render")
+    job.data.update(data)
+    return (await stub.CreateJob(jobs_pb2.CreateJobRequest(job=job), metadata=profile)).job_id
+
+
+async def insert_jobs(
+    database_url: str, profile_id: str, count: int, data_sql: str, *arguments: object
+) -> list[str]:
+    """Jobs whose data is the SQL expression given (of n, the job's number, and $3…), written
+    straight into the table: quicker than through the API, and making them is not the
+    attack, reading them is."""
+    connection = await asyncpg.connect(database_url)
+    try:
+        rows = await connection.fetch(
+            f"""
+            INSERT INTO jobs.jobs (profile_id, kind, data)
+            SELECT $1, 'video_render', {data_sql} FROM generate_series(1, $2) n
+            RETURNING job_id::text
+            """,
+            profile_id,
+            count,
+            *arguments,
+        )
+    finally:
+        await connection.close()
+    return [row["job_id"] for row in rows]
+
+
+# a) Big Structs
+
+EMPTY_LISTS = 240_000
+EMPTY_LISTS_SQL = """jsonb_build_object(
+    'lists', (SELECT jsonb_agg('[]'::jsonb) FROM generate_series(1, $3::int)))"""
+
+
+def struct_of_empty_lists(count: int) -> struct_pb2.Struct:
+    """A Struct holding one list of `count` empty lists: few bytes on the wire (4 each), many
+    nodes to convert on every read."""
+    struct = struct_pb2.Struct()
+    lists = struct.fields["lists"].list_value
+    for _ in range(count):
+        lists.values.add().list_value.SetInParent()
+    return struct
+
+
+@pytest.mark.xfail(strict=False, reason="input-budgets: Struct node budgets not on main yet")
+async def test_big_structs_read_concurrently_do_not_slow_another_profile(
+    database_url, noisy_neighbour_figures
+):
+    big = jobs_pb2.CreateJobRequest(job=jobs_pb2.Job(kind="video_render"))
+    big.job.data.CopyFrom(struct_of_empty_lists(EMPTY_LISTS))
+    assert big.ByteSize() < 1_000_000
+    attacker_id = new_profile_id()
+    async with (
+        running(JOBS, jobs_settings(database_url)) as jobs,
+        channels(jobs, 2) as (quiet_channel, attack_channel),
+    ):
+        job_ids = await insert_jobs(database_url, attacker_id, 2, EMPTY_LISTS_SQL, EMPTY_LISTS)
+        attacker = as_profile(attacker_id)
+        create = raw_unary(attack_channel, "/jobs.v1.JobService/CreateJob", big, attacker)
+        attack = Attack()
+        for job_id in job_ids:
+            get = jobs_pb2.GetJobRequest(job_id=job_id)
+            attack.add(6, raw_unary(attack_channel, "/jobs.v1.JobService/GetJob", get, attacker))
+        attack.add(
+            1,
+            raw_unary(
+                attack_channel, "/jobs.v1.JobService/ListJobs", jobs_pb2.ListJobsRequest(), attacker
+            ),
+        )
+        attack.add(1, create)
+        quiet = quiet_jobs_calls(
+            jobs_pb2_grpc.JobServiceStub(quiet_channel), as_profile(new_profile_id())
+        )
+        scenario = await measure(
+            "a) big Structs (12 GetJob + ListJobs + CreateJob)",
+            quiet,
+            attack,
+            noisy_neighbour_figures,
+            lambda: f"{EMPTY_LISTS:,} empty lists, {big.ByteSize():,} bytes",
+        )
+    assert_quiet_profile_unharmed(scenario)
+
+
+# b) A burst
+
+BURST_WORKERS = 300
+
+
+@pytest.mark.xfail(strict=False, reason="fair-shares: per-profile calls in flight not on main yet")
+async def test_burst_of_calls_from_one_profile_does_not_slow_another(
+    database_url, tmp_path, noisy_neighbour_figures
+):
+    costs = costs_definition(spool_path=tmp_path / "spool.jsonl", spool_retry_seconds=0.1)
+    async with (
+        running(JOBS, jobs_settings(database_url)) as jobs,
+        running(costs, jobs_settings(database_url)) as costs_service,
+        channels(jobs, 4) as jobs_channels,
+        channels(costs_service, 3) as costs_channels,
+    ):
+        attacker = as_profile(new_profile_id())
+        jobs_stub = jobs_pb2_grpc.JobServiceStub(jobs_channels[0])
+        job_id = await create_job(jobs_stub, attacker)
+        create = jobs_pb2.CreateJobRequest(job=jobs_pb2.Job(kind="video_render"))
+        get = jobs_pb2.GetJobRequest(job_id=job_id)
+        attack = Attack()
+        for channel in jobs_channels[1:]:
+            attack.add(
+                BURST_WORKERS // 9,
+                raw_unary(channel, "/jobs.v1.JobService/CreateJob", create, attacker),
+            )
+            attack.add(
+                BURST_WORKERS // 9, raw_unary(channel, "/jobs.v1.JobService/GetJob", get, attacker)
+            )
+        for channel in costs_channels[1:]:
+            attack.add(
+                BURST_WORKERS // 6,
+                raw_unary(channel, "/costs.v1.CostService/RecordUsage", usage_request, attacker),
+            )
+        quiet_profile = as_profile(new_profile_id())
+        quiet = [
+            *quiet_jobs_calls(jobs_stub, quiet_profile),
+            quiet_costs_call(costs_pb2_grpc.CostServiceStub(costs_channels[0]), quiet_profile),
+        ]
+        scenario = await measure(
+            f"b) burst ({BURST_WORKERS} calls in flight: CreateJob, GetJob, RecordUsage)",
+            quiet,
+            attack,
+            noisy_neighbour_figures,
+        )
+    assert_quiet_profile_unharmed(scenario)
+
+
+# c) A slow Postiz
+
+SLOW_POSTIZ_CALLS = 110
+
+
+def publisher_settings(**overrides: object) -> PublisherSettings:
+    values: dict = {
+        "encryption_keys": {"test-key": b"k" * 32},
+        "posts_per_hour": 30,
+        # Per read: a byte every 1.5 s never trips it; only a limit on the total time does.
+        "postiz_timeout_seconds": 10.0,
+        "postiz_get_attempts": 3,
+        "postiz_retry_base_seconds": 0.01,
+        "reconcile_grace_seconds": 0,
+        "jobs_target": "127.0.0.1:1",  # PublishJob is not called
+    }
+    return PublisherSettings(**(values | overrides))
+
+
+async def set_credentials(
+    stub: publisher_pb2_grpc.PublisherServiceStub, profile: Metadata, base_url: str, key: str
+) -> None:
+    await stub.SetPostizCredentials(
+        publisher_pb2.SetPostizCredentialsRequest(base_url=base_url, api_key=key),
+        metadata=profile,
+    )
+
+
+@pytest.mark.xfail(strict=False, reason="publisher-edge: per-host limits not on main yet")
+async def test_slow_postiz_of_one_profile_does_not_starve_another(
+    database_url, noisy_neighbour_figures
+):
+    definition = publisher_definition(publisher_settings())
+    async with (
+        serve_fake_postiz() as fake,
+        serve_slow_postiz(interval=1.5) as slow,
+        running(definition, jobs_settings(database_url)) as publisher,
+        channels(publisher, 2) as (quiet_channel, attack_channel),
+    ):
+        quiet_stub = publisher_pb2_grpc.PublisherServiceStub(quiet_channel)
+        quiet_profile = as_profile(new_profile_id())
+        organization = fake.add_organization()
+        await set_credentials(quiet_stub, quiet_profile, api_root(fake), organization.api_key)
+        attacker = as_profile(new_profile_id())
+        await set_credentials(quiet_stub, attacker, slow.api_root, "dribble-" + "k" * 32)
+
+        async def list_integrations() -> None:
+            await quiet_stub.ListIntegrations(
+                publisher_pb2.ListIntegrationsRequest(),
+                metadata=quiet_profile,
+                timeout=QUIET_DEADLINE_SECONDS,
+            )
+
+        attack = Attack()
+        attack.add(
+            SLOW_POSTIZ_CALLS,
+            raw_unary(
+                attack_channel,
+                "/publisher.v1.PublisherService/ListIntegrations",
+                publisher_pb2.ListIntegrationsRequest(),
+                attacker,
+            ),
+        )
+        scenario = await measure(
+            f"c) slow Postiz ({SLOW_POSTIZ_CALLS} ListIntegrations, a byte every 1.5 s)",
+            [list_integrations],
+            attack,
+            noisy_neighbour_figures,
+            lambda: f"most requests dribbling at once: {slow.most_dribbling}",
+        )
+    assert_quiet_profile_unharmed(scenario)
+
+
+# d) Pool hogging
+
+HOGGING_UPDATES = 100
+HOGGING_DATA_BYTES = 500_000
+
+
+@pytest.mark.xfail(strict=False, reason="fair-shares: per-profile calls in flight not on main yet")
+async def test_calls_queued_on_one_profiles_row_lock_do_not_starve_the_pool(
+    database_url, noisy_neighbour_figures
+):
+    """Updates of one job wait on its row lock one behind the other, each holding a pool
+    connection while it waits."""
+    async with (
+        running(JOBS, jobs_settings(database_url)) as jobs,
+        channels(jobs, 2) as (quiet_channel, attack_channel),
+    ):
+        stub = jobs_pb2_grpc.JobServiceStub(quiet_channel)
+        attacker = as_profile(new_profile_id())
+        job_id = await create_job(stub, attacker)
+        update = jobs_pb2.UpdateJobRequest(
+            job=jobs_pb2.Job(job_id=job_id),
+            update_mask=field_mask_pb2.FieldMask(paths=["data"]),
+        )
+        update.job.data.update({"frames": "f" * HOGGING_DATA_BYTES})
+        attack = Attack()
+        attack.add(
+            HOGGING_UPDATES,
+            raw_unary(attack_channel, "/jobs.v1.JobService/UpdateJob", update, attacker),
+        )
+        scenario = await measure(
+            f"d) pool hogging ({HOGGING_UPDATES} UpdateJob of one job, {DB_POOL_MAX_SIZE} "
+            "connections)",
+            quiet_jobs_calls(stub, as_profile(new_profile_id())),
+            attack,
+            noisy_neighbour_figures,
+        )
+    assert_quiet_profile_unharmed(scenario)
+
+
+# e) Watchers that never read
+
+IDLE_WATCHERS = 200
+
+
+@pytest.mark.xfail(strict=False, reason="reply-bounds: bounded watch queues not on main yet")
+async def test_watchers_that_never_read_do_not_slow_another_profile(
+    database_url, noisy_neighbour_figures
+):
+    async with (
+        running(JOBS, jobs_settings(database_url)) as jobs,
+        channels(jobs, 3) as (quiet_channel, watch_channel, update_channel),
+    ):
+        stub = jobs_pb2_grpc.JobServiceStub(quiet_channel)
+        attacker = as_profile(new_profile_id())
+        job_id = await create_job(
+            stub, attacker, **{f"scene-{n}": {"frame": n, "caption": "c" * 20} for n in range(2000)}
+        )
+        watch = watch_channel.unary_stream("/jobs.v1.JobService/WatchJob")
+        request = jobs_pb2.WatchJobRequest(job_id=job_id).SerializeToString()
+        streams = [watch(request, metadata=attacker) for _ in range(IDLE_WATCHERS)]
+        await asyncio.gather(*(s.initial_metadata() for s in streams))
+        progress = itertools.count()
+
+        def update() -> jobs_pb2.UpdateJobRequest:
+            return jobs_pb2.UpdateJobRequest(
+                job=jobs_pb2.Job(job_id=job_id, message=f"step {next(progress)}"),
+                update_mask=field_mask_pb2.FieldMask(paths=["message"]),
+            )
+
+        attack = Attack()
+        attack.add(4, raw_unary(update_channel, "/jobs.v1.JobService/UpdateJob", update, attacker))
+        try:
+            scenario = await measure(
+                f"e) {IDLE_WATCHERS} watchers that never read, a job updated back to back",
+                quiet_jobs_calls(stub, as_profile(new_profile_id())),
+                attack,
+                noisy_neighbour_figures,
+            )
+        finally:
+            for stream in streams:
+                stream.cancel()
+        for stream in streams:
+            if (code := await stream.code()) != Code.CANCELLED:
+                attack.outcomes[code.name] += 1
+    assert_quiet_profile_unharmed(scenario)
+
+
+# f) Huge list replies
+
+LARGE_JOBS = 500
+LIST_WORKERS = 6
+
+
+LARGE_JOB_SQL = """jsonb_build_object(
+    'blob', repeat(md5(n::text), 2048),
+    'tags', (SELECT jsonb_agg(t::text) FROM generate_series(1, 5000) t))"""
+
+
+@pytest.mark.xfail(strict=False, reason="reply-bounds: byte-budgeted pages not on main yet")
+async def test_huge_list_replies_of_one_profile_do_not_slow_another(
+    database_url, noisy_neighbour_figures
+):
+    attacker_id = new_profile_id()
+    async with (
+        running(JOBS, jobs_settings(database_url)) as jobs,
+        channels(jobs, 2) as (quiet_channel, attack_channel),
+    ):
+        await insert_jobs(database_url, attacker_id, LARGE_JOBS, LARGE_JOB_SQL)
+        attack = Attack()
+        attack.add(
+            LIST_WORKERS,
+            raw_unary(
+                attack_channel,
+                "/jobs.v1.JobService/ListJobs",
+                jobs_pb2.ListJobsRequest(page_size=500),
+                as_profile(attacker_id),
+            ),
+        )
+        scenario = await measure(
+            f"f) huge list replies ({LIST_WORKERS} ListJobs page_size 500 of {LARGE_JOBS} jobs, "
+            "64 KB and 5,000 list items each)",
+            quiet_jobs_calls(
+                jobs_pb2_grpc.JobServiceStub(quiet_channel), as_profile(new_profile_id())
+            ),
+            attack,
+            noisy_neighbour_figures,
+        )
+    assert_quiet_profile_unharmed(scenario)
