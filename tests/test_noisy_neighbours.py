@@ -42,6 +42,7 @@ from tests.slow_postiz import serve_slow_postiz
 Code = grpc.StatusCode
 
 QUIET_DEADLINE_SECONDS = 5.0
+WARM_UP_SECONDS = 0.3
 ALONE_SECONDS = 1.5
 UNDER_ATTACK_SECONDS = 3.0
 DB_POOL_MAX_SIZE = 10
@@ -191,7 +192,9 @@ async def measure(
     figures: dict[str, str],
     notes: Callable[[], str] = lambda: "",
 ) -> Scenario:
-    """The quiet calls alone, then under the attack; the figures recorded before any check."""
+    """The quiet calls alone (after a warm-up), then under the attack; the figures recorded
+    before any check."""
+    await run_quiet(quiet, WARM_UP_SECONDS)
     alone = await run_quiet(quiet, ALONE_SECONDS)
     async with attack.running():
         under_attack = await run_quiet(quiet, UNDER_ATTACK_SECONDS)
