@@ -7,13 +7,16 @@ no error at all, and its p99 under attack must stay within a bound loose enough 
 ≤ max(3 x p99 alone, p99 alone + 50 ms), is reported beside every scenario in the
 "noisy-neighbour figures" at the end of the run.
 
-Attackers send and take raw bytes, so that their own client (sharing the test's event loop
-with the services) costs as little as a client on another machine would.
+The attacker runs in a process of its own (tests/noisy_attacker.py), as a client on another
+machine would: its calls cost the services' event loop only the serving.
 """
 
 import asyncio
+import base64
 import collections
 import itertools
+import json
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -35,8 +38,9 @@ from services.publisher.service import publisher_definition
 from services.publisher.settings import PublisherSettings
 from services.runtime.interceptors.server import ACCESS_LOG_FAILURES
 from services.runtime.server import RunningService
-from tests.conftest import Metadata, as_profile, new_profile_id, running, settings_for
+from tests.conftest import REPO, Metadata, as_profile, new_profile_id, running, settings_for
 from tests.fake_postiz import api_root, serve_fake_postiz
+from tests.noisy_attacker import UNIQUE
 from tests.slow_postiz import serve_slow_postiz
 
 Code = grpc.StatusCode
@@ -99,60 +103,71 @@ async def run_quiet(calls: Sequence[QuietCall], seconds: float) -> QuietRun:
 
 
 class Attack:
-    """Workers that each repeat one call as soon as it is answered, counting the answers by
-    status (a call may also return the status it ended with). A refused attacker retries at
-    once: it honours no retry delay."""
+    """The attacking profile's workers, run by tests/noisy_attacker.py in a process of its
+    own: each repeats its call as soon as it is answered, honouring no retry delay, and the
+    answers are counted by status."""
 
     def __init__(self) -> None:
+        self.workers: list[dict] = []
         self.outcomes: collections.Counter[str] = collections.Counter()
-        self._calls: list[Callable[[], Awaitable[object]]] = []
-        self._launched = 0
-        self.launched = asyncio.Event()  # every worker has sent its first call
 
-    def add(self, workers: int, call: Callable[[], Awaitable[object]]) -> None:
-        self._calls.extend([call] * workers)
-
-    async def _repeat(self, call: Callable[[], Awaitable[object]]) -> None:
-        first = True
-        while True:
-            pending = call()
-            if first:
-                first = False
-                self._launched += 1
-                if self._launched == len(self._calls):
-                    self.launched.set()
-            try:
-                answer = await pending
-                self.outcomes[answer.name if isinstance(answer, grpc.StatusCode) else "OK"] += 1
-            except grpc.aio.AioRpcError as error:
-                self.outcomes[error.code().name] += 1
+    def add(
+        self,
+        count: int,
+        service: RunningService,
+        method: str,
+        request: Message,
+        profile: Metadata,
+        *,
+        streaming: bool = False,
+        channel: int = 0,
+    ) -> None:
+        """`count` workers calling `method` with `request` (UNIQUE in it: a fresh UUID each
+        call); a streaming call is left unread until it ends. Workers with the same channel
+        number share a connection."""
+        self.workers.append(
+            {
+                "target": f"127.0.0.1:{service.port}",
+                "method": method,
+                "payload": base64.b64encode(request.SerializeToString()).decode(),
+                "metadata": profile,
+                "count": count,
+                "streaming": streaming,
+                "channel": channel,
+            }
+        )
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator["Attack"]:
-        tasks = [asyncio.ensure_future(self._repeat(call)) for call in self._calls]
+        """Every worker has sent its first call when the block starts; the answers are
+        counted when it ends."""
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tests.noisy_attacker",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            cwd=REPO,
+        )
+        assert process.stdin is not None
+        assert process.stdout is not None
         try:
-            await asyncio.wait_for(self.launched.wait(), 30)
+            process.stdin.write(json.dumps(self.workers).encode() + b"\n")
+            await process.stdin.drain()
+            launched = await asyncio.wait_for(process.stdout.readline(), 60)
+            assert launched == b"launched\n", launched
             yield self
+            process.stdin.close()
+            counted = await asyncio.wait_for(process.stdout.readline(), 60)
+            self.outcomes.update(json.loads(counted))
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            if process.returncode is None:
+                process.kill()
+            await process.wait()
 
     @property
     def refusals(self) -> dict[str, int]:
         return {code: n for code, n in sorted(self.outcomes.items()) if code != "OK"}
-
-
-def raw_unary(
-    channel: grpc.aio.Channel, method: str, request: Message | Callable[[], Message], profile
-) -> Callable[[], Awaitable[bytes]]:
-    """A call that sends the request's bytes (serialized once, unless made anew per call by a
-    function) and takes the reply as bytes, never parsed."""
-    multicallable = channel.unary_unary(method)
-    if isinstance(request, Message):
-        payload = request.SerializeToString()
-        return lambda: multicallable(payload, metadata=profile)
-    return lambda: multicallable(request().SerializeToString(), metadata=profile)
 
 
 @dataclass
@@ -261,9 +276,9 @@ def quiet_costs_call(stub: costs_pb2_grpc.CostServiceStub, profile: Metadata) ->
     return record
 
 
-def usage_request() -> costs_pb2.RecordUsageRequest:
+def usage_request(request_id: str = "") -> costs_pb2.RecordUsageRequest:
     return costs_pb2.RecordUsageRequest(
-        request_id=f"req-{uuid.uuid4()}",
+        request_id=request_id or f"req-{uuid.uuid4()}",
         provider="acme",
         model="voice-1",
         unit="seconds",
@@ -309,7 +324,7 @@ EMPTY_LISTS_SQL = """jsonb_build_object(
 
 def struct_of_empty_lists(count: int) -> struct_pb2.Struct:
     """A Struct holding one list of `count` empty lists: few bytes on the wire (4 each), many
-    nodes to convert on every read."""
+    values to convert on every read."""
     struct = struct_pb2.Struct()
     lists = struct.fields["lists"].list_value
     for _ in range(count):
@@ -317,7 +332,7 @@ def struct_of_empty_lists(count: int) -> struct_pb2.Struct:
     return struct
 
 
-@pytest.mark.xfail(strict=False, reason="input-budgets: Struct node budgets not on main yet")
+@pytest.mark.xfail(strict=False, reason="input-budgets: Struct value budgets not on main yet")
 async def test_big_structs_read_concurrently_do_not_slow_another_profile(
     database_url, noisy_neighbour_figures
 ):
@@ -325,33 +340,24 @@ async def test_big_structs_read_concurrently_do_not_slow_another_profile(
     big.job.data.CopyFrom(struct_of_empty_lists(EMPTY_LISTS))
     assert big.ByteSize() < 1_000_000
     attacker_id = new_profile_id()
+    attacker = as_profile(attacker_id)
     async with (
         running(JOBS, jobs_settings(database_url)) as jobs,
-        channels(jobs, 2) as (quiet_channel, attack_channel),
+        channels(jobs, 1) as [channel],
     ):
         job_ids = await insert_jobs(database_url, attacker_id, 2, EMPTY_LISTS_SQL, EMPTY_LISTS)
-        attacker = as_profile(attacker_id)
-        create = raw_unary(attack_channel, "/jobs.v1.JobService/CreateJob", big, attacker)
         attack = Attack()
         for job_id in job_ids:
             get = jobs_pb2.GetJobRequest(job_id=job_id)
-            attack.add(6, raw_unary(attack_channel, "/jobs.v1.JobService/GetJob", get, attacker))
-        attack.add(
-            1,
-            raw_unary(
-                attack_channel, "/jobs.v1.JobService/ListJobs", jobs_pb2.ListJobsRequest(), attacker
-            ),
-        )
-        attack.add(1, create)
-        quiet = quiet_jobs_calls(
-            jobs_pb2_grpc.JobServiceStub(quiet_channel), as_profile(new_profile_id())
-        )
+            attack.add(6, jobs, "/jobs.v1.JobService/GetJob", get, attacker)
+        attack.add(1, jobs, "/jobs.v1.JobService/ListJobs", jobs_pb2.ListJobsRequest(), attacker)
+        attack.add(1, jobs, "/jobs.v1.JobService/CreateJob", big, attacker)
         scenario = await measure(
-            "a) big Structs (12 GetJob + ListJobs + CreateJob)",
-            quiet,
+            "a) big Structs (12 GetJob, ListJobs, CreateJob)",
+            quiet_jobs_calls(jobs_pb2_grpc.JobServiceStub(channel), as_profile(new_profile_id())),
             attack,
             noisy_neighbour_figures,
-            lambda: f"{EMPTY_LISTS:,} empty lists, {big.ByteSize():,} bytes",
+            lambda: f"{EMPTY_LISTS:,} empty lists in {big.ByteSize():,} bytes",
         )
     assert_quiet_profile_unharmed(scenario)
 
@@ -369,32 +375,33 @@ async def test_burst_of_calls_from_one_profile_does_not_slow_another(
     async with (
         running(JOBS, jobs_settings(database_url)) as jobs,
         running(costs, jobs_settings(database_url)) as costs_service,
-        channels(jobs, 4) as jobs_channels,
-        channels(costs_service, 3) as costs_channels,
+        channels(jobs, 1) as [jobs_channel],
+        channels(costs_service, 1) as [costs_channel],
     ):
         attacker = as_profile(new_profile_id())
-        jobs_stub = jobs_pb2_grpc.JobServiceStub(jobs_channels[0])
-        job_id = await create_job(jobs_stub, attacker)
+        jobs_stub = jobs_pb2_grpc.JobServiceStub(jobs_channel)
+        get = jobs_pb2.GetJobRequest(job_id=await create_job(jobs_stub, attacker))
         create = jobs_pb2.CreateJobRequest(job=jobs_pb2.Job(kind="video_render"))
-        get = jobs_pb2.GetJobRequest(job_id=job_id)
+        record = usage_request(UNIQUE.decode())
         attack = Attack()
-        for channel in jobs_channels[1:]:
+        for channel in range(3):  # clients on three connections
+            share = BURST_WORKERS // 9
             attack.add(
-                BURST_WORKERS // 9,
-                raw_unary(channel, "/jobs.v1.JobService/CreateJob", create, attacker),
+                share, jobs, "/jobs.v1.JobService/CreateJob", create, attacker, channel=channel
             )
+            attack.add(share, jobs, "/jobs.v1.JobService/GetJob", get, attacker, channel=channel)
             attack.add(
-                BURST_WORKERS // 9, raw_unary(channel, "/jobs.v1.JobService/GetJob", get, attacker)
-            )
-        for channel in costs_channels[1:]:
-            attack.add(
-                BURST_WORKERS // 6,
-                raw_unary(channel, "/costs.v1.CostService/RecordUsage", usage_request, attacker),
+                share,
+                costs_service,
+                "/costs.v1.CostService/RecordUsage",
+                record,
+                attacker,
+                channel=channel,
             )
         quiet_profile = as_profile(new_profile_id())
         quiet = [
             *quiet_jobs_calls(jobs_stub, quiet_profile),
-            quiet_costs_call(costs_pb2_grpc.CostServiceStub(costs_channels[0]), quiet_profile),
+            quiet_costs_call(costs_pb2_grpc.CostServiceStub(costs_channel), quiet_profile),
         ]
         scenario = await measure(
             f"b) burst ({BURST_WORKERS} calls in flight: CreateJob, GetJob, RecordUsage)",
@@ -433,7 +440,7 @@ async def set_credentials(
     )
 
 
-@pytest.mark.xfail(strict=False, reason="publisher-edge: per-host limits not on main yet")
+@pytest.mark.xfail(strict=False, reason="publisher-edge: Postiz connection limits not on main yet")
 async def test_slow_postiz_of_one_profile_does_not_starve_another(
     database_url, noisy_neighbour_figures
 ):
@@ -442,17 +449,17 @@ async def test_slow_postiz_of_one_profile_does_not_starve_another(
         serve_fake_postiz() as fake,
         serve_slow_postiz(interval=1.5) as slow,
         running(definition, jobs_settings(database_url)) as publisher,
-        channels(publisher, 2) as (quiet_channel, attack_channel),
+        channels(publisher, 1) as [channel],
     ):
-        quiet_stub = publisher_pb2_grpc.PublisherServiceStub(quiet_channel)
+        stub = publisher_pb2_grpc.PublisherServiceStub(channel)
         quiet_profile = as_profile(new_profile_id())
         organization = fake.add_organization()
-        await set_credentials(quiet_stub, quiet_profile, api_root(fake), organization.api_key)
+        await set_credentials(stub, quiet_profile, api_root(fake), organization.api_key)
         attacker = as_profile(new_profile_id())
-        await set_credentials(quiet_stub, attacker, slow.api_root, "dribble-" + "k" * 32)
+        await set_credentials(stub, attacker, slow.api_root, "dribble-" + "k" * 32)
 
         async def list_integrations() -> None:
-            await quiet_stub.ListIntegrations(
+            await stub.ListIntegrations(
                 publisher_pb2.ListIntegrationsRequest(),
                 metadata=quiet_profile,
                 timeout=QUIET_DEADLINE_SECONDS,
@@ -461,12 +468,10 @@ async def test_slow_postiz_of_one_profile_does_not_starve_another(
         attack = Attack()
         attack.add(
             SLOW_POSTIZ_CALLS,
-            raw_unary(
-                attack_channel,
-                "/publisher.v1.PublisherService/ListIntegrations",
-                publisher_pb2.ListIntegrationsRequest(),
-                attacker,
-            ),
+            publisher,
+            "/publisher.v1.PublisherService/ListIntegrations",
+            publisher_pb2.ListIntegrationsRequest(),
+            attacker,
         )
         scenario = await measure(
             f"c) slow Postiz ({SLOW_POSTIZ_CALLS} ListIntegrations, a byte every 1.5 s)",
@@ -492,21 +497,17 @@ async def test_calls_queued_on_one_profiles_row_lock_do_not_starve_the_pool(
     connection while it waits."""
     async with (
         running(JOBS, jobs_settings(database_url)) as jobs,
-        channels(jobs, 2) as (quiet_channel, attack_channel),
+        channels(jobs, 1) as [channel],
     ):
-        stub = jobs_pb2_grpc.JobServiceStub(quiet_channel)
+        stub = jobs_pb2_grpc.JobServiceStub(channel)
         attacker = as_profile(new_profile_id())
-        job_id = await create_job(stub, attacker)
         update = jobs_pb2.UpdateJobRequest(
-            job=jobs_pb2.Job(job_id=job_id),
+            job=jobs_pb2.Job(job_id=await create_job(stub, attacker)),
             update_mask=field_mask_pb2.FieldMask(paths=["data"]),
         )
         update.job.data.update({"frames": "f" * HOGGING_DATA_BYTES})
         attack = Attack()
-        attack.add(
-            HOGGING_UPDATES,
-            raw_unary(attack_channel, "/jobs.v1.JobService/UpdateJob", update, attacker),
-        )
+        attack.add(HOGGING_UPDATES, jobs, "/jobs.v1.JobService/UpdateJob", update, attacker)
         scenario = await measure(
             f"d) pool hogging ({HOGGING_UPDATES} UpdateJob of one job, {DB_POOL_MAX_SIZE} "
             "connections)",
@@ -528,34 +529,26 @@ async def test_watchers_that_never_read_do_not_slow_another_profile(
 ):
     async with (
         running(JOBS, jobs_settings(database_url)) as jobs,
-        channels(jobs, 3) as (quiet_channel, watch_channel, update_channel),
+        channels(jobs, 1) as [channel],
     ):
-        stub = jobs_pb2_grpc.JobServiceStub(quiet_channel)
+        stub = jobs_pb2_grpc.JobServiceStub(channel)
         attacker = as_profile(new_profile_id())
-        job_id = await create_job(
-            stub, attacker, **{f"scene-{n}": {"frame": n, "caption": "c" * 20} for n in range(2000)}
-        )
-        watch = watch_channel.unary_stream("/jobs.v1.JobService/WatchJob")
-        request = jobs_pb2.WatchJobRequest(job_id=job_id).SerializeToString()
-
-        async def watch_without_reading() -> grpc.StatusCode:
-            stream = watch(request, metadata=attacker)
-            try:
-                return await stream.code()
-            finally:
-                stream.cancel()
-
-        progress = itertools.count()
-
-        def update() -> jobs_pb2.UpdateJobRequest:
-            return jobs_pb2.UpdateJobRequest(
-                job=jobs_pb2.Job(job_id=job_id, message=f"step {next(progress)}"),
-                update_mask=field_mask_pb2.FieldMask(paths=["message"]),
-            )
-
+        scenes = {f"scene-{n}": {"frame": n, "caption": "c" * 20} for n in range(2000)}
+        job_id = await create_job(stub, attacker, **scenes)
         attack = Attack()
-        attack.add(IDLE_WATCHERS, watch_without_reading)
-        attack.add(4, raw_unary(update_channel, "/jobs.v1.JobService/UpdateJob", update, attacker))
+        attack.add(
+            IDLE_WATCHERS,
+            jobs,
+            "/jobs.v1.JobService/WatchJob",
+            jobs_pb2.WatchJobRequest(job_id=job_id),
+            attacker,
+            streaming=True,
+        )
+        update = jobs_pb2.UpdateJobRequest(
+            job=jobs_pb2.Job(job_id=job_id, message=UNIQUE.decode()),
+            update_mask=field_mask_pb2.FieldMask(paths=["message"]),
+        )
+        attack.add(4, jobs, "/jobs.v1.JobService/UpdateJob", update, attacker, channel=1)
         scenario = await measure(
             f"e) {IDLE_WATCHERS} watchers that never read, a job of 2,000 keys updated back to "
             "back",
@@ -570,8 +563,6 @@ async def test_watchers_that_never_read_do_not_slow_another_profile(
 
 LARGE_JOBS = 500
 LIST_WORKERS = 6
-
-
 LARGE_JOB_SQL = """jsonb_build_object(
     'blob', repeat(md5(n::text), 2048),
     'tags', (SELECT jsonb_agg(t::text) FROM generate_series(1, 5000) t))"""
@@ -584,25 +575,21 @@ async def test_huge_list_replies_of_one_profile_do_not_slow_another(
     attacker_id = new_profile_id()
     async with (
         running(JOBS, jobs_settings(database_url)) as jobs,
-        channels(jobs, 2) as (quiet_channel, attack_channel),
+        channels(jobs, 1) as [channel],
     ):
         await insert_jobs(database_url, attacker_id, LARGE_JOBS, LARGE_JOB_SQL)
         attack = Attack()
         attack.add(
             LIST_WORKERS,
-            raw_unary(
-                attack_channel,
-                "/jobs.v1.JobService/ListJobs",
-                jobs_pb2.ListJobsRequest(page_size=500),
-                as_profile(attacker_id),
-            ),
+            jobs,
+            "/jobs.v1.JobService/ListJobs",
+            jobs_pb2.ListJobsRequest(page_size=500),
+            as_profile(attacker_id),
         )
         scenario = await measure(
             f"f) huge list replies ({LIST_WORKERS} ListJobs page_size 500 of {LARGE_JOBS} jobs, "
             "64 KB and 5,000 list items each)",
-            quiet_jobs_calls(
-                jobs_pb2_grpc.JobServiceStub(quiet_channel), as_profile(new_profile_id())
-            ),
+            quiet_jobs_calls(jobs_pb2_grpc.JobServiceStub(channel), as_profile(new_profile_id())),
             attack,
             noisy_neighbour_figures,
         )
