@@ -8,9 +8,11 @@ Reads one JSON line from stdin, a list of workers:
 a number share a connection)}`. A payload holding UNIQUE gets a fresh UUID there on every call
 (a request_id, a message), the length unchanged, so the bytes stay a valid message.
 
-Each worker repeats its call as soon as it is answered, honouring no retry delay. Prints
-`launched` once every worker has sent its first call; when stdin closes, prints the answers
-counted by status as one JSON line and exits.
+Each worker repeats its call as soon as it is answered; after a refusal that carries a retry
+delay (a google.rpc.RetryInfo in the status details), it waits that long first, as a client
+of the suite does (suite_client honours it), and as any client must that wants served.
+Prints `launched` once every worker has sent its first call; when stdin closes, prints the
+answers counted by status as one JSON line and exits.
 """
 
 import asyncio
@@ -23,8 +25,20 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 import uvloop
+from google.rpc import error_details_pb2, status_pb2
 
 UNIQUE = b"00000000-0000-0000-0000-000000000000"
+
+
+def retry_delay(trailing_metadata: grpc.aio.Metadata | None) -> float:
+    """The retry delay a refusal asks for, in seconds; 0 when it names none."""
+    for key, value in trailing_metadata or ():
+        if key == "grpc-status-details-bin":
+            for detail in status_pb2.Status.FromString(value).details:
+                info = error_details_pb2.RetryInfo()
+                if detail.Unpack(info):
+                    return info.retry_delay.ToTimedelta().total_seconds()
+    return 0.0
 
 
 class Attacker:
@@ -55,9 +69,12 @@ class Attacker:
             async def unread() -> grpc.StatusCode:
                 call = stream(request(), metadata=metadata)
                 try:
-                    return await call.code()
+                    code = await call.code()
                 finally:
                     call.cancel()
+                if delay := retry_delay(await call.trailing_metadata()):
+                    await asyncio.sleep(delay)
+                return code
 
             return unread
         unary = channel.unary_unary(worker["method"])
@@ -66,6 +83,8 @@ class Attacker:
             try:
                 await unary(request(), metadata=metadata)
             except grpc.aio.AioRpcError as error:
+                if delay := retry_delay(error.trailing_metadata()):
+                    await asyncio.sleep(delay)
                 return error.code()
             return grpc.StatusCode.OK
 

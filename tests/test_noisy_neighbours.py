@@ -48,6 +48,7 @@ Code = grpc.StatusCode
 QUIET_DEADLINE_SECONDS = 5.0
 WARM_UP_SECONDS = 0.3
 ALONE_SECONDS = 1.5
+SETTLE_SECONDS = 1.0
 UNDER_ATTACK_SECONDS = 3.0
 DB_POOL_MAX_SIZE = 10
 
@@ -104,8 +105,8 @@ async def run_quiet(calls: Sequence[QuietCall], seconds: float) -> QuietRun:
 
 class Attack:
     """The attacking profile's workers, run by tests/noisy_attacker.py in a process of its
-    own: each repeats its call as soon as it is answered, honouring no retry delay, and the
-    answers are counted by status."""
+    own: each repeats its call as soon as it is answered (after the retry delay a refusal
+    asks for, if any), and the answers are counted by status."""
 
     def __init__(self) -> None:
         self.workers: list[dict] = []
@@ -228,11 +229,13 @@ async def measure(
     figures: dict[str, str],
     notes: Callable[[], str] = lambda: "",
 ) -> Scenario:
-    """The quiet calls alone (after a warm-up), then under the attack; the figures recorded
-    before any check."""
+    """The quiet calls alone (after a warm-up), then under the attack once it has settled
+    (steady state: its arrival is a moment, the attack lasts); the figures recorded before
+    any check."""
     await run_quiet(quiet, WARM_UP_SECONDS)
     alone = await run_quiet(quiet, ALONE_SECONDS)
     async with attack.running(), longest_stall() as stall:
+        await asyncio.sleep(SETTLE_SECONDS)  # the attack's calls arrive, its queues fill
         under_attack = await run_quiet(quiet, UNDER_ATTACK_SECONDS)
     scenario = Scenario(name, alone, under_attack, attack, notes(), stall[0])
     figures[name] = scenario.line()
@@ -251,9 +254,7 @@ def assert_quiet_profile_unharmed(scenario: Scenario) -> None:
 def jobs_settings(database_url: str, **overrides: object):
     return settings_for(
         database_url,
-        db_pool_max_size=DB_POOL_MAX_SIZE,
-        access_log=ACCESS_LOG_FAILURES,
-        **overrides,
+        **({"db_pool_max_size": DB_POOL_MAX_SIZE, "access_log": ACCESS_LOG_FAILURES} | overrides),
     )
 
 
