@@ -46,7 +46,7 @@ from tests.slow_postiz import serve_slow_postiz
 
 Code = grpc.StatusCode
 
-QUIET_DEADLINE_SECONDS = 5.0
+QUIET_DEADLINE_SECONDS = 3.0
 WARM_UP_SECONDS = 0.3
 ALONE_SECONDS = 1.5
 SETTLE_SECONDS = 1.0
