@@ -45,14 +45,15 @@ class SlowPostiz:
                     )
                     await writer.drain()
                     continue
-                await self._dribble(writer)
+                await self._dribble(reader, writer)
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             pass
         finally:
             self._tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
             writer.close()
 
-    async def _dribble(self, writer: asyncio.StreamWriter) -> None:
+    async def _dribble(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Sends a byte every interval until the client hangs up (noticed at once)."""
         self.dribbling += 1
         self.most_dribbling = max(self.most_dribbling, self.dribbling)
         try:
@@ -62,8 +63,11 @@ class SlowPostiz:
             )
             while True:
                 await writer.drain()
-                await asyncio.sleep(self.interval)
-                writer.write(b" ")
+                try:
+                    if not await asyncio.wait_for(reader.read(1), self.interval):
+                        return  # the client closed the connection
+                except TimeoutError:
+                    writer.write(b" ")
         finally:
             self.dribbling -= 1
 
