@@ -37,6 +37,7 @@ from services.jobs.service import JOBS, jobs_definition
 from services.jobs.watch import WatchLimits
 from services.publisher.service import publisher_definition
 from services.publisher.settings import PostizLimits, PublisherSettings
+from services.runtime.fields import MAX_STRUCT_VALUES
 from services.runtime.interceptors.server import ACCESS_LOG_FAILURES
 from services.runtime.server import RunningService
 from tests.conftest import REPO, Metadata, as_profile, new_profile_id, running, settings_for
@@ -341,8 +342,10 @@ async def insert_jobs(
 # a) Big Structs
 
 EMPTY_LISTS = 240_000
-EMPTY_LISTS_SQL = """jsonb_build_object(
-    'lists', (SELECT jsonb_agg('[]'::jsonb) FROM generate_series(1, $3::int)))"""
+# The largest Struct of empty lists still accepted: the list itself is a value too.
+LARGEST_ACCEPTED_LISTS = MAX_STRUCT_VALUES - 1
+# As many as a default page of ListJobs holds.
+LARGEST_JOBS = 50
 
 
 def struct_of_empty_lists(count: int) -> struct_pb2.Struct:
@@ -355,34 +358,50 @@ def struct_of_empty_lists(count: int) -> struct_pb2.Struct:
     return struct
 
 
-@pytest.mark.xfail(strict=False, reason="input-budgets: Struct value budgets not on main yet")
+def create_request(data: struct_pb2.Struct) -> jobs_pb2.CreateJobRequest:
+    request = jobs_pb2.CreateJobRequest(job=jobs_pb2.Job(kind="video_render"))
+    request.job.data.CopyFrom(data)
+    return request
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="not covered: CreateJob of 240,000 values is refused, but reads of jobs at the "
+    "5,000-value budget, 12 at a time, and ListJobs pages of 50 of them (250,000 values) still "
+    "convert on the one event loop for seconds",
+)
 async def test_big_structs_read_concurrently_do_not_slow_another_profile(
     database_url, noisy_neighbour_figures
 ):
-    big = jobs_pb2.CreateJobRequest(job=jobs_pb2.Job(kind="video_render"))
-    big.job.data.CopyFrom(struct_of_empty_lists(EMPTY_LISTS))
-    assert big.ByteSize() < 1_000_000
-    attacker_id = new_profile_id()
-    attacker = as_profile(attacker_id)
+    """240,000 values are refused; jobs at the value budget are read 12 at a time, and
+    listed a page of them at once."""
+    too_big = create_request(struct_of_empty_lists(EMPTY_LISTS))
+    assert too_big.ByteSize() < 1_000_000
+    largest = create_request(struct_of_empty_lists(LARGEST_ACCEPTED_LISTS))
+    attacker = as_profile(new_profile_id())
     async with (
         running(JOBS, jobs_settings(database_url)) as jobs,
         channels(jobs, 1) as [channel],
     ):
-        job_ids = await insert_jobs(database_url, attacker_id, 2, EMPTY_LISTS_SQL, EMPTY_LISTS)
+        stub = jobs_pb2_grpc.JobServiceStub(channel)
+        job_ids = [
+            (await stub.CreateJob(largest, metadata=attacker)).job_id for _ in range(LARGEST_JOBS)
+        ]
         attack = Attack()
-        for job_id in job_ids:
+        for job_id in job_ids[:2]:
             get = jobs_pb2.GetJobRequest(job_id=job_id)
             attack.add(6, jobs, "/jobs.v1.JobService/GetJob", get, attacker)
         attack.add(1, jobs, "/jobs.v1.JobService/ListJobs", jobs_pb2.ListJobsRequest(), attacker)
-        attack.add(1, jobs, "/jobs.v1.JobService/CreateJob", big, attacker)
+        attack.add(1, jobs, "/jobs.v1.JobService/CreateJob", too_big, attacker)
         scenario = await measure(
-            "a) big Structs (12 GetJob, ListJobs, CreateJob)",
-            quiet_jobs_calls(jobs_pb2_grpc.JobServiceStub(channel), as_profile(new_profile_id())),
+            f"a) big Structs (12 GetJob and ListJobs of jobs of {LARGEST_ACCEPTED_LISTS:,} "
+            f"empty lists, CreateJob of {EMPTY_LISTS:,} in {too_big.ByteSize():,} bytes)",
+            quiet_jobs_calls(stub, as_profile(new_profile_id())),
             attack,
             noisy_neighbour_figures,
-            lambda: f"{EMPTY_LISTS:,} empty lists in {big.ByteSize():,} bytes",
         )
     assert_quiet_profile_unharmed(scenario)
+    assert scenario.attack.outcomes["INVALID_ARGUMENT"] > 0
 
 
 # b) A burst
