@@ -366,9 +366,9 @@ def create_request(data: struct_pb2.Struct) -> jobs_pb2.CreateJobRequest:
 
 @pytest.mark.xfail(
     strict=False,
-    reason="not covered: CreateJob of 240,000 values is refused, but reads of jobs at the "
-    "5,000-value budget, 12 at a time, and ListJobs pages of 50 of them (250,000 values) still "
-    "convert on the one event loop for seconds",
+    reason="not covered: CreateJob of 240,000 values is refused, but 12 reads of jobs at the "
+    "5,000-value budget and pages of 50 of them (250,000 values) take most of the one event "
+    "loop: CPU is shared per call, not per profile",
 )
 async def test_big_structs_read_concurrently_do_not_slow_another_profile(
     database_url, noisy_neighbour_figures
@@ -628,8 +628,9 @@ LARGE_JOB_SQL = """jsonb_build_object(
 
 @pytest.mark.xfail(
     strict=False,
-    reason="not covered: a page stops at a byte budget, not at a number of values; ~40 jobs of "
-    "4,990 values (200,000) are decoded and converted in one go, stalling the event loop",
+    reason="not covered: a page stops at 4 MB and its conversion yields every 2 ms, but 6 pages "
+    "of ~40 jobs of 4,990 values take most of the one event loop: CPU is shared per call, not "
+    "per profile",
 )
 async def test_huge_list_replies_of_one_profile_do_not_slow_another(
     database_url, noisy_neighbour_figures
