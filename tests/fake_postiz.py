@@ -2,10 +2,10 @@
 on: the `Authorization: <key>` header (no "Bearer"), one organization per key, status codes and
 body shapes (`{msg}` from handlers, `{statusCode, message: [...]}` from validation), the
 POST /posts rate limit with `X-RateLimit-*` and `Retry-After`, `DELETE /posts/:id` answering
-`{error: true}` when it worked, multipart uploads, and a switch that makes POST /posts hang
-after it has stored the post. A hostile or broken Postiz is played by answering a request with
-any response (`answer_once_with`: a dribbled, huge or HTML answer) or by holding every request
-of an organization until released (`stall`).
+`{error: true}` when it worked, multipart uploads, and switches that make POST /posts hang or
+answer slowly after it has stored the post. A hostile or broken Postiz is played by answering
+a request with any response (`answer_once_with`: a dribbled, huge or HTML answer) or by
+holding every request of an organization until released (`stall`).
 
 Every request is recorded with the key it carried, so tests can prove which key was used.
 """
@@ -54,6 +54,9 @@ class Organization:
     canned: dict[tuple[str, str], list[Callable[[], Response]]] = field(default_factory=dict)
     # While set, every request of the organization waits for it to be cleared.
     stalled: asyncio.Event | None = None
+    # A slow Postiz: POST /posts stores its posts, then answers this much later.
+    post_delay_seconds: float = 0.0
+    post_delayed: asyncio.Event = field(default_factory=asyncio.Event)  # set once one is
 
     @property
     def live_posts(self) -> list[dict[str, Any]]:
@@ -367,6 +370,9 @@ class FakePostiz:
         if self.hang_after_accepting_posts:
             self.hanging.set()
             await self._release.wait()
+        if organization.post_delay_seconds:
+            organization.post_delayed.set()
+            await asyncio.sleep(organization.post_delay_seconds)
         headers = self._rate_headers(organization, now)
         return JSONResponse(created, status_code=201, headers=headers)
 
