@@ -2,10 +2,12 @@
 on: the `Authorization: <key>` header (no "Bearer"), one organization per key, status codes and
 body shapes (`{msg}` from handlers, `{statusCode, message: [...]}` from validation), the
 POST /posts rate limit with `X-RateLimit-*` and `Retry-After`, `DELETE /posts/:id` answering
-`{error: true}` when it worked, multipart uploads, and a switch that makes POST /posts hang
-after it has stored the post. A hostile or broken Postiz is played by answering a request with
-any response (`answer_once_with`: a dribbled, huge or HTML answer) or by holding every request
-of an organization until released (`stall`).
+`{error: true}` when it worked, multipart uploads, a "now" post dated by Postiz's own clock to
+the minute, and switches that make POST /posts hang, answer slowly, or fail half-way after it
+has stored posts. A hostile or broken Postiz is played by answering a request with any
+response (`answer_once_with`: a dribbled, huge or HTML answer) or by holding every request of
+an organization until released (`stall`). (GET /posts here also lists each post's `image`,
+which Postiz leaves out.)
 
 Every request is recorded with the key it carried, so tests can prove which key was used.
 """
@@ -54,6 +56,12 @@ class Organization:
     canned: dict[tuple[str, str], list[Callable[[], Response]]] = field(default_factory=dict)
     # While set, every request of the organization waits for it to be cleared.
     stalled: asyncio.Event | None = None
+    # A slow Postiz: POST /posts stores its posts, then answers this much later.
+    post_delay_seconds: float = 0.0
+    post_delayed: asyncio.Event = field(default_factory=asyncio.Event)  # set once one is
+    # POST /posts stores only this many of a request's posts, then answers 500, as Postiz
+    # does when it fails half-way (it creates them one by one).
+    store_posts_then_fail: int | None = None
 
     @property
     def live_posts(self) -> list[dict[str, Any]]:
@@ -170,6 +178,20 @@ class FakePostiz:
         """Returns once `count` requests are being held by `stall`."""
         async with self._stalled_change:
             await self._stalled_change.wait_for(lambda: self.stalled_requests >= count)
+
+    def add_post(
+        self, organization: Organization, integration_id: str, content: str, publish_date: datetime
+    ) -> dict[str, Any]:
+        """A post made outside the Publisher (in the Postiz app, by another tool)."""
+        return _store_post(
+            organization,
+            integration_id,
+            {"content": content},
+            {},
+            publish_date,
+            "QUEUE",
+            uuid.uuid4().hex,
+        )
 
     def requests_of(self, method: str, path: str) -> list[RecordedRequest]:
         return [r for r in self.requests if r.method == method and r.path == f"{PREFIX}{path}"]
@@ -337,36 +359,29 @@ class FakePostiz:
         for post in posts:
             if post["integration"]["id"] not in known:
                 return JSONResponse({"msg": "Integration not found"}, status_code=400)
+        if body["type"] == "now":  # Postiz dates it by its own clock, to the minute
+            date = datetime.now(UTC).replace(second=0, microsecond=0)
         group = uuid.uuid4().hex
         created = []
         for post in posts:
-            integration = next(
-                i for i in organization.integrations if i["id"] == post["integration"]["id"]
+            if len(created) == organization.store_posts_then_fail:
+                return JSONResponse({"msg": "injected failure half-way"}, status_code=500)
+            stored = _store_post(
+                organization,
+                post["integration"]["id"],
+                post["value"][0],
+                post.get("settings", {}),
+                date,
+                "DRAFT" if body["type"] == "draft" else "QUEUE",
+                group,
             )
-            post_id = uuid.uuid4().hex
-            organization.posts.append(
-                {
-                    "id": post_id,
-                    "content": f"<p>{post['value'][0]['content']}</p>",
-                    "publishDate": _iso(date),
-                    "releaseURL": None,
-                    "state": "DRAFT" if body["type"] == "draft" else "QUEUE",
-                    "group": group,
-                    "image": post["value"][0].get("image", []),
-                    "settings": post.get("settings", {}),
-                    "integration": {
-                        "id": integration["id"],
-                        "providerIdentifier": integration["identifier"],
-                        "name": integration["name"],
-                        "picture": integration["picture"],
-                    },
-                    "deletedAt": None,
-                }
-            )
-            created.append({"postId": post_id, "integration": integration["id"]})
+            created.append({"postId": stored["id"], "integration": post["integration"]["id"]})
         if self.hang_after_accepting_posts:
             self.hanging.set()
             await self._release.wait()
+        if organization.post_delay_seconds:
+            organization.post_delayed.set()
+            await asyncio.sleep(organization.post_delay_seconds)
         headers = self._rate_headers(organization, now)
         return JSONResponse(created, status_code=201, headers=headers)
 
@@ -411,6 +426,38 @@ def streamed(content: bytes, media_type: str = "application/json") -> Response:
             yield content[start : start + 64 * 1024]
 
     return StreamingResponse(chunks(), media_type=media_type)
+
+
+def _store_post(
+    organization: Organization,
+    integration_id: str,
+    value: dict[str, Any],
+    settings: dict[str, Any],
+    date: datetime,
+    state: str,
+    group: str,
+) -> dict[str, Any]:
+    """Stores one post as Postiz does, its content turned into HTML."""
+    integration = next(i for i in organization.integrations if i["id"] == integration_id)
+    post = {
+        "id": uuid.uuid4().hex,
+        "content": f"<p>{value['content']}</p>",
+        "publishDate": _iso(date),
+        "releaseURL": None,
+        "state": state,
+        "group": group,
+        "image": value.get("image", []),
+        "settings": settings,
+        "integration": {
+            "id": integration["id"],
+            "providerIdentifier": integration["identifier"],
+            "name": integration["name"],
+            "picture": integration["picture"],
+        },
+        "deletedAt": None,
+    }
+    organization.posts.append(post)
+    return post
 
 
 @asynccontextmanager

@@ -6,9 +6,12 @@ Every test records its figures; `make test` prints them under "fault figures" (o
 """
 
 import asyncio
+import base64
 import collections
 import contextlib
 import dataclasses
+import json
+import secrets
 import uuid
 from dataclasses import dataclass, field
 
@@ -23,6 +26,7 @@ from publisher.v1 import publisher_pb2, publisher_pb2_grpc
 from services.jobs.service import JOBS
 from services.publisher.service import publisher_definition
 from tests.conftest import (
+    TEST_TRUSTED_HOSTS,
     PostizProfile,
     as_profile,
     new_profile_id,
@@ -413,3 +417,124 @@ async def test_call_cancelled_or_past_its_deadline_mid_transaction_rolls_back(
     assert idle_in_transaction == 0
     assert pool_state[0] == pool_state[1]
     assert finished.progress == 99
+
+
+SLOW_POST_SECONDS = 2.0  # longer than the Publisher takes to begin its shutdown
+
+
+async def _publications(database_url: str, request_ids: list[str]) -> dict[str, dict]:
+    """The stored publications of these request_ids: state and post ids, by request_id."""
+    connection = await asyncpg.connect(database_url)
+    try:
+        rows = await connection.fetch(
+            "SELECT request_id, state, posts::text FROM publisher.publications "
+            "WHERE request_id = ANY($1::text[])",
+            request_ids,
+        )
+    finally:
+        await connection.close()
+    return {
+        row["request_id"]: {
+            "state": row["state"],
+            "post_ids": [post["post_id"] for post in json.loads(row["posts"])],
+        }
+        for row in rows
+    }
+
+
+async def _completed_job(stub: jobs_pb2_grpc.JobServiceStub, metadata, video_url: str) -> str:
+    job = await stub.CreateJob(
+        jobs_pb2.CreateJobRequest(job=jobs_pb2.Job(kind="video_render")), metadata=metadata
+    )
+    change = jobs_pb2.Job(job_id=job.job_id, status=jobs_pb2.COMPLETED)
+    change.result.update({"video_url": video_url})
+    await stub.UpdateJob(
+        jobs_pb2.UpdateJobRequest(
+            job=change, update_mask=field_mask_pb2.FieldMask(paths=["status", "result"])
+        ),
+        metadata=metadata,
+    )
+    return job.job_id
+
+
+async def test_sigterm_mid_post_lets_the_post_finish_and_be_recorded(
+    database_url, jobs_service, jobs_stub, fault_figures
+):
+    key = secrets.token_bytes(32)
+    env = {
+        "PUBLISHER_ENCRYPTION_KEYS": "k1:" + base64.b64encode(key).decode(),
+        "JOBS_TARGET": f"127.0.0.1:{jobs_service.port}",
+        "POSTIZ_TRUSTED_HOSTS": ",".join(TEST_TRUSTED_HOSTS),
+        "SHUTDOWN_GRACE_SECONDS": "20",
+        "PUBLISHER_RECONCILE_GRACE_SECONDS": "0",
+    }
+    async with serve_fake_postiz() as fake:
+        async with (
+            server_process("publisher", database_url, **env) as server,
+            grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+        ):
+            stub = publisher_pb2_grpc.PublisherServiceStub(channel)
+            poster, job_owner = await _connect(stub, fake), await _connect(stub, fake)
+            fake.files["render.mp4"] = b"\x00\x00\x00\x18ftypmp42" + bytes(1000)
+            job_id = await _completed_job(
+                jobs_stub, job_owner.metadata, f"{fake.base_url}/files/render.mp4"
+            )
+            create = post_request(poster, content="Posted across a SIGTERM")
+            publish = publisher_pb2.PublishJobRequest(
+                job_id=job_id,
+                integration_ids=[i["id"] for i in job_owner.organization.integrations],
+                content="Rendered across a SIGTERM",
+            )
+            for profile in (poster, job_owner):
+                profile.organization.post_delay_seconds = SLOW_POST_SECONDS
+            calls = [
+                asyncio.ensure_future(stub.CreatePost(create, metadata=poster.metadata)),
+                asyncio.ensure_future(stub.PublishJob(publish, metadata=job_owner.metadata)),
+            ]
+            await asyncio.wait_for(
+                asyncio.gather(*(p.organization.post_delayed.wait() for p in (poster, job_owner))),
+                20,
+            )
+            server.process.terminate()
+            outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 30)
+            exit_code = await asyncio.wait_for(server.process.wait(), 30)
+        request_ids = [create.request_id, f"job:{job_id}"]
+        stored = await _publications(database_url, request_ids)
+        job = await jobs_stub.GetJob(
+            jobs_pb2.GetJobRequest(job_id=job_id), metadata=job_owner.metadata
+        )
+        posted_before_restart = len(fake.requests_of("POST", "/posts"))
+        config = dataclasses.replace(publisher_config(jobs_service), encryption_keys={"k1": key})
+        async with (
+            running(publisher_definition(config), settings_for(database_url)) as restarted,
+            grpc.aio.insecure_channel(f"127.0.0.1:{restarted.port}") as channel,
+        ):
+            stub = publisher_pb2_grpc.PublisherServiceStub(channel)
+            retried = [
+                await stub.CreatePost(create, metadata=poster.metadata),
+                await stub.PublishJob(publish, metadata=job_owner.metadata),
+            ]
+    made = [p["id"] for profile in (poster, job_owner) for p in profile.organization.live_posts]
+    recorded = {post_id for publication in stored.values() for post_id in publication["post_ids"]}
+    failed = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+    written = job.result["publication"]["posts"] if "publication" in job.result else []
+    fault_figures["Publisher SIGTERM mid-post"] = {
+        "calls": len(calls) + len(retried),
+        "faults": 1,
+        "calls_in_flight_at_sigterm": len(calls),
+        "in_flight_failed": len(failed),
+        "posts_made": len(made),
+        # one channel for CreatePost, two for PublishJob
+        "posts_duplicated": max(len(made) - 3, 0),
+        "posts_unrecorded": len(set(made) - recorded),
+        "job_results_unwritten": int(len(written) != 2),
+    }
+    assert exit_code == 0
+    assert not failed, failed
+    assert len(made) == 3
+    assert {p["state"] for p in stored.values()} == {"ACCEPTED"}
+    assert set(made) == recorded
+    assert sorted(p["post_id"] for p in written) == sorted(stored[request_ids[1]]["post_ids"])
+    for before, after in zip(outcomes, retried, strict=True):
+        assert [p.post_id for p in after.posts] == [p.post_id for p in before.posts]
+    assert len(fake.requests_of("POST", "/posts")) == posted_before_restart == 2

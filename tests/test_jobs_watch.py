@@ -17,6 +17,7 @@ from services.jobs.servicer import job_message
 from services.jobs.store import JobStore
 from services.jobs.watch import JobWatchHub, WatchLimits
 from services.runtime.call_context import profile_scope
+from services.runtime.server import start_service
 from tests.conftest import as_profile, expect_status, new_profile_id, running, settings_for
 
 TIMEOUT = 10
@@ -260,3 +261,15 @@ async def test_watchers_of_a_replica_are_capped_in_all(database_url):
         assert "JOBS_WATCHERS_PER_REPLICA" in details
         for call in calls:
             call.cancel()
+
+
+async def test_watch_streams_end_as_shutdown_starts_not_after_the_grace(database_url, profile):
+    service = await start_service(JOBS, settings_for(database_url))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+        stub = jobs_pb2_grpc.JobServiceStub(channel)
+        job = await _create(stub, profile)
+        call = stub.WatchJob(jobs_pb2.WatchJobRequest(job_id=job.job_id), metadata=profile)
+        await _next(call)
+        stopping = asyncio.create_task(service.stop(grace=600))
+        assert await _next(call) is grpc.aio.EOF
+        await asyncio.wait_for(stopping, TIMEOUT)

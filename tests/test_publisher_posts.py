@@ -220,3 +220,14 @@ async def test_reconciling_does_not_take_an_identical_post_of_another_request(
     retried = await publisher_stub.CreatePost(request, metadata=postiz_profile.metadata)
     assert retried.posts[0].post_id != earlier.posts[0].post_id
     assert len(postiz_profile.organization.live_posts) == 2
+
+
+async def test_create_post_naming_one_channel_twice_is_invalid(publisher_stub, postiz_profile):
+    request = post_request(postiz_profile)
+    request.posts.append(request.posts[0])
+    details = await expect_status(
+        publisher_stub.CreatePost(request, metadata=postiz_profile.metadata),
+        Code.INVALID_ARGUMENT,
+    )
+    assert "more than once" in details
+    assert postiz_profile.organization.live_posts == []

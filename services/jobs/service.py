@@ -12,7 +12,7 @@ from services.jobs.watch import JobWatchHub, WatchLimits
 from services.runtime.database import TenantScopedPool
 from services.runtime.interceptors.handlers import InterceptedHandlers
 from services.runtime.paging import reply_budget
-from services.runtime.server import ServiceDefinition, ServicersFactory
+from services.runtime.server import EndStreams, ServiceDefinition, ServicersFactory
 from services.runtime.settings import Settings, env_int
 
 
@@ -28,7 +28,7 @@ def jobs_servicers(watch_limits: WatchLimits | None) -> ServicersFactory:
     @asynccontextmanager
     async def servicers(
         handlers: InterceptedHandlers, pool: TenantScopedPool, settings: Settings
-    ) -> AsyncIterator[None]:
+    ) -> AsyncIterator[EndStreams]:
         store = JobStore(pool)
         limits = watch_limits or watch_limits_from_environment()
         watch_hub = JobWatchHub(settings.database_url, store, job_message, limits)
@@ -36,7 +36,8 @@ def jobs_servicers(watch_limits: WatchLimits | None) -> ServicersFactory:
         servicer = JobServicer(store, watch_hub, reply_budget(settings.max_message_bytes))
         jobs_pb2_grpc.add_JobServiceServicer_to_server(servicer, handlers)
         try:
-            yield
+            # WatchJob streams end as shutdown starts; the hub closes again, harmlessly, on exit.
+            yield watch_hub.close
         finally:
             await watch_hub.close()
 

@@ -5,10 +5,11 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from services.runtime.errors import InvalidArgument
+from services.runtime.fields import shifted_time
 
 MIB = 1024 * 1024
 
@@ -114,6 +115,8 @@ class PostizPost:
     integration_id: str
     integration_name: str
     integration_identifier: str
+    # The ids of its first value's media, when Postiz lists them (GET /posts does not).
+    media_ids: frozenset[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,29 +191,103 @@ def postiz_post_body(
 
 _TAG = re.compile(r"<[^>]+>")
 
+# Postiz dates a "now" post by its own clock, to the minute: a clock this far behind ours
+# still dates a post it made during the attempt no earlier than the attempt's minute.
+POSTIZ_CLOCK_SKEW = timedelta(seconds=5)
+# Postiz keeps a scheduled post's date to the millisecond; ours may carry microseconds.
+SCHEDULE_TOLERANCE = timedelta(seconds=1)
+
 
 def _comparable(content: str) -> str:
     return " ".join(_TAG.sub(" ", content).split())
 
 
-def matching_posts(
-    postiz_request: dict[str, Any], found: list[PostizPost], claimed: set[str]
-) -> list[CreatedPost]:
-    """The posts in `found` that an earlier POST of `postiz_request` created: on each of its
-    channels, the latest post with the same first content (Postiz may have turned it into
-    HTML) that no other publication has `claimed`."""
+def _minute(moment: datetime) -> datetime:
+    return moment.replace(second=0, microsecond=0)
+
+
+def attempt_window(
+    postiz_request: dict[str, Any], publish_time: datetime, attempt_start: datetime, now: datetime
+) -> tuple[datetime, datetime]:
+    """Where the posts an attempt made have their publishDate. GET /posts gives no creation
+    time, so for a "now" post the date Postiz gave it (its clock, to the minute) stands in
+    for it: from the attempt's start on. A scheduled post or draft has the date requested."""
+    if postiz_request["type"] == PostType.NOW:
+        return _minute(attempt_start - POSTIZ_CLOCK_SKEW), now + POSTIZ_CLOCK_SKEW
+    return (
+        shifted_time(publish_time, -SCHEDULE_TOLERANCE),
+        shifted_time(publish_time, SCHEDULE_TOLERANCE),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Reconciliation:
+    """What Postiz holds of an attempt of unknown outcome, on the channels still wanted."""
+
+    found: tuple[CreatedPost, ...]  # one post on each channel where exactly one matches
+    missing: tuple[str, ...]  # channels where none matches: the attempt made no post there
+    ambiguous: dict[str, tuple[str, ...]]  # channel → the post ids that match on it
+
+    @property
+    def ambiguity(self) -> str:
+        return "; ".join(
+            f"integration {integration}: posts {', '.join(ids)}"
+            for integration, ids in self.ambiguous.items()
+        )
+
+
+def reconcile(
+    postiz_request: dict[str, Any],
+    recorded: tuple[CreatedPost, ...],
+    listed: list[PostizPost],
+    claimed: set[str],
+    window: tuple[datetime, datetime],
+) -> Reconciliation:
+    """Matches the posts Postiz `listed` against the request's channels that have no
+    `recorded` post yet. A post matches when no publication has `claimed` it, it is on that
+    channel, has the same first content (Postiz may have turned it into HTML) and media
+    (when Postiz lists them), and its date is in the attempt's `window`."""
+    done = {post.integration_id for post in recorded}
     wanted = {
-        post["integration"]["id"]: _comparable(post["value"][0]["content"])
+        post["integration"]["id"]: (
+            _comparable(post["value"][0]["content"]),
+            frozenset(image["id"] for image in post["value"][0].get("image", [])),
+        )
         for post in postiz_request["posts"]
+        if post["integration"]["id"] not in done
     }
-    latest: dict[str, PostizPost] = {}
-    for post in found:
-        if post.id in claimed or wanted.get(post.integration_id) != _comparable(post.content):
-            continue
-        current = latest.get(post.integration_id)
-        if current is None or post.publish_time >= current.publish_time:
-            latest[post.integration_id] = post
-    return [CreatedPost(post.id, post.integration_id) for post in latest.values()]
+    start, end = window
+    candidates: dict[str, list[str]] = {integration: [] for integration in wanted}
+    for post in listed:
+        content, media = wanted.get(post.integration_id, (None, None))
+        if (
+            content is not None
+            and post.id not in claimed
+            and _comparable(post.content) == content
+            and (post.media_ids is None or post.media_ids == media)
+            and start <= post.publish_time <= end
+        ):
+            candidates[post.integration_id].append(post.id)
+    return Reconciliation(
+        found=tuple(CreatedPost(ids[0], i) for i, ids in candidates.items() if len(ids) == 1),
+        missing=tuple(i for i, ids in candidates.items() if not ids),
+        ambiguous={i: tuple(ids) for i, ids in candidates.items() if len(ids) > 1},
+    )
+
+
+def remaining_request(
+    postiz_request: dict[str, Any], recorded: tuple[CreatedPost, ...]
+) -> dict[str, Any]:
+    """The POST /posts body for the request's channels that have no recorded post yet."""
+    done = {post.integration_id for post in recorded}
+    return postiz_request | {
+        "posts": [p for p in postiz_request["posts"] if p["integration"]["id"] not in done]
+    }
+
+
+def in_request_order(postiz_request: dict[str, Any], posts: list[CreatedPost]) -> list[CreatedPost]:
+    order = {p["integration"]["id"]: n for n, p in enumerate(postiz_request["posts"])}
+    return sorted(posts, key=lambda post: order.get(post.integration_id, len(order)))
 
 
 def new_draft(
@@ -228,6 +305,12 @@ def new_draft(
         raise InvalidArgument("publish_time is required to schedule a post")
     if not posts:
         raise InvalidArgument("posts must name at least one integration")
+    integrations = [post["integration"]["id"] for post in posts]
+    if len(set(integrations)) != len(integrations):
+        raise InvalidArgument(
+            "posts names an integration more than once: give each channel one entry (a "
+            "thread goes in its values)"
+        )
     when = publish_time or datetime.now(UTC)
     return PublicationDraft(
         request_id=request_id,

@@ -202,6 +202,7 @@ def _integration(item: dict[str, Any]) -> Integration:
 
 def _post(item: dict[str, Any]) -> PostizPost:
     integration = item.get("integration") or {}
+    images = item.get("image")
     return PostizPost(
         id=str(item["id"]),
         content=item.get("content") or "",
@@ -214,6 +215,11 @@ def _post(item: dict[str, Any]) -> PostizPost:
         integration_identifier=integration.get("providerIdentifier")
         or integration.get("identifier")
         or "",
+        media_ids=(
+            frozenset(str(image.get("id")) for image in images if isinstance(image, dict))
+            if isinstance(images, list)
+            else None
+        ),
     )
 
 

@@ -22,8 +22,11 @@ from services.publisher.model import (
     PublicationDraft,
     PublicationState,
     StoredCredentials,
-    matching_posts,
+    attempt_window,
+    in_request_order,
     new_draft,
+    reconcile,
+    remaining_request,
     request_digest,
 )
 from services.publisher.postiz import PostizClient, PostizRateLimited, PostOutcomeUnknown
@@ -40,8 +43,6 @@ from services.runtime.fields import shifted_time
 
 log = logging.getLogger(__name__)
 
-# Postiz may store a "now" post under its own clock: search this far around the publish time.
-RECONCILE_MARGIN = timedelta(minutes=5)
 GET_POST_WINDOW = timedelta(days=1)
 _CLAIM_ROUNDS = 3
 
@@ -176,8 +177,8 @@ class Publisher:
         """Posts the draft at most once per request_id.
 
         The attempt is committed before Postiz is called. A retry finds the stored result; a
-        retry after an attempt of unknown outcome searches Postiz for the post before
-        sending again.
+        retry after an attempt of unknown outcome searches Postiz for what it made, and sends
+        again only to the channels where it made nothing.
         """
         account = await self._account()
         for _ in range(_CLAIM_ROUNDS):
@@ -186,7 +187,9 @@ class Publisher:
                 return claim.publication
             if claim.step == NextStep.SEND:
                 return await self._send(account, claim.publication, claim.attempt)
-            publication = await self._reconcile(account, claim.publication, claim.attempt)
+            publication = await self._reconcile(
+                account, claim.publication, claim.attempt, claim.attempt_start
+            )
             if publication is not None and publication.state == PublicationState.ACCEPTED:
                 return publication
         raise Conflict(
@@ -197,10 +200,9 @@ class Publisher:
         self, account: PostizAccount, publication: Publication, attempt: int
     ) -> Publication:
         request_id = publication.request_id
+        body = remaining_request(publication.postiz_request, publication.posts)
         try:
-            posts, rate_limited_until = await self._postiz.create_post(
-                account, publication.postiz_request
-            )
+            posts, rate_limited_until = await self._postiz.create_post(account, body)
         except PostOutcomeUnknown as error:
             log.warning("publication %s attempt %d: outcome unknown", request_id, attempt)
             await self._store.finish_attempt(
@@ -227,38 +229,60 @@ class Publisher:
             request_id,
             attempt,
             PublicationState.ACCEPTED,
-            posts=posts,
+            posts=in_request_order(publication.postiz_request, [*publication.posts, *posts]),
             rate_limited_until=rate_limited_until,
         )
         return finished or await self._stored(request_id)
 
     async def _reconcile(
-        self, account: PostizAccount, publication: Publication, attempt: int
+        self,
+        account: PostizAccount,
+        publication: Publication,
+        attempt: int,
+        attempt_start: datetime,
     ) -> Publication | None:
-        """Looks in Postiz for what the attempt of unknown outcome created."""
-        now = datetime.now(UTC)
-        found = await self._postiz.list_posts(
-            account,
-            shifted_time(publication.publish_time, -RECONCILE_MARGIN),
-            shifted_time(max(publication.publish_time, now), RECONCILE_MARGIN),
+        """Looks in Postiz for what the attempt of unknown outcome made, and adopts a post on
+        a channel only when it is the one post there that matches and is no older than the
+        attempt. All found: ACCEPTED. Some or none: the found ones are recorded and the next
+        attempt posts on the other channels only. More than one candidate on a channel:
+        FailedPrecondition, the attempt stays of unknown outcome, nothing is guessed."""
+        request_id = publication.request_id
+        window = attempt_window(
+            publication.postiz_request, publication.publish_time, attempt_start, datetime.now(UTC)
         )
-        claimed = await self._store.claimed_post_ids([post.id for post in found])
-        posts = matching_posts(publication.postiz_request, found, claimed)
+        listed = await self._postiz.list_posts(account, *window)
+        claimed = await self._store.claimed_post_ids([post.id for post in listed])
+        finding = reconcile(publication.postiz_request, publication.posts, listed, claimed, window)
         log.info(
-            "publication %s attempt %d reconciled: %s",
-            publication.request_id,
+            "publication %s attempt %d reconciled: %d found, %d missing, %d ambiguous",
+            request_id,
             attempt,
-            "found in Postiz" if posts else "not in Postiz",
+            len(finding.found),
+            len(finding.missing),
+            len(finding.ambiguous),
         )
-        if posts:
+        if finding.ambiguous:
+            raise FailedPrecondition(
+                f"request_id {request_id!r}: an earlier attempt's outcome is unknown and Postiz "
+                f"holds more than one post it may have made ({finding.ambiguity}); delete the "
+                "extra ones (DeletePost) and retry with the same request_id, which adopts a "
+                "single post left, or posts again where none is left"
+            )
+        posts = in_request_order(publication.postiz_request, [*publication.posts, *finding.found])
+        if not finding.missing:
             return await self._store.finish_attempt(
-                publication.request_id, attempt, PublicationState.ACCEPTED, posts=posts
+                request_id, attempt, PublicationState.ACCEPTED, posts=posts
             )
         return await self._store.finish_attempt(
-            publication.request_id,
+            request_id,
             attempt,
             PublicationState.FAILED,
-            error="the post was not found in Postiz after an attempt of unknown outcome",
+            posts=posts,
+            error=(
+                "after an attempt of unknown outcome Postiz had no post on integration(s) "
+                f"{', '.join(finding.missing)}; a retry with the same request_id posts on "
+                "those only"
+            ),
         )
 
     async def _stored(self, request_id: str) -> Publication:

@@ -84,7 +84,8 @@ class NextStep(enum.Enum):
 class Claim:
     publication: Publication
     step: NextStep
-    attempt: int  # the attempt to send, or the one whose outcome is unknown
+    attempt: int  # the attempt to send, or the one whose outcome is unknown (or the last)
+    attempt_start: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,8 +278,6 @@ class PublisherStore:
                     f"request_id {draft.request_id!r} was already used for a different post; "
                     "use a new request_id for a new post"
                 )
-            if publication.state == PublicationState.ACCEPTED:
-                return Claim(publication, NextStep.DONE, publication.attempt_count)
             last = await connection.fetchrow(
                 """
                 SELECT attempt, outcome, start_time, end_time FROM publisher.publication_attempts
@@ -287,6 +286,8 @@ class PublisherStore:
                 profile_id,
                 draft.request_id,
             )
+            if publication.state == PublicationState.ACCEPTED:
+                return Claim(publication, NextStep.DONE, last["attempt"], last["start_time"])
             if last is not None and last["outcome"] in ("SENDING", "OUTCOME_UNKNOWN"):
                 in_flight_until = last["start_time"] + timedelta(seconds=policy.in_flight_seconds)
                 settled_since = last["end_time"] or in_flight_until
@@ -298,13 +299,13 @@ class PublisherStore:
                         f"its outcome is not known yet; retry with the same request_id in "
                         f"{wait:.0f}s"
                     )
-                return Claim(publication, NextStep.RECONCILE, last["attempt"])
+                return Claim(publication, NextStep.RECONCILE, last["attempt"], last["start_time"])
             await self._check_budget(connection, credentials["rate_limited_until"], now, policy)
             attempt = 1 if last is None else last["attempt"] + 1
-            await connection.execute(
+            start_time = await connection.fetchval(
                 """
                 INSERT INTO publisher.publication_attempts (profile_id, request_id, attempt)
-                VALUES ($1, $2, $3)
+                VALUES ($1, $2, $3) RETURNING start_time
                 """,
                 profile_id,
                 draft.request_id,
@@ -320,7 +321,7 @@ class PublisherStore:
                 profile_id,
                 draft.request_id,
             )
-        return Claim(_publication(row), NextStep.SEND, attempt)
+        return Claim(_publication(row), NextStep.SEND, attempt, start_time)
 
     @staticmethod
     async def _check_budget(
@@ -363,7 +364,8 @@ class PublisherStore:
         rate_limited_until: datetime | None = None,
     ) -> Publication | None:
         """Records an attempt's outcome (or a reconciliation's finding) on the attempt and the
-        publication. Returns None when a later attempt has taken over since."""
+        publication; `posts`, when given, replace the publication's, which are kept otherwise.
+        Returns None when a later attempt has taken over since."""
         profile_id = require_profile_id()
         async with self._pool.transaction() as connection:
             updated = await connection.fetchval(
@@ -396,14 +398,15 @@ class PublisherStore:
             row = await connection.fetchrow(
                 f"""
                 UPDATE publisher.publications p
-                SET state = $3, posts = $4, error = $5, update_time = clock_timestamp()
+                SET state = $3, posts = coalesce($4, p.posts), error = $5,
+                    update_time = clock_timestamp()
                 WHERE p.profile_id = $1 AND p.request_id = $2
                 RETURNING {_PUBLICATION_COLUMNS}
                 """,
                 profile_id,
                 request_id,
                 str(state),
-                _posts_json(posts or []),
+                None if posts is None else _posts_json(posts),
                 error,
             )
         return _publication(row)

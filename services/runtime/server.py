@@ -54,10 +54,14 @@ from services.runtime.workers import run_workers
 
 log = logging.getLogger(__name__)
 
+# Ends a service's long-lived streams (WatchJob) when shutdown starts.
+EndStreams = Callable[[], Awaitable[None]]
+
 # Registers the service's handlers on the InterceptedHandlers given, as generated
 # `add_*Servicer_to_server` functions do on a server.
 ServicersFactory = Callable[
-    [InterceptedHandlers, TenantScopedPool, Settings], AbstractAsyncContextManager[None]
+    [InterceptedHandlers, TenantScopedPool, Settings],
+    AbstractAsyncContextManager[EndStreams | None],
 ]
 
 
@@ -69,7 +73,8 @@ class ServiceDefinition:
     grpc_service: str  # full name, for example "jobs.v1.JobService"
     default_port: int
     migrations: Path
-    # Registers the servicers on enter; releases what they hold (listeners, clients) on exit.
+    # Registers the servicers on enter and yields what ends their long-lived streams, if they
+    # have any; releases what they hold (listeners, clients) on exit, once no call is left.
     servicers: ServicersFactory
     # Loads reference data kept in the repo (Costs' price catalog) after the SQL migrations,
     # as the schema owner: the service's own role may only read it.
@@ -212,6 +217,7 @@ class RunningService:
         pool: TenantScopedPool,
         health_servicer: health.aio.HealthServicer,
         resources: AsyncExitStack,
+        end_streams: EndStreams | None,
         port: int,
         metrics: MetricsServer | None = None,
     ) -> None:
@@ -223,6 +229,7 @@ class RunningService:
         self.port = port
         self.metrics = metrics
         self._resources = resources
+        self._end_streams = end_streams
         self._monitor = asyncio.create_task(self._watch_database())
 
     async def _set_serving(self, serving: bool) -> None:
@@ -253,9 +260,18 @@ class RunningService:
                 await self._set_serving(serving)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Health NOT_SERVING, still serve for the drain period, refuse new calls, let
-        in-flight calls finish within the grace, release the service's resources, close the
-        pool."""
+        """Shuts down in this order:
+
+        1. health NOT_SERVING, and still serve for the drain period;
+        2. refuse new calls, and end long-lived streams (WatchJob), which would otherwise
+           hold the whole grace period;
+        3. let in-flight calls finish, within the grace; those still running then are
+           cancelled;
+        4. only then release the service's resources (HTTP clients, channels to other
+           services, listeners), so that no call loses them half-way: a CreatePost that
+           posted still records it;
+        5. close the pool.
+        """
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
         self._monitor.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -265,9 +281,10 @@ class RunningService:
         # health have left by the end of the drain, so none arrive then.
         await asyncio.sleep(self.settings.shutdown_drain_seconds)
         stopping = asyncio.create_task(self.server.stop(grace))
-        # Long-lived streams (WatchJob) end here instead of holding the whole grace period.
-        await self._resources.aclose()
+        if self._end_streams is not None:
+            await self._end_streams()
         await stopping
+        await self._resources.aclose()
         POOLS.remove(self.pool)
         await self.pool.close()
         if self.metrics is not None:
@@ -308,7 +325,9 @@ async def start_service(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, handlers)
     resources = AsyncExitStack()
-    await resources.enter_async_context(definition.servicers(handlers, pool, settings))
+    end_streams = await resources.enter_async_context(
+        definition.servicers(handlers, pool, settings)
+    )
     served = [definition.grpc_service, health.SERVICE_NAME, reflection.SERVICE_NAME]
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
         reflection.aio.ReflectionServicer(served), handlers
@@ -334,7 +353,7 @@ async def start_service(
         ", mutual TLS" if settings.tls_client_ca else ", TLS" if settings.tls_cert else "",
     )
     return RunningService(
-        definition, settings, server, pool, health_servicer, resources, port, metrics
+        definition, settings, server, pool, health_servicer, resources, end_streams, port, metrics
     )
 
 
