@@ -158,6 +158,8 @@ async def start_suite(database_url: str, *, workers: int, noop: bool) -> AsyncIt
             DB_POOL_MAX_SIZE=str(POOL_SIZE),
             # The watch fan-out opens every watcher as one profile.
             PROFILE_MAX_STREAMS="0",
+            # One profile drives each operation, as it drives the db ceiling's bare pool.
+            DB_CONNECTIONS_PER_PROFILE="0",
         )
         channels = [await _channel(stack, jobs_port) for _ in range(CONNECTIONS)]
         await asyncio.gather(*(_serving(channel) for channel in channels))
@@ -175,6 +177,7 @@ async def start_suite(database_url: str, *, workers: int, noop: bool) -> AsyncIt
                 GRPC_PORT=str(costs_port),
                 MIGRATE_ON_START="false",
                 DB_POOL_MAX_SIZE=str(POOL_SIZE),
+                DB_CONNECTIONS_PER_PROFILE="0",
                 COSTS_SPOOL_PATH=str(log_dir / "spool.jsonl"),
             )
             costs_pid = costs.pid

@@ -14,6 +14,7 @@ pool's own bounds, Unavailable ("busy; retry").
 """
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -78,6 +79,48 @@ async def create_pool(
     )
 
 
+# The share that an operator's cross-profile reads count under: never a profile id.
+OPERATOR_SHARE = "*"
+
+
+class _ConnectionShare:
+    """One profile's places in the pool (connections held or being acquired) and the calls
+    of that profile waiting for one, first come first served."""
+
+    __slots__ = ("_waiters", "held", "waiting")
+
+    def __init__(self) -> None:
+        self.held = 0
+        self.waiting = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def turn(self) -> None:
+        """Waits until a holder of this profile hands its place over; then the caller holds
+        it."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self.waiting += 1
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # handed over just as the caller gave up: pass it on
+            else:
+                self._waiters.remove(waiter)
+            raise
+        finally:
+            self.waiting -= 1
+
+    def release(self) -> None:
+        """A holder is done: its place passes to the next waiter, or is freed."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.held -= 1
+
+
 class TenantScopedPool:
     """Hands out connections inside a transaction scoped to the current call's profile."""
 
@@ -89,6 +132,7 @@ class TenantScopedPool:
         *,
         acquire_timeout_seconds: float = 5.0,
         statement_timeout_seconds: float = 10.0,
+        connections_per_profile: int = 0,
     ) -> None:
         self.pool = pool
         self.role = role
@@ -104,6 +148,9 @@ class TenantScopedPool:
         )
         self._waiting = 0
         self._traced = tracing_enabled()
+        # Each profile's share of the pool: 0 lets one profile take every connection.
+        self.connections_per_profile = connections_per_profile
+        self._shares: dict[str, _ConnectionShare] = {}
 
     def transaction(
         self, *, readonly: bool = False
@@ -114,12 +161,13 @@ class TenantScopedPool:
         Unavailable so callers get a status they can retry on.
         """
         # BEGIN and the scoping go in one round trip; a transaction costs three in all.
+        profile_id = require_profile_id()
         begin = (
             f"BEGIN{' READ ONLY' if readonly else ''}; "
             f"SELECT set_config('role', {self._role_literal}, true), "
-            f"set_config('app.profile_id', {_literal(require_profile_id())}, true)"
+            f"set_config('app.profile_id', {_literal(profile_id)}, true)"
         )
-        return self._scoped(begin)
+        return self._scoped(begin, profile_id)
 
     def cross_profile_transaction(self) -> AbstractAsyncContextManager[asyncpg.Connection]:
         """A READ ONLY transaction that sees every profile's rows, for an operator's call only
@@ -132,10 +180,10 @@ class TenantScopedPool:
             f"SELECT set_config('role', {self._role_literal}, true), "
             "set_config('app.operator', 'on', true)"
         )
-        return self._scoped(begin)
+        return self._scoped(begin, OPERATOR_SHARE)
 
     @asynccontextmanager
-    async def _scoped(self, begin: str) -> AsyncIterator[asyncpg.Connection]:
+    async def _scoped(self, begin: str, share: str) -> AsyncIterator[asyncpg.Connection]:
         """Runs `begin` with the statement timeout, then commits, or rolls back on any error or
         cancellation."""
         span = (
@@ -145,7 +193,7 @@ class TenantScopedPool:
         )
         with span:
             try:
-                connection = await self._acquire()
+                connection = await self._acquire(share)
                 try:
                     # Measured once the connection is in hand: the wait for it has spent some.
                     statement_seconds, deadline_bound = self._bound(
@@ -168,6 +216,7 @@ class TenantScopedPool:
                     await connection.execute("COMMIT")
                 finally:
                     await self.pool.release(connection)
+                    self._leave(share)
             except CONNECTION_ERRORS as error:
                 POSTGRES_ERRORS.labels(self.service, "connection").inc()
                 log.warning("database unavailable: %s", error)
@@ -194,30 +243,67 @@ class TenantScopedPool:
             raise DeadlineExceeded(f"the call's deadline passed before {doing}")
         return remaining, True
 
-    async def _acquire(self) -> asyncpg.Connection:
-        """A connection of the pool, waited for within the bounds; DeadlineExceeded or
-        Unavailable ("busy") when none came in time."""
-        seconds, deadline_bound = self._bound(
-            self.acquire_timeout_seconds, "waiting for a database connection"
-        )
-        if self.pool.get_idle_size():
-            # An idle connection is handed out at once: no timer to arm (it costs more CPU
-            # than the rest of acquiring).
-            return await self.pool.acquire()
-        self._waiting += 1
+    async def _acquire(self, share: str) -> asyncpg.Connection:
+        """A connection of the pool, waited for within the bounds, once the profile holds
+        fewer than its share; DeadlineExceeded or Unavailable ("busy") when none came in time.
+        On success the caller owes `_leave(share)` after releasing the connection."""
+        entry = self._share(share)
+        holding = entry is None or entry.held < self.connections_per_profile
+        if entry is not None and holding:
+            entry.held += 1
         try:
-            async with asyncio.timeout(seconds) as timeout:
+            if holding and self.pool.get_idle_size():
+                # An idle connection is handed out at once: no timer to arm (it costs more
+                # CPU than the rest of acquiring).
                 return await self.pool.acquire()
-        except TimeoutError as error:
-            if not timeout.expired():
-                raise  # connecting timed out: the database is unreachable
-            raise _out_of_time(
-                deadline_bound,
-                "no database connection came free",
-                f"the database is busy: no connection came free in {seconds:g}s",
-            ) from error
-        finally:
-            self._waiting -= 1
+            seconds, deadline_bound = self._bound(
+                self.acquire_timeout_seconds, "waiting for a database connection"
+            )
+            self._waiting += 1
+            try:
+                async with asyncio.timeout(seconds) as timeout:
+                    if entry is not None and not holding:
+                        # Past its share: one profile's burst waits behind itself, for its
+                        # own next release, not in front of other profiles.
+                        await entry.turn()
+                        holding = True
+                    return await self.pool.acquire()
+            except TimeoutError as error:
+                if not timeout.expired():
+                    raise  # connecting timed out: the database is unreachable
+                raise _out_of_time(
+                    deadline_bound,
+                    "no database connection came free",
+                    f"the database is busy: no connection came free in {seconds:g}s",
+                ) from error
+            finally:
+                self._waiting -= 1
+        except BaseException:
+            if holding:
+                self._leave(share)
+            else:
+                self._forget_if_idle(share)
+            raise
+
+    def _share(self, share: str) -> _ConnectionShare | None:
+        if not self.connections_per_profile:
+            return None
+        entry = self._shares.get(share)
+        if entry is None:
+            entry = self._shares[share] = _ConnectionShare()
+        return entry
+
+    def _leave(self, share: str) -> None:
+        entry = self._shares.get(share)
+        if entry is not None:
+            entry.release()
+            self._forget_if_idle(share)
+
+    def _forget_if_idle(self, share: str) -> None:
+        """Per-profile state lives only while the profile holds or waits for a connection."""
+        entry = self._shares.get(share)
+        if entry is not None and not entry.held and not entry.waiting:
+            del self._shares[share]
 
     def usage(self) -> dict[str, int]:
         """Connections by state, for the pool gauges."""

@@ -310,6 +310,7 @@ async def start_service(
         service=definition.name,
         acquire_timeout_seconds=settings.db_acquire_timeout_seconds,
         statement_timeout_seconds=settings.db_statement_timeout_seconds,
+        connections_per_profile=settings.db_connections_per_profile,
     )
     if settings.page_token_key:
         page_tokens.use_key(settings.page_token_key.encode())

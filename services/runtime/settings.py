@@ -106,6 +106,8 @@ class Settings:
         )
         if min(limits) < 0:
             raise SystemExit("the PROFILE_* and GRPC_MAX_CONCURRENT_* limits must not be negative")
+        if self.db_connections_per_profile < 0:
+            raise SystemExit("DB_CONNECTIONS_PER_PROFILE must not be negative (0: no share)")
         if min(self.db_acquire_timeout_seconds, self.db_statement_timeout_seconds) <= 0:
             raise SystemExit(
                 "DB_ACQUIRE_TIMEOUT_SECONDS and DB_STATEMENT_TIMEOUT_SECONDS must be above 0"
@@ -127,6 +129,8 @@ class Settings:
     # Waiting for a pool connection, and each statement: at most these, and the call's deadline.
     db_acquire_timeout_seconds: float = 5.0
     db_statement_timeout_seconds: float = 10.0
+    # Each profile's share of the pool; beyond it the profile waits behind its own calls.
+    db_connections_per_profile: int = 5
     # The page tokens' checksum key (runtime.page_tokens); required with AUTH_MODE=jwt.
     page_token_key: str = field(default="", repr=False)
 
@@ -188,6 +192,9 @@ class Settings:
             ),
             db_statement_timeout_seconds=env_float(
                 "DB_STATEMENT_TIMEOUT_SECONDS", cls.db_statement_timeout_seconds
+            ),
+            db_connections_per_profile=env_int(
+                "DB_CONNECTIONS_PER_PROFILE", cls.db_connections_per_profile
             ),
             page_token_key=os.environ.get("PAGE_TOKEN_KEY", "").strip(),
         )
