@@ -242,10 +242,13 @@ class Metering:
         response = await client.aio.models.generate_content(
             model=model, contents=contents, config=config
         )
-        request = gemini_usage_request(
-            response, model=model, job_id=job_id, frames_analyzed=frames_analyzed
+        await self.record_gemini(
+            response,
+            model=model,
+            job_id=job_id,
+            frames_analyzed=frames_analyzed,
+            profile_id=profile_id,
         )
-        await self._record(profile_id, "RecordGeminiUsage", request, response)
         return response
 
     async def record_gemini(

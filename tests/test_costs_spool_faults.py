@@ -4,16 +4,15 @@ line is lost. Each test records its figures; `make test` prints them under "faul
 
 import asyncio
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
 import grpc
 from costs.v1 import costs_pb2, costs_pb2_grpc
 
-from services.costs.model import elevenlabs_tts_line
 from services.costs.spool import append_durably, encode_line
 from tests.conftest import as_profile, new_profile_id, server_process
+from tests.test_costs_spool import tts_line
 
 WRITERS = 8
 ACKNOWLEDGED_BEFORE_KILL = 300
@@ -31,19 +30,7 @@ def spool_environment(spool_path: Path) -> dict[str, str]:
 
 
 def spooled_line(profile_id: str, request_id: str, characters: int = 1000) -> bytes:
-    return encode_line(
-        profile_id,
-        elevenlabs_tts_line(
-            request_id=request_id,
-            job_id=None,
-            model_id="eleven_flash_v2_5",
-            voice_id="voice-1",
-            characters=characters,
-            credits_charged=None,
-            text_preview="Hello",
-            occurred_at=datetime.now(UTC),
-        ),
-    )
+    return encode_line(profile_id, tts_line(request_id, characters))
 
 
 async def recorded(database_url: str, profile_id: str, expected: int, within: float) -> int:

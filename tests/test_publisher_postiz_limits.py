@@ -15,12 +15,13 @@ from starlette.responses import Response
 from services.publisher.service import publisher_definition
 from tests.conftest import (
     TEST_POSTIZ_LIMITS,
+    PostizProfile,
     connect_profile,
     publisher_config,
     running,
     settings_for,
 )
-from tests.fake_postiz import dribbling, serve_fake_postiz, streamed
+from tests.fake_postiz import FakePostiz, dribbling, serve_fake_postiz, streamed
 from tests.publisher_requests import expect_status, post_request
 
 Code = grpc.StatusCode
@@ -60,17 +61,27 @@ async def patient_stub(
         yield publisher_pb2_grpc.PublisherServiceStub(channel)
 
 
+async def _hold_connections(
+    stub: publisher_pb2_grpc.PublisherServiceStub,
+    stalling: FakePostiz,
+    profile: PostizProfile,
+    calls: int,
+) -> list[asyncio.Future]:
+    """`calls` ListIntegrations of the profile against its stalled Postiz, returned once the
+    profile's CONNECTIONS connections are all held by them."""
+    stalling.stall(profile.organization)
+    pending = [
+        asyncio.ensure_future(stub.ListIntegrations(LIST_INTEGRATIONS, metadata=profile.metadata))
+        for _ in range(calls)
+    ]
+    await stalling.stalled_requests_reach(CONNECTIONS)
+    return pending
+
+
 async def test_a_stalled_postiz_holds_no_more_than_its_profiles_connections(patient_stub):
     async with serve_fake_postiz() as stalling:
         stalled = await connect_profile(patient_stub, stalling)
-        stalling.stall(stalled.organization)
-        calls = [
-            asyncio.ensure_future(
-                patient_stub.ListIntegrations(LIST_INTEGRATIONS, metadata=stalled.metadata)
-            )
-            for _ in range(3 * CONNECTIONS)
-        ]
-        await stalling.stalled_requests_reach(CONNECTIONS)
+        calls = await _hold_connections(patient_stub, stalling, stalled, 3 * CONNECTIONS)
         refused = await first_to_end(calls, len(calls) - CONNECTIONS)
         held = stalling.stalled_requests
         stalling.unstall(stalled.organization)
@@ -83,14 +94,7 @@ async def test_a_stalled_postiz_holds_no_more_than_its_profiles_connections(pati
 async def test_a_stalled_postiz_does_not_delay_another_profiles_calls(patient_stub, fake_postiz):
     async with serve_fake_postiz() as stalling:
         stalled = await connect_profile(patient_stub, stalling)
-        stalling.stall(stalled.organization)
-        calls = [
-            asyncio.ensure_future(
-                patient_stub.ListIntegrations(LIST_INTEGRATIONS, metadata=stalled.metadata)
-            )
-            for _ in range(3 * CONNECTIONS)
-        ]
-        await stalling.stalled_requests_reach(CONNECTIONS)
+        calls = await _hold_connections(patient_stub, stalling, stalled, 3 * CONNECTIONS)
         other = await connect_profile(patient_stub, fake_postiz)
         answer = await patient_stub.ListIntegrations(LIST_INTEGRATIONS, metadata=other.metadata)
         still_stalled = stalling.stalled_requests
@@ -105,14 +109,7 @@ async def test_create_post_finding_no_free_connection_was_not_sent_and_is_retrie
 ):
     async with serve_fake_postiz() as stalling:
         profile = await connect_profile(patient_stub, stalling)
-        stalling.stall(profile.organization)
-        calls = [
-            asyncio.ensure_future(
-                patient_stub.ListIntegrations(LIST_INTEGRATIONS, metadata=profile.metadata)
-            )
-            for _ in range(CONNECTIONS)
-        ]
-        await stalling.stalled_requests_reach(CONNECTIONS)
+        calls = await _hold_connections(patient_stub, stalling, profile, CONNECTIONS)
         request = post_request(profile)
         await expect_status(
             patient_stub.CreatePost(request, metadata=profile.metadata), Code.RESOURCE_EXHAUSTED
