@@ -48,3 +48,22 @@ async def test_quick_benchmark_reports_every_operation(admin_database_url, tmp_p
     spent = sum(get_job[f"{part}_cpu_us_per_call"] for part in ("server", "database", "client"))
     cores = len(os.sched_getaffinity(0))
     assert get_job["machine_bound_per_second"] == pytest.approx(cores * 1e6 / spent, rel=1e-3)
+
+
+async def test_input_costs_measures_the_value_budget_and_the_refusal():
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.input_costs",
+        "--repeat",
+        "1",
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode == 0, output.decode()
+    lines = output.decode().splitlines()
+    assert len(lines) == 5
+    assert "240,000 empty lists" in lines[-1]
+    assert lines[-1].endswith("refused")
