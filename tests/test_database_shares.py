@@ -52,7 +52,7 @@ async def test_a_profile_past_its_share_waits_while_another_profile_is_served(sh
     go.set()
     await asyncio.wait_for(asyncio.gather(*tasks), 5)
     assert holders[SHARE].is_set()  # its own profile's release let it in
-    assert shared_pool._shares == {}  # no state left for idle profiles
+    assert shared_pool.shares.profiles() == 0  # no state left for idle profiles
 
 
 async def test_a_profile_waiting_past_its_share_gets_busy_after_the_acquire_timeout(shared_pool):
@@ -69,4 +69,4 @@ async def test_a_profile_waiting_past_its_share_gets_busy_after_the_acquire_time
     with profile_scope(busy):
         async with shared_pool.transaction() as connection:  # its places came back
             assert await connection.fetchval("SELECT 1") == 1
-    assert shared_pool._shares == {}
+    assert shared_pool.shares.profiles() == 0

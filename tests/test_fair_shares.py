@@ -18,8 +18,8 @@ import suite_client
 from services.jobs.service import JOBS
 from services.runtime.interceptors import ProfileInterceptor
 from services.runtime.interceptors.handlers import InterceptorChain
-from services.runtime.interceptors.shares import RETRY_AFTER_SECONDS, ProfileShares
 from services.runtime.server import new_server
+from services.runtime.shares import RETRY_AFTER_SECONDS, ProfileShares
 from tests.conftest import as_profile, new_profile_id, running, settings_for
 
 Code = grpc.StatusCode

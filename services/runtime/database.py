@@ -14,19 +14,26 @@ pool's own bounds, Unavailable ("busy; retry").
 """
 
 import asyncio
-import collections
 import contextlib
 import json
 import logging
 import math
+import sys
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import asyncpg
 
 from services.runtime.call_context import current_caller, remaining_seconds, require_profile_id
-from services.runtime.errors import DeadlineExceeded, DomainError, PermissionDenied, Unavailable
+from services.runtime.errors import (
+    DeadlineExceeded,
+    DomainError,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+)
 from services.runtime.metrics import POSTGRES_ERRORS
+from services.runtime.shares import CROSS_PROFILE_KEY, ProfileShares
 from services.runtime.tracing import tracing_enabled, transaction_span
 
 log = logging.getLogger(__name__)
@@ -79,48 +86,6 @@ async def create_pool(
     )
 
 
-# The share that an operator's cross-profile reads count under: never a profile id.
-OPERATOR_SHARE = "*"
-
-
-class _ConnectionShare:
-    """One profile's places in the pool (connections held or being acquired) and the calls
-    of that profile waiting for one, first come first served."""
-
-    __slots__ = ("_waiters", "held", "waiting")
-
-    def __init__(self) -> None:
-        self.held = 0
-        self.waiting = 0
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-
-    async def turn(self) -> None:
-        """Waits until a holder of this profile hands its place over; then the caller holds
-        it."""
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        self.waiting += 1
-        try:
-            await waiter
-        except BaseException:
-            if waiter.done() and not waiter.cancelled():
-                self.release()  # handed over just as the caller gave up: pass it on
-            else:
-                self._waiters.remove(waiter)
-            raise
-        finally:
-            self.waiting -= 1
-
-    def release(self) -> None:
-        """A holder is done: its place passes to the next waiter, or is freed."""
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
-        self.held -= 1
-
-
 class TenantScopedPool:
     """Hands out connections inside a transaction scoped to the current call's profile."""
 
@@ -148,9 +113,16 @@ class TenantScopedPool:
         )
         self._waiting = 0
         self._traced = tracing_enabled()
-        # Each profile's share of the pool: 0 lets one profile take every connection.
+        # Each profile's share of the pool (0 lets one profile take every connection). Its
+        # callers past it wait within the acquire bounds; how many can wait is bounded before
+        # they get here, by the profile's calls in flight.
         self.connections_per_profile = connections_per_profile
-        self._shares: dict[str, _ConnectionShare] = {}
+        self.shares = ProfileShares(
+            connections_per_profile,
+            acquire_timeout_seconds,
+            what="database connections",
+            max_waiting=sys.maxsize,
+        )
 
     def transaction(
         self, *, readonly: bool = False
@@ -180,7 +152,7 @@ class TenantScopedPool:
             f"SELECT set_config('role', {self._role_literal}, true), "
             "set_config('app.operator', 'on', true)"
         )
-        return self._scoped(begin, OPERATOR_SHARE)
+        return self._scoped(begin, CROSS_PROFILE_KEY)
 
     @asynccontextmanager
     async def _scoped(self, begin: str, share: str) -> AsyncIterator[asyncpg.Connection]:
@@ -216,7 +188,7 @@ class TenantScopedPool:
                     await connection.execute("COMMIT")
                 finally:
                     await self.pool.release(connection)
-                    self._leave(share)
+                    self.shares.leave(share)
             except CONNECTION_ERRORS as error:
                 POSTGRES_ERRORS.labels(self.service, "connection").inc()
                 log.warning("database unavailable: %s", error)
@@ -246,11 +218,8 @@ class TenantScopedPool:
     async def _acquire(self, share: str) -> asyncpg.Connection:
         """A connection of the pool, waited for within the bounds, once the profile holds
         fewer than its share; DeadlineExceeded or Unavailable ("busy") when none came in time.
-        On success the caller owes `_leave(share)` after releasing the connection."""
-        entry = self._share(share)
-        holding = entry is None or entry.held < self.connections_per_profile
-        if entry is not None and holding:
-            entry.held += 1
+        On success the caller owes `shares.leave(share)` after releasing the connection."""
+        holding = self.shares.try_enter(share)
         try:
             if holding and self.pool.get_idle_size():
                 # An idle connection is handed out at once: no timer to arm (it costs more
@@ -262,14 +231,14 @@ class TenantScopedPool:
             self._waiting += 1
             try:
                 async with asyncio.timeout(seconds) as timeout:
-                    if entry is not None and not holding:
+                    if not holding:
                         # Past its share: one profile's burst waits behind itself, for its
                         # own next release, not in front of other profiles.
-                        await entry.turn()
+                        await self.shares.enter_when_free(share, seconds)
                         holding = True
                     return await self.pool.acquire()
-            except TimeoutError as error:
-                if not timeout.expired():
+            except (TimeoutError, ResourceExhausted) as error:
+                if isinstance(error, TimeoutError) and not timeout.expired():
                     raise  # connecting timed out: the database is unreachable
                 raise _out_of_time(
                     deadline_bound,
@@ -280,30 +249,8 @@ class TenantScopedPool:
                 self._waiting -= 1
         except BaseException:
             if holding:
-                self._leave(share)
-            else:
-                self._forget_if_idle(share)
+                self.shares.leave(share)
             raise
-
-    def _share(self, share: str) -> _ConnectionShare | None:
-        if not self.connections_per_profile:
-            return None
-        entry = self._shares.get(share)
-        if entry is None:
-            entry = self._shares[share] = _ConnectionShare()
-        return entry
-
-    def _leave(self, share: str) -> None:
-        entry = self._shares.get(share)
-        if entry is not None:
-            entry.release()
-            self._forget_if_idle(share)
-
-    def _forget_if_idle(self, share: str) -> None:
-        """Per-profile state lives only while the profile holds or waits for a connection."""
-        entry = self._shares.get(share)
-        if entry is not None and not entry.held and not entry.waiting:
-            del self._shares[share]
 
     def usage(self) -> dict[str, int]:
         """Connections by state, for the pool gauges."""

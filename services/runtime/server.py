@@ -40,11 +40,11 @@ from services.runtime.interceptors.server import (
     Authorizer,
     ProfileInterceptor,
 )
-from services.runtime.interceptors.shares import ProfileShares
 from services.runtime.logs import configure_logging
 from services.runtime.metrics import POOLS, MetricsServer, serve_metrics
 from services.runtime.migrations import apply_migrations
 from services.runtime.settings import Settings
+from services.runtime.shares import ProfileShares
 from services.runtime.tracing import (
     configure_tracing,
     inner_server_interceptors,

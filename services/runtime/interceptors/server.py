@@ -2,7 +2,7 @@
 logging.
 
 For each RPC it reads and validates `x-profile-id`, authorizes the caller, scopes the call to
-that profile, holds it to the profile's fair share of the replica (runtime.interceptors.shares:
+that profile, holds it to the profile's fair share of the replica (runtime.shares:
 calls in flight, and response streams open, per profile), turns domain errors into gRPC status
 codes (a retry delay as google.rpc.RetryInfo in the status details), counts and times the call for
 Prometheus (runtime.interceptors.metrics) and writes an access line: for every
@@ -37,7 +37,7 @@ from services.runtime.call_context import (
 )
 from services.runtime.interceptors.handlers import WrappingInterceptor
 from services.runtime.interceptors.metrics import MethodMetrics, counted
-from services.runtime.interceptors.shares import CROSS_PROFILE_KEY, ProfileShares
+from services.runtime.shares import CROSS_PROFILE_KEY, ProfileShares
 
 access_log = logging.getLogger("services.access")
 operator_log = logging.getLogger("services.operator")

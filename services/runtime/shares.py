@@ -1,10 +1,11 @@
-"""Each profile's fair share of a replica: a limit on the calls it has in flight here.
+"""Each profile's fair share of something a replica has a limited amount of: its calls in
+flight (the server interceptor), its open streams, its database connections (the pool).
 
-A profile's burst queues behind its own calls, never in front of another profile's: a call
-beyond the limit waits a short while for one of the same profile's calls to end (at most as
-many wait as the limit), then is refused with RESOURCE_EXHAUSTED and a retry delay. A
-profile's entry exists only while it has calls in flight or waiting, so the state stays as
-small as the traffic.
+A profile's burst queues behind its own holders, never in front of another profile's: beyond
+the limit a caller waits a short while for one of the same profile's holders to leave (at
+most `max_waiting` wait), then is refused with RESOURCE_EXHAUSTED and a retry delay. A
+profile's entry exists only while it holds or waits, so the state stays as small as the
+traffic.
 """
 
 import asyncio
@@ -26,12 +27,20 @@ class ProfileShares:
     only beyond it. Every entered call must `leave`, once.
     """
 
-    __slots__ = ("_in_flight", "_limit", "_queue_seconds", "_waiting", "_what")
+    __slots__ = ("_in_flight", "_limit", "_max_waiting", "_queue_seconds", "_waiting", "_what")
 
-    def __init__(self, limit: int, queue_seconds: float = 0.0, what: str = "calls in flight"):
+    def __init__(
+        self,
+        limit: int,
+        queue_seconds: float = 0.0,
+        what: str = "calls in flight",
+        max_waiting: int | None = None,
+    ):
         if limit < 0 or queue_seconds < 0:
             raise ValueError("limit and queue_seconds must not be negative")
         self._limit = limit
+        # How many of a profile's callers may wait: the limit unless told otherwise.
+        self._max_waiting = limit if max_waiting is None else max_waiting
         self._queue_seconds = queue_seconds
         self._what = what
         self._in_flight: dict[str, int] = {}
@@ -66,7 +75,7 @@ class ProfileShares:
         wait = self._queue_seconds
         if deadline_seconds is not None:
             wait = min(wait, deadline_seconds)
-        if wait <= 0 or len(waiters) >= self._limit:
+        if wait <= 0 or len(waiters) >= self._max_waiting:
             if not waiters:
                 del self._waiting[key]
             raise self._refusal()
