@@ -11,11 +11,12 @@ from google.protobuf import field_mask_pb2
 from jobs.v1 import jobs_pb2, jobs_pb2_grpc
 from prometheus_client import REGISTRY
 
+import suite_client
 from services.jobs.model import JobChanges, JobStatus
 from services.jobs.service import JOBS, jobs_definition
 from services.jobs.servicer import job_message
 from services.jobs.store import JobStore
-from services.jobs.watch import JobWatchHub, WatchLimits
+from services.jobs.watch import WATCHER_RETRY_SECONDS, JobWatchHub, WatchLimits
 from services.runtime.call_context import profile_scope
 from services.runtime.server import start_service
 from tests.conftest import as_profile, expect_status, new_profile_id, running, settings_for
@@ -207,11 +208,14 @@ async def test_watchers_of_one_profile_are_capped_per_replica(database_url, prof
         request = jobs_pb2.WatchJobRequest(job_id=job.job_id)
         calls = [stub.WatchJob(request, metadata=profile) for _ in range(3)]
         await asyncio.gather(*(_next(call) for call in calls))
-        details = await expect_status(
-            _next(stub.WatchJob(request, metadata=profile)), grpc.StatusCode.RESOURCE_EXHAUSTED
-        )
-        assert "3 WatchJob streams" in details
-        assert "JOBS_WATCHERS_PER_PROFILE" in details
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await _next(stub.WatchJob(request, metadata=profile))
+        error = suite_client.error_from("/jobs.v1.JobService/WatchJob", refused.value)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "3 WatchJob streams" in refused.value.details()
+        assert "JOBS_WATCHERS_PER_PROFILE" in refused.value.details()
+        # Told when to try again, as every refusal for a profile's share is.
+        assert error.retry_after_seconds == WATCHER_RETRY_SECONDS
         other = as_profile(new_profile_id())
         other_job = await _create(stub, other)
         other_call = stub.WatchJob(

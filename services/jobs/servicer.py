@@ -23,6 +23,7 @@ from services.runtime.fields import (
 )
 from services.runtime.page_tokens import decode_page_token, page_size
 from services.runtime.paging import fill_page
+from services.runtime.turns import cpu_turn
 
 MAX_KIND_LENGTH = 100
 MAX_TEXT_LENGTH = 10_000
@@ -49,6 +50,13 @@ def job_message(job: Job) -> jobs_pb2.Job:
         update_time=timestamp_message(job.update_time),
         etag=job.etag,
     )
+
+
+async def _reply(job: Job) -> jobs_pb2.Job:
+    """The job's message, built in the profile's turn: a job at its value budgets costs
+    milliseconds of CPU to convert."""
+    async with cpu_turn():
+        return job_message(job)
 
 
 def parse_job_id(value: str, field: str = "job_id") -> uuid.UUID:
@@ -125,23 +133,24 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         if not kind:
             raise InvalidArgument('job.kind is required, for example "video_render"')
         request_id = _name(request.request_id, "request_id", MAX_REQUEST_ID_LENGTH) or None
-        job = await self._store.create(kind, struct_dict(request.job.data, "job.data"), request_id)
-        return job_message(job)
+        async with cpu_turn():
+            data = struct_dict(request.job.data, "job.data")
+        return await _reply(await self._store.create(kind, data, request_id))
 
     async def GetJob(
         self, request: jobs_pb2.GetJobRequest, context: ServicerContext
     ) -> jobs_pb2.Job:
-        return job_message(await self._store.get(parse_job_id(request.job_id)))
+        return await _reply(await self._store.get(parse_job_id(request.job_id)))
 
     async def UpdateJob(
         self, request: jobs_pb2.UpdateJobRequest, context: ServicerContext
     ) -> jobs_pb2.Job:
         job_id = parse_job_id(request.job.job_id, "job.job_id")
         paths = at_most(request.update_mask.paths, "update_mask.paths", len(UPDATABLE_FIELDS))
-        changes = _changes(request.job, list(paths))
+        async with cpu_turn():
+            changes = _changes(request.job, list(paths))
         etag = _name(request.job.etag, "job.etag", MAX_ETAG_LENGTH) or None
-        job = await self._store.update(job_id, changes, etag)
-        return job_message(job)
+        return await _reply(await self._store.update(job_id, changes, etag))
 
     async def ListJobs(
         self, request: jobs_pb2.ListJobsRequest, context: ServicerContext
@@ -180,7 +189,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     async def CancelJob(
         self, request: jobs_pb2.CancelJobRequest, context: ServicerContext
     ) -> jobs_pb2.Job:
-        return job_message(await self._store.cancel(parse_job_id(request.job_id)))
+        return await _reply(await self._store.cancel(parse_job_id(request.job_id)))
 
     async def DeleteJob(
         self, request: jobs_pb2.DeleteJobRequest, context: ServicerContext

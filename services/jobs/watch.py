@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 CHANNEL: Final = "jobs_job_changed"
 _DELETED: Final = object()
 _CLOSED: Final = object()
+# What a caller refused at its profile's watcher limit is told to wait before it tries again.
+WATCHER_RETRY_SECONDS: Final = 5.0
 
 WatchKey = tuple[str, uuid.UUID]
 Reply = TypeVar("Reply")
@@ -177,7 +179,10 @@ class JobWatchHub(Generic[Reply]):
         if self._watchers_of[profile_id] >= self._limits.per_profile:
             raise ResourceExhausted(
                 f"this profile already has {self._limits.per_profile} WatchJob streams open on "
-                "this replica, the most allowed (JOBS_WATCHERS_PER_PROFILE); end one first"
+                "this replica, the most allowed (JOBS_WATCHERS_PER_PROFILE); end one first, "
+                f"or retry in {WATCHER_RETRY_SECONDS:g}s",
+                # Streams stay open as long as their callers like: no sooner than this.
+                retry_after_seconds=WATCHER_RETRY_SECONDS,
             )
         self._watchers += 1
         self._watchers_of[profile_id] += 1

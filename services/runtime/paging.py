@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from google.protobuf.message import Message
 
 from services.runtime.page_tokens import KeysetPosition, encode_page_token
+from services.runtime.turns import cpu_turn
 
 # Room left in a reply for what is not a row: the next page token (under 200 bytes) and
 # anything a later version adds beside the rows.
@@ -52,25 +53,27 @@ async def fill_page(
 
     Rows are converted one at a time and added while the field's encoded bytes stay within
     `max_bytes`; the first row is always added. When rows remain, the token resumes after the
-    last row added (`position` gives its sort key). The conversion yields to the event loop
-    every CONVERSION_SLICE_SECONDS, so a costly page delays other calls by no more than that.
+    last row added (`position` gives its sort key). The conversion runs in the profile's
+    turn (runtime.turns) and yields to the event loop every CONVERSION_SLICE_SECONDS, so a
+    costly page delays another profile's call by no more than that at each of its steps.
     """
     tag_bytes = _varint_bytes(reply.DESCRIPTOR.fields_by_name[field].number << 3)
     messages: list[Message] = []
     used = 0
-    slice_ends = time.perf_counter() + CONVERSION_SLICE_SECONDS
-    for row in rows:
-        if time.perf_counter() > slice_ends:
-            await asyncio.sleep(0)
-            slice_ends = time.perf_counter() + CONVERSION_SLICE_SECONDS
-        message = to_message(row)
-        length = message.ByteSize()
-        cost = tag_bytes + _varint_bytes(length) + length
-        if messages and used + cost > max_bytes:
-            more = True
-            break
-        messages.append(message)
-        used += cost
-    getattr(reply, field).extend(messages)
+    async with cpu_turn():
+        slice_ends = time.perf_counter() + CONVERSION_SLICE_SECONDS
+        for row in rows:
+            if time.perf_counter() > slice_ends:
+                await asyncio.sleep(0)
+                slice_ends = time.perf_counter() + CONVERSION_SLICE_SECONDS
+            message = to_message(row)
+            length = message.ByteSize()
+            cost = tag_bytes + _varint_bytes(length) + length
+            if messages and used + cost > max_bytes:
+                more = True
+                break
+            messages.append(message)
+            used += cost
+        getattr(reply, field).extend(messages)
     if more and messages:
         reply.next_page_token = encode_page_token(position(rows[len(messages) - 1]), filters)

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import signal
 import sys
@@ -358,6 +359,21 @@ async def start_service(
     )
 
 
+# Young collections every 20,000 container allocations rather than Python's 700: a page of
+# jobs allocates hundreds of thousands, and every collection holds the event loop.
+GC_THRESHOLDS = (20_000, 50, 100)
+
+
+def settle_garbage_collector() -> None:
+    """Once started: what start-up made lives as long as the process, so the collector stops
+    walking it (gc.freeze), and collects the young less often. A full collection walked every
+    module, and held the loop for 60 ms in the noisy-neighbour tests; frozen, it walks only what
+    calls made."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 async def serve(definition: ServiceDefinition, settings: Settings) -> None:
     """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
     stop = asyncio.Event()
@@ -365,6 +381,7 @@ async def serve(definition: ServiceDefinition, settings: Settings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     service = await start_service(definition, settings)
+    settle_garbage_collector()
     await stop.wait()
     log.info("shutting down; in-flight calls have %.1fs", settings.shutdown_grace_seconds)
     await service.stop()

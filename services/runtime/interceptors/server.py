@@ -3,7 +3,8 @@ logging.
 
 For each RPC it reads and validates `x-profile-id`, authorizes the caller, scopes the call to
 that profile, holds it to the profile's fair share of the replica (runtime.shares:
-calls in flight, and response streams open, per profile), turns domain errors into gRPC status
+calls in flight, and response streams open, per profile), decodes the request and encodes the
+reply in the profile's turn at the CPU (runtime.turns), turns domain errors into gRPC status
 codes (a retry delay as google.rpc.RetryInfo in the status details), counts and times the call for
 Prometheus (runtime.interceptors.metrics) and writes an access line: for every
 call with ACCESS_LOG=all, otherwise (the default) for each call that fails and each unary
@@ -38,6 +39,7 @@ from services.runtime.call_context import (
 from services.runtime.interceptors.handlers import WrappingInterceptor
 from services.runtime.interceptors.metrics import MethodMetrics, counted
 from services.runtime.shares import CROSS_PROFILE_KEY, ProfileShares
+from services.runtime.turns import ProfileTurns
 
 access_log = logging.getLogger("services.access")
 operator_log = logging.getLogger("services.operator")
@@ -136,6 +138,7 @@ class ProfileInterceptor(WrappingInterceptor):
         self._slow_call_seconds = slow_call_seconds
         self.calls = calls or ProfileShares(0)
         self.streams = streams or ProfileShares(0, what="streams open")
+        self.turns = ProfileTurns()
 
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if method.startswith(EXEMPT_SERVICE_PREFIXES):
@@ -150,7 +153,7 @@ class ProfileInterceptor(WrappingInterceptor):
             None if handler.response_streaming else self._slow_call_seconds,
             self.streams if handler.response_streaming else self.calls,
         )
-        return _wrap_handler(handler, pipeline)
+        return _wrap_handler(handler, pipeline, self.turns)
 
 
 class _CallPipeline:
@@ -279,11 +282,17 @@ class _CallPipeline:
             )
 
 
-def _wrap_handler(handler: grpc.RpcMethodHandler, call: _CallPipeline) -> grpc.RpcMethodHandler:
-    """The same handler run inside the call pipeline; the call type is kept."""
+def _wrap_handler(
+    handler: grpc.RpcMethodHandler, call: _CallPipeline, turns: ProfileTurns
+) -> grpc.RpcMethodHandler:
+    """The same handler run inside the call pipeline; the call type is kept. The request is
+    decoded and the reply encoded here, in the profile's turn (runtime.turns), not by gRPC
+    before and after: a large message costs its own profile's turn, not everyone's."""
     shares = call.shares
+    deserialize = handler.request_deserializer
     if handler.response_streaming:
         inner_stream = handler.unary_stream or handler.stream_stream
+        encode = _LastReplyEncoder(handler.response_serializer)
 
         async def streaming(request_or_iterator: Any, context: ServicerContext) -> Any:
             started = call.metrics.start()
@@ -292,14 +301,19 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, call: _CallPipeline) -> grpc.R
             except errors.DomainError as error:
                 await call.refuse(context, error, started)
             code, logged = grpc.StatusCode.OK, False
+            turn, turn_token = turns.enter(share)
             entered = shares.try_enter(share)
             try:
                 if not entered:
                     await call.take_share(share)
                     entered = True
-                requests = _decoded(request_or_iterator, handler.request_streaming)
+                requests = await _decoded(
+                    request_or_iterator, handler.request_streaming, deserialize, turn
+                )
                 async for response in inner_stream(requests, context):
-                    yield response
+                    async with turn:
+                        reply = encode(response)
+                    yield reply
                 code = context.code() or code
             except BaseException as error:
                 code, message, trailing = call.outcome(context, error)
@@ -310,6 +324,7 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, call: _CallPipeline) -> grpc.R
             finally:
                 if entered:
                     shares.leave(share)
+                turns.leave(share, turn_token)
                 if not logged:
                     call.finish(code, started)
                 scope.close()
@@ -322,6 +337,7 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, call: _CallPipeline) -> grpc.R
         )
     else:
         inner_unary = handler.unary_unary or handler.stream_unary
+        serialize = handler.response_serializer
 
         async def unary(request_or_iterator: Any, context: ServicerContext) -> Any:
             started = call.metrics.start()
@@ -330,15 +346,21 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, call: _CallPipeline) -> grpc.R
             except errors.DomainError as error:
                 await call.refuse(context, error, started)
             code, logged = grpc.StatusCode.OK, False
+            turn, turn_token = turns.enter(share)
             entered = shares.try_enter(share)
             try:
                 if not entered:
                     await call.take_share(share)
                     entered = True
-                requests = _decoded(request_or_iterator, handler.request_streaming)
+                requests = await _decoded(
+                    request_or_iterator, handler.request_streaming, deserialize, turn
+                )
                 response = await inner_unary(requests, context)
                 code = context.code() or code
-                return response
+                if serialize is None:
+                    return response
+                async with turn:
+                    return serialize(response)
             except BaseException as error:
                 code, message, trailing = call.outcome(context, error)
                 if message is None:
@@ -348,6 +370,7 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, call: _CallPipeline) -> grpc.R
             finally:
                 if entered:
                     shares.leave(share)
+                turns.leave(share, turn_token)
                 if not logged:
                     call.finish(code, started)
                 scope.close()
@@ -358,51 +381,60 @@ def _wrap_handler(handler: grpc.RpcMethodHandler, call: _CallPipeline) -> grpc.R
             if handler.unary_unary
             else grpc.stream_unary_rpc_method_handler
         )
-    return factory(
-        behavior,
-        request_deserializer=_tolerant(handler.request_deserializer),
-        response_serializer=handler.response_serializer,
-    )
+    # No serializers: gRPC hands over the request's bytes and sends the reply's as they are.
+    return factory(behavior)
 
 
-class _Undecodable:
-    """A request message protobuf refused to parse (for example nested deeper than it allows).
+class _LastReplyEncoder:
+    """A response stream's replies encoded, the last one's bytes kept: one reply sent to many
+    streams (each change WatchJob sends to every watcher of a job) is encoded once. A reply is
+    never changed once yielded, so the same object means the same bytes."""
 
-    gRPC would answer UNKNOWN for a deserializer's exception; the pipeline answers
-    INVALID_ARGUMENT instead, inside the call, so the refusal is logged like any other."""
+    __slots__ = ("_last", "_last_bytes", "_serialize")
 
-    __slots__ = ("reason",)
+    def __init__(self, serialize: Callable[[Any], bytes] | None) -> None:
+        self._serialize = serialize
+        self._last: Any = None
+        self._last_bytes = b""
 
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
+    def __call__(self, response: Any) -> Any:
+        if self._serialize is None:
+            return response
+        if response is not self._last:
+            self._last_bytes = self._serialize(response)
+            self._last = response
+        return self._last_bytes
 
 
-def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+def _decode(deserialize: Callable[[bytes], Any] | None, data: Any) -> Any:
+    """The request message from its bytes. gRPC would answer UNKNOWN for a message protobuf
+    refuses to parse (for example nested deeper than it allows); the caller is told
+    INVALID_ARGUMENT, and the refusal logged like any other."""
     if deserialize is None:
-        return None
-
-    def deserializer(data: bytes) -> Any:
-        try:
-            return deserialize(data)
-        except DecodeError as error:
-            return _Undecodable(str(error))
-
-    return deserializer
+        return data
+    try:
+        return deserialize(data)
+    except DecodeError as error:
+        raise errors.InvalidArgument(f"the request message cannot be parsed: {error}") from None
 
 
-def _refuse_undecodable(request: Any) -> Any:
-    if isinstance(request, _Undecodable):
-        raise errors.InvalidArgument(f"the request message cannot be parsed: {request.reason}")
-    return request
+async def _decoded_stream(
+    requests: Any, deserialize: Callable[[bytes], Any] | None, turn: Any
+) -> Any:
+    async for data in requests:
+        async with turn:
+            request = _decode(deserialize, data)
+        yield request
 
 
-async def _decoded_stream(requests: Any) -> Any:
-    async for request in requests:
-        yield _refuse_undecodable(request)
-
-
-def _decoded(request_or_iterator: Any, request_streaming: bool) -> Any:
-    """The request, or the requests one by one, with any unparsable message refused."""
+async def _decoded(
+    request_or_iterator: Any,
+    request_streaming: bool,
+    deserialize: Callable[[bytes], Any] | None,
+    turn: Any,
+) -> Any:
+    """The request, or the requests one by one, decoded in the profile's turn."""
     if request_streaming:
-        return _decoded_stream(request_or_iterator)
-    return _refuse_undecodable(request_or_iterator)
+        return _decoded_stream(request_or_iterator, deserialize, turn)
+    async with turn:
+        return _decode(deserialize, request_or_iterator)
