@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 
 import uvloop
 from costs.v1 import costs_pb2
-from google.protobuf import field_mask_pb2, timestamp_pb2
+from google.protobuf import field_mask_pb2, struct_pb2, timestamp_pb2
 from jobs.v1 import jobs_pb2
 
 from bench.environment import COST_MONTH, Suite, bench_database, start_suite
@@ -31,7 +31,8 @@ from bench.noop_server import METHOD
 from services.costs.model import GroupBy, TimeRange
 from services.costs.servicer import elevenlabs_line
 from services.costs.store import CostStore
-from services.jobs.model import JobChanges, JobFilter
+from services.jobs.model import EMPTY_DOCUMENT, JobChanges, JobFilter
+from services.jobs.servicer import document
 from services.jobs.store import JobStore
 from services.runtime.call_context import profile_scope
 from services.runtime.page_tokens import encode_page_token
@@ -153,7 +154,7 @@ async def _jobs_operations(suite: Suite, options: Options) -> list[Operation]:
     writer, big = "bench-writer", "bench-big"
     writer_md, big_md = (("x-profile-id", writer),), (("x-profile-id", big),)
     with profile_scope(writer):
-        owned = [(await store.create("render", {}, None)).job_id for _ in range(1000)]
+        owned = [(await store.create("render", EMPTY_DOCUMENT, None)).job_id for _ in range(1000)]
     async with suite.store_pool.pool.acquire() as connection:
         sampled = await connection.fetch(
             "SELECT job_id FROM jobs.jobs WHERE profile_id = $1 LIMIT 1000", big
@@ -171,6 +172,7 @@ async def _jobs_operations(suite: Suite, options: Options) -> list[Operation]:
 
     create = jobs_pb2.CreateJobRequest(job=jobs_pb2.Job(kind="render"))
     create.job.data.update({"product": "sku-1"})
+    product = document(struct_pb2.Struct(fields=create.job.data.fields), "data")
     mask = field_mask_pb2.FieldMask(paths=["progress"])
 
     def update_request() -> jobs_pb2.UpdateJobRequest:
@@ -182,7 +184,7 @@ async def _jobs_operations(suite: Suite, options: Options) -> list[Operation]:
             "CreateJob",
             writer,
             lambda: stub.CreateJob(create, metadata=writer_md),
-            lambda: store.create("render", {"product": "sku-1"}, None),
+            lambda: store.create("render", product, None),
         ),
         Operation(
             "GetJob",

@@ -10,10 +10,10 @@ from jobs.v1 import jobs_pb2
 from publisher.v1 import publisher_pb2
 
 from services.jobs.model import Job, JobFilter, JobStatus
-from services.jobs.servicer import MAX_KIND_LENGTH, MAX_TEXT_LENGTH, job_message
+from services.jobs.servicer import MAX_KIND_LENGTH, MAX_TEXT_LENGTH, document, job_message
 from services.jobs.store import JobStore, list_query
 from services.runtime.call_context import profile_scope
-from services.runtime.fields import MAX_STRUCT_BYTES, struct_dict
+from services.runtime.fields import MAX_STRUCT_BYTES
 from services.runtime.paging import reply_budget
 from services.runtime.settings import Settings
 from tests.conftest import timestamp
@@ -93,7 +93,7 @@ async def test_first_read_of_a_page_leaves_out_the_values_of_large_jobs(
 
 def test_the_largest_job_the_input_limits_allow_fits_one_reply():
     widest = "\U0001f600" * MAX_TEXT_LENGTH  # four bytes a character
-    data = struct_dict(_struct(BIG_STRUCT_BYTES), "data")
+    data = document(_struct(BIG_STRUCT_BYTES), "data")
     now = datetime.now(UTC)
     job = Job(
         job_id=uuid.uuid4(),

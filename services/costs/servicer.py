@@ -45,7 +45,7 @@ from services.runtime.fields import (
     without_controls,
 )
 from services.runtime.page_tokens import decode_page_token, page_size
-from services.runtime.paging import fill_page
+from services.runtime.paging import encoded_page
 
 MAX_NAME_LENGTH = 128
 MAX_REQUEST_ID_LENGTH = 128
@@ -407,7 +407,7 @@ class CostServicer(costs_pb2_grpc.CostServiceServicer):
 
     async def ListCostEntries(
         self, request: costs_pb2.ListCostEntriesRequest, context: ServicerContext
-    ) -> costs_pb2.ListCostEntriesResponse:
+    ) -> bytes:  # a ListCostEntriesResponse, encoded (paging.encoded_page)
         size = page_size(request.page_size)
         entry_filter = EntryFilter(
             job_id=_job_id(request.job_id),
@@ -422,7 +422,7 @@ class CostServicer(costs_pb2_grpc.CostServiceServicer):
             after = decode_page_token(request.page_token, entry_filter.as_key())
         entries = await self._store.list_entries(entry_filter, size + 1, after)
         response = costs_pb2.ListCostEntriesResponse()
-        await fill_page(
+        return await encoded_page(
             response,
             "entries",
             entries[:size],
@@ -432,7 +432,6 @@ class CostServicer(costs_pb2_grpc.CostServiceServicer):
             filters=entry_filter.as_key(),
             max_bytes=self._reply_bytes,
         )
-        return response
 
     async def SetBudget(
         self, request: costs_pb2.SetBudgetRequest, context: ServicerContext

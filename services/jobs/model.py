@@ -32,6 +32,24 @@ UPDATABLE_FIELDS = ("status", "progress", "message", "data", "result", "error")
 
 
 @dataclass(frozen=True, slots=True)
+class Document:
+    """A job's `data` or `result`: a JSON object, and the protobuf Struct bytes it travels as.
+
+    A reply is built from the bytes when they are known: protobuf's own conversion of a dict
+    to a Struct runs in Python at about 1.2 µs a value (6 ms for a job at its value budget),
+    parsing the bytes in C at a thirtieth of that. Read from the database, a Document has the
+    bytes and no values, or (a row written without the bytes: before migration 0004, or by
+    hand in SQL) the values and no bytes; written, it has both.
+    """
+
+    values: dict[str, Any] | None = None
+    encoded: bytes | None = None
+
+
+EMPTY_DOCUMENT = Document(values={}, encoded=b"")
+
+
+@dataclass(frozen=True, slots=True)
 class Job:
     job_id: uuid.UUID
     profile_id: str
@@ -39,8 +57,8 @@ class Job:
     status: JobStatus
     progress: int
     message: str
-    data: dict[str, Any]
-    result: dict[str, Any]
+    data: Document
+    result: Document
     error: str
     create_time: datetime
     update_time: datetime

@@ -5,11 +5,18 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
 
-from google.protobuf import empty_pb2
+from google.protobuf import empty_pb2, struct_pb2
 from grpc.aio import ServicerContext
 from jobs.v1 import jobs_pb2, jobs_pb2_grpc
 
-from services.jobs.model import UPDATABLE_FIELDS, Job, JobChanges, JobFilter, JobStatus
+from services.jobs.model import (
+    UPDATABLE_FIELDS,
+    Document,
+    Job,
+    JobChanges,
+    JobFilter,
+    JobStatus,
+)
 from services.jobs.store import JobStore
 from services.jobs.watch import JobWatchHub
 from services.runtime.errors import InvalidArgument
@@ -22,7 +29,7 @@ from services.runtime.fields import (
     timestamp_message,
 )
 from services.runtime.page_tokens import decode_page_token, page_size
-from services.runtime.paging import fill_page
+from services.runtime.paging import encoded_page
 from services.runtime.turns import cpu_turn
 
 MAX_KIND_LENGTH = 100
@@ -36,20 +43,37 @@ MAX_STATUSES = len(JobStatus)
 
 
 def job_message(job: Job) -> jobs_pb2.Job:
-    return jobs_pb2.Job(
+    message = jobs_pb2.Job(
         job_id=str(job.job_id),
         profile_id=job.profile_id,
         kind=job.kind,
         status=jobs_pb2.JobStatus.Value(job.status),
         progress=job.progress,
         message=job.message,
-        data=struct_message(job.data),
-        result=struct_message(job.result),
         error=job.error,
         create_time=timestamp_message(job.create_time),
         update_time=timestamp_message(job.update_time),
         etag=job.etag,
     )
+    _fill(message.data, job.data)
+    _fill(message.result, job.result)
+    return message
+
+
+def _fill(struct: struct_pb2.Struct, document: Document) -> None:
+    """The Struct from the document's bytes (parsed in C), else from its values."""
+    if document.encoded is not None:
+        struct.MergeFromString(document.encoded)
+    elif document.values:
+        struct.CopyFrom(struct_message(document.values))
+
+
+def document(struct: struct_pb2.Struct, field: str) -> Document:
+    """A request's Struct, checked (fields.struct_dict), as its values and its bytes; fields
+    protobuf did not know are dropped first, so the bytes hold nothing the values do not."""
+    values = struct_dict(struct, field)
+    struct.DiscardUnknownFields()
+    return Document(values, struct.SerializeToString())
 
 
 async def _reply(job: Job) -> jobs_pb2.Job:
@@ -96,7 +120,7 @@ def _changes(job: jobs_pb2.Job, paths: list[str]) -> JobChanges:
         elif path in ("message", "error"):
             values[path] = _free_text(getattr(job, path), f"job.{path}")
         elif path in ("data", "result"):
-            values[path] = struct_dict(getattr(job, path), f"job.{path}")
+            values[path] = document(getattr(job, path), f"job.{path}")
         else:  # JobChanges names the unknown path
             values[_name(path, "update_mask.paths", MAX_PATH_LENGTH)] = None
     return JobChanges(values)
@@ -134,7 +158,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             raise InvalidArgument('job.kind is required, for example "video_render"')
         request_id = _name(request.request_id, "request_id", MAX_REQUEST_ID_LENGTH) or None
         async with cpu_turn():
-            data = struct_dict(request.job.data, "job.data")
+            data = document(request.job.data, "job.data")
         return await _reply(await self._store.create(kind, data, request_id))
 
     async def GetJob(
@@ -154,17 +178,15 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
 
     async def ListJobs(
         self, request: jobs_pb2.ListJobsRequest, context: ServicerContext
-    ) -> jobs_pb2.ListJobsResponse:
+    ) -> bytes:  # a ListJobsResponse, encoded (paging.encoded_page)
         return await self._list(request, all_profiles=False)
 
     async def ListAllJobs(
         self, request: jobs_pb2.ListJobsRequest, context: ServicerContext
-    ) -> jobs_pb2.ListJobsResponse:
+    ) -> bytes:  # a ListJobsResponse, encoded
         return await self._list(request, all_profiles=True)
 
-    async def _list(
-        self, request: jobs_pb2.ListJobsRequest, all_profiles: bool
-    ) -> jobs_pb2.ListJobsResponse:
+    async def _list(self, request: jobs_pb2.ListJobsRequest, all_profiles: bool) -> bytes:
         size = page_size(request.page_size)
         job_filter = _filter(request)
         after = None
@@ -174,7 +196,7 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             job_filter, size, after, max_bytes=self._reply_bytes, all_profiles=all_profiles
         )
         response = jobs_pb2.ListJobsResponse()
-        await fill_page(
+        return await encoded_page(
             response,
             "jobs",
             jobs,
@@ -184,7 +206,6 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
             filters=job_filter.as_key(),
             max_bytes=self._reply_bytes,
         )
-        return response
 
     async def CancelJob(
         self, request: jobs_pb2.CancelJobRequest, context: ServicerContext

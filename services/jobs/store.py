@@ -7,15 +7,36 @@ from typing import Any
 
 import asyncpg
 
-from services.jobs.model import Job, JobChanges, JobFilter, JobStatus
+from services.jobs.model import Document, Job, JobChanges, JobFilter, JobStatus
 from services.runtime.call_context import require_profile_id
 from services.runtime.database import TenantScopedPool
 from services.runtime.errors import Conflict, FailedPrecondition, NotFound
 
-_COLUMNS = (
-    "job_id, profile_id, kind, status, progress, message, data, result, error, "
-    "create_time, update_time, version"
+# Every stored column a Job is made from; data and result also as Struct bytes (data_pb,
+# result_pb; migration 0004).
+_STORED = (
+    "job_id, profile_id, kind, status, progress, message, data, result, data_pb, result_pb, "
+    "error, create_time, update_time, version"
 )
+
+
+def _read_columns(whole: str = "") -> str:
+    """The select list of a Job (_job) from _STORED columns: data and result as Struct bytes,
+    their JSON only for a row without the bytes. With `whole` (an SQL condition), the large
+    columns come back NULL where it is false."""
+    when = f"{whole} AND " if whole else ""
+    return (
+        "job_id, profile_id, kind, status, progress, create_time, update_time, version, "
+        f"CASE WHEN {when}TRUE THEN message END AS message, "
+        f"CASE WHEN {when}TRUE THEN error END AS error, "
+        f"CASE WHEN {when}TRUE THEN data_pb END AS data_pb, "
+        f"CASE WHEN {when}data_pb IS NULL THEN data END AS data, "
+        f"CASE WHEN {when}TRUE THEN result_pb END AS result_pb, "
+        f"CASE WHEN {when}result_pb IS NULL THEN result END AS result"
+    )
+
+
+_COLUMNS = _read_columns()
 
 
 def _job(row: asyncpg.Record) -> Job:
@@ -26,8 +47,8 @@ def _job(row: asyncpg.Record) -> Job:
         status=JobStatus(row["status"]),
         progress=row["progress"],
         message=row["message"],
-        data=row["data"],
-        result=row["result"],
+        data=Document(row["data"], row["data_pb"]),
+        result=Document(row["result"], row["result_pb"]),
         error=row["error"],
         create_time=row["create_time"],
         update_time=row["update_time"],
@@ -42,7 +63,6 @@ def _not_found(job_id: uuid.UUID) -> NotFound:
 # A job no larger than this (data, result, message and error) comes back whole from the first
 # SELECT of a page; 501 of them are 4 MB at most.
 SMALL_JOB_BYTES = 8192
-_LARGE_COLUMNS = ("data", "result", "message", "error")
 
 
 def _matching_jobs(
@@ -71,7 +91,7 @@ def _matching_jobs(
     read = bind(limit + 1)
     statuses = job_filter.statuses or (tuple(JobStatus) if job_filter.kind else ())
     branches = [
-        f"""(SELECT {_COLUMNS} FROM jobs.jobs
+        f"""(SELECT {_STORED} FROM jobs.jobs
             WHERE {" AND ".join([*conditions, status])}
             ORDER BY create_time DESC, job_id DESC LIMIT {read})"""
         for status in [f"status = {bind(str(s))}" for s in statuses] or ["TRUE"]
@@ -90,6 +110,27 @@ def _binder(arguments: list[Any]) -> Callable[[Any], str]:
     return bind
 
 
+_STRUCTS = ("data", "result")
+
+
+def _stored(column: str, of_bytes: str, of_json: str) -> str:
+    """An SQL expression of the form of a Struct column that is read (_read_columns): its
+    bytes, else its JSON; `of_bytes` and `of_json` name the column as {}."""
+    return (
+        f"CASE WHEN {column}_pb IS NULL THEN {of_json.format(column)} "
+        f"ELSE {of_bytes.format(column + '_pb')} END"
+    )
+
+
+def _stored_bytes(of_bytes: str, of_json: str) -> str:
+    """The size of what is read of a job's large columns: the Struct columns measured as
+    _stored, the texts by octet_length."""
+    return " + ".join(
+        [_stored(c, of_bytes, of_json) for c in _STRUCTS]
+        + [f"octet_length({c})" for c in ("message", "error")]
+    )
+
+
 def list_query(
     profile_id: str | None,
     job_filter: JobFilter,
@@ -102,21 +143,16 @@ def list_query(
     costs Postgres no decompression: an uncompressed value's stored size is its size."""
     arguments: list[Any] = []
     matching = _matching_jobs(profile_id, job_filter, limit, after, _binder(arguments))
-    stored_bytes = " + ".join(
-        [f"pg_column_size({c})" for c in ("data", "result")]
-        + [f"octet_length({c})" for c in ("message", "error")]
-    )
-    columns = ", ".join(
-        f"CASE WHEN small THEN {c.strip()} END AS {c.strip()}"
-        if c.strip() in _LARGE_COLUMNS
-        else c.strip()
-        for c in _COLUMNS.split(",")
+    uncompressed = " AND ".join(
+        _stored(c, "pg_column_compression({}) IS NULL", "pg_column_compression({}) IS NULL")
+        for c in _STRUCTS
     )
     query = f"""
-        SELECT {columns}, small FROM (
-            SELECT {_COLUMNS},
-                pg_column_compression(data) IS NULL AND pg_column_compression(result) IS NULL
-                AND {stored_bytes} <= {SMALL_JOB_BYTES} AS small
+        SELECT {_read_columns(whole="small")}, small FROM (
+            SELECT {_STORED},
+                {uncompressed}
+                AND {_stored_bytes("pg_column_size({})", "pg_column_size({})")}
+                    <= {SMALL_JOB_BYTES} AS small
             FROM {matching} AS matching
         ) AS sized
         ORDER BY create_time DESC, job_id DESC
@@ -135,7 +171,8 @@ def list_query_by_bytes(
     whole jobs, each with `followed` (whether another matching job comes after it).
 
     The rows stop early once the jobs before one already hold `max_bytes` of data, result,
-    message and error (their JSON and text sizes, measured in Postgres), so a page of jobs
+    message and error (their Struct bytes, else JSON, and text sizes, measured in Postgres),
+    so a page of jobs
     with megabytes of data each is never read whole: what comes back is bounded by max_bytes
     plus one job, whatever `limit` asks. Measuring renders the JSON of at most limit + 1 jobs
     in Postgres, which is why small pages do without it.
@@ -145,11 +182,12 @@ def list_query_by_bytes(
     matching = _matching_jobs(profile_id, job_filter, limit, after, bind)
     query = f"""
         SELECT {_COLUMNS}, followed FROM (
-            SELECT {_COLUMNS},
-                coalesce(sum(
-                    octet_length(data::text) + octet_length(result::text)
-                    + octet_length(message) + octet_length(error)
-                ) OVER before, 0) AS bytes_before,
+            SELECT {_STORED},
+                coalesce(
+                    sum({_stored_bytes("octet_length({})", "octet_length({}::text)")})
+                    OVER before,
+                    0
+                ) AS bytes_before,
                 lead(TRUE, 1, FALSE) OVER newest_first AS followed
             FROM {matching} AS matching
             WINDOW newest_first AS (ORDER BY create_time DESC, job_id DESC),
@@ -167,21 +205,22 @@ class JobStore:
     def __init__(self, pool: TenantScopedPool) -> None:
         self._pool = pool
 
-    async def create(self, kind: str, data: dict[str, Any], request_id: str | None) -> Job:
+    async def create(self, kind: str, data: Document, request_id: str | None) -> Job:
         """Inserts a job; with a request_id already used by this profile, returns that job."""
         profile_id = require_profile_id()
         async with self._pool.transaction() as connection:
             row = await connection.fetchrow(
                 f"""
-                INSERT INTO jobs.jobs (profile_id, request_id, kind, data)
-                VALUES ($1, $2, $3, $4)
+                INSERT INTO jobs.jobs (profile_id, request_id, kind, data, data_pb)
+                VALUES ($1, $2, $3, $4, $5)
                 ON CONFLICT (profile_id, request_id) DO NOTHING
                 RETURNING {_COLUMNS}
                 """,
                 profile_id,
                 request_id,
                 kind,
-                data,
+                data.values,
+                data.encoded,
             )
             if row is None:
                 row = await connection.fetchrow(
@@ -284,21 +323,30 @@ class JobStore:
 
     @staticmethod
     async def _write(connection: asyncpg.Connection, job: Job, values: dict[str, Any]) -> Job:
-        row = await connection.fetchrow(
-            f"""
-            UPDATE jobs.jobs
-            SET status = $3, progress = $4, message = $5, data = $6, result = $7, error = $8,
-                version = version + 1, update_time = clock_timestamp()
-            WHERE profile_id = $1 AND job_id = $2
-            RETURNING {_COLUMNS}
-            """,
+        """Writes the job's new values; data and result only when they changed (read, they
+        may have no JSON to write back)."""
+        arguments: list[Any] = [
             job.profile_id,
             job.job_id,
             str(values["status"]),
             values["progress"],
             values["message"],
-            values["data"],
-            values["result"],
             values["error"],
+        ]
+        bind = _binder(arguments)
+        documents = "".join(
+            f", {name} = {bind(document.values)}, {name}_pb = {bind(document.encoded)}"
+            for name in _STRUCTS
+            if (document := values[name]) is not getattr(job, name)
+        )
+        row = await connection.fetchrow(
+            f"""
+            UPDATE jobs.jobs
+            SET status = $3, progress = $4, message = $5, error = $6{documents},
+                version = version + 1, update_time = clock_timestamp()
+            WHERE profile_id = $1 AND job_id = $2
+            RETURNING {_COLUMNS}
+            """,
+            *arguments,
         )
         return _job(row)

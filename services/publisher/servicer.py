@@ -18,7 +18,7 @@ from services.runtime.fields import (
     timestamp_message,
 )
 from services.runtime.page_tokens import decode_page_token, page_size
-from services.runtime.paging import fill_page
+from services.runtime.paging import encoded_page
 
 MAX_REQUEST_ID_LENGTH = 128
 MAX_ID_LENGTH = 256
@@ -283,7 +283,7 @@ class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
 
     async def ListPosts(
         self, request: publisher_pb2.ListPostsRequest, context: ServicerContext
-    ) -> publisher_pb2.ListPostsResponse:
+    ) -> bytes:  # a ListPostsResponse, encoded (paging.encoded_page)
         start = optional_datetime(request, "start_time")
         end = optional_datetime(request, "end_time")
         if start is None or end is None:
@@ -295,7 +295,7 @@ class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
             after = decode_page_token(request.page_token, window, parse_id=str)
         posts, more = await self._publisher.page_of_posts(start, end, after, size)
         response = publisher_pb2.ListPostsResponse()
-        await fill_page(
+        return await encoded_page(
             response,
             "posts",
             posts,
@@ -305,7 +305,6 @@ class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
             filters=window,
             max_bytes=self._reply_bytes,
         )
-        return response
 
     async def GetPost(
         self, request: publisher_pb2.GetPostRequest, context: ServicerContext

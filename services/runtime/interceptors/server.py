@@ -357,8 +357,8 @@ def _wrap_handler(
                 )
                 response = await inner_unary(requests, context)
                 code = context.code() or code
-                if serialize is None:
-                    return response
+                if serialize is None or isinstance(response, bytes):
+                    return response  # a reply its servicer encoded (paging.encoded_page)
                 async with turn:
                     return serialize(response)
             except BaseException as error:
