@@ -96,8 +96,17 @@ class Recorder:
                 await self.replay()
             except Unavailable:
                 self._spooled.set()
-                await asyncio.sleep(self._retry_seconds)
+                await self._pause()
             except Exception:
                 log.exception("spool replay failed; retrying in %.1fs", self._retry_seconds)
                 self._spooled.set()
-                await asyncio.sleep(self._retry_seconds)
+                await self._pause()
+
+    async def _pause(self) -> None:
+        """Waits before the next try, unless the loop was asked to stop meanwhile (close):
+        a request to stop that met a failing connect can surface as that failure, and the
+        request is then spent; sleeping on would make close wait forever."""
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError
+        await asyncio.sleep(self._retry_seconds)

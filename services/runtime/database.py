@@ -190,6 +190,8 @@ class TenantScopedPool:
                     await self.pool.release(connection)
                     self.shares.leave(share)
             except CONNECTION_ERRORS as error:
+                if _cancelled_meanwhile():
+                    raise asyncio.CancelledError from error
                 POSTGRES_ERRORS.labels(self.service, "connection").inc()
                 log.warning("database unavailable: %s", error)
                 raise Unavailable("the database is unavailable; retry shortly") from error
@@ -274,6 +276,14 @@ class TenantScopedPool:
 
     async def close(self) -> None:
         await self.pool.close()
+
+
+def _cancelled_meanwhile() -> bool:
+    """Whether the running task has been asked to stop. On Python 3.11, asyncio.wait_for
+    (asyncpg's connect) can turn that request into a TimeoutError, which must not pass for an
+    outage: a caller that catches Unavailable and waits would never stop."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _milliseconds(seconds: float) -> int:
