@@ -153,8 +153,9 @@ async def _jobs_operations(suite: Suite, options: Options) -> list[Operation]:
     stub = suite.jobs_stub
     writer, big = "bench-writer", "bench-big"
     writer_md, big_md = (("x-profile-id", writer),), (("x-profile-id", big),)
-    with profile_scope(writer):
-        owned = [(await store.create("render", EMPTY_DOCUMENT, None)).job_id for _ in range(1000)]
+    owned = [
+        (await store.create(writer, "render", EMPTY_DOCUMENT, None)).job_id for _ in range(1000)
+    ]
     async with suite.store_pool.pool.acquire() as connection:
         sampled = await connection.fetch(
             "SELECT job_id FROM jobs.jobs WHERE profile_id = $1 LIMIT 1000", big
@@ -184,7 +185,7 @@ async def _jobs_operations(suite: Suite, options: Options) -> list[Operation]:
             "CreateJob",
             writer,
             lambda: stub.CreateJob(create, metadata=writer_md),
-            lambda: store.create("render", product, None),
+            lambda: store.create(writer, "render", product, None),
         ),
         Operation(
             "GetJob",
@@ -192,21 +193,21 @@ async def _jobs_operations(suite: Suite, options: Options) -> list[Operation]:
             lambda: stub.GetJob(
                 jobs_pb2.GetJobRequest(job_id=str(random.choice(big_ids))), metadata=big_md
             ),
-            lambda: store.get(random.choice(big_ids)),
+            lambda: store.get(big, random.choice(big_ids)),
         ),
         Operation(
             "UpdateJob",
             writer,
             lambda: stub.UpdateJob(update_request(), metadata=writer_md),
             lambda: store.update(
-                random.choice(owned), JobChanges({"progress": random.randint(0, 100)}), None
+                writer, random.choice(owned), JobChanges({"progress": random.randint(0, 100)}), None
             ),
         ),
         Operation(
             "ListJobs first page",
             big,
             lambda: stub.ListJobs(jobs_pb2.ListJobsRequest(page_size=50), metadata=big_md),
-            lambda: store.list(JobFilter(), 50, None, max_bytes=LIST_REPLY_BYTES),
+            lambda: store.list(big, JobFilter(), 50, None, max_bytes=LIST_REPLY_BYTES),
         ),
         Operation(
             "ListJobs deep page",
@@ -214,7 +215,7 @@ async def _jobs_operations(suite: Suite, options: Options) -> list[Operation]:
             lambda: stub.ListJobs(
                 jobs_pb2.ListJobsRequest(page_size=50, page_token=deep_token), metadata=big_md
             ),
-            lambda: store.list(JobFilter(), 50, position, max_bytes=LIST_REPLY_BYTES),
+            lambda: store.list(big, JobFilter(), 50, position, max_bytes=LIST_REPLY_BYTES),
         ),
     ]
 

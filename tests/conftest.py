@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import grpc
 import pytest
@@ -80,6 +80,27 @@ def span_exporter() -> InMemorySpanExporter:
 TEST_PAGE_TOKEN_KEY = "test-only-page-token-key-" + "0123456789abcdef" * 2
 
 
+# Set by tests/test_pgbouncer.py, which runs store and service tests again with every service
+# reaching the database through PgBouncer in transaction mode at this host:port (LISTEN direct).
+THROUGH_POOLER = os.environ.get("TEST_THROUGH_POOLER", "")
+
+
+def through_pooler(database_url: str) -> dict:
+    """The settings that send a service's pool through THROUGH_POOLER (none without it)."""
+    if not THROUGH_POOLER:
+        return {}
+    parts = urlsplit(database_url)
+    credentials = parts.netloc.rpartition("@")[0]
+    pooled = parts._replace(
+        netloc=f"{credentials}@{THROUGH_POOLER}" if credentials else THROUGH_POOLER
+    )
+    return {
+        "database_url": urlunsplit(pooled._replace(query="")),
+        "db_transaction_pooler": True,
+        "database_listen_url": database_url,
+    }
+
+
 def settings_for(database_url: str, **overrides: object) -> Settings:
     values: dict = {
         "database_url": database_url,
@@ -91,7 +112,7 @@ def settings_for(database_url: str, **overrides: object) -> Settings:
         "access_log": "all",  # tests read the access lines of calls that succeed too
         "page_token_key": TEST_PAGE_TOKEN_KEY,
     }
-    return Settings(**(values | overrides))
+    return Settings(**(values | through_pooler(database_url) | overrides))
 
 
 @asynccontextmanager

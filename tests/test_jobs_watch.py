@@ -17,7 +17,6 @@ from services.jobs.service import JOBS, jobs_definition
 from services.jobs.servicer import job_message
 from services.jobs.store import JobStore
 from services.jobs.watch import WATCHER_RETRY_SECONDS, JobWatchHub, WatchLimits
-from services.runtime.call_context import profile_scope
 from services.runtime.server import start_service
 from tests.conftest import as_profile, expect_status, new_profile_id, running, settings_for
 
@@ -167,15 +166,15 @@ async def test_a_watcher_that_does_not_read_gets_the_latest_state_not_every_chan
     job_id = uuid.UUID(job.job_id)
     store = JobStore(jobs_service.pool)
     async with _hub(jobs_service, database_url) as hub:
-        with profile_scope(profile_id):
-            idle, reader = hub.watch(job_id), hub.watch(job_id)
-            await anext(idle)
-            await anext(reader)
-            await _thousand_messages(database_url, job_id)
-            final = await store.update(job_id, JobChanges({"status": JobStatus.COMPLETED}), None)
-            # The reader ends with the final state; by then the idle watcher's slot holds it.
-            assert [r.etag async for r in reader][-1] == final.etag
-            assert [(r.etag, r.message) async for r in idle] == [(final.etag, "step 999")]
+        idle, reader = hub.watch(profile_id, job_id), hub.watch(profile_id, job_id)
+        await anext(idle)
+        await anext(reader)
+        await _thousand_messages(database_url, job_id)
+        completed = JobChanges({"status": JobStatus.COMPLETED})
+        final = await store.update(profile_id, job_id, completed, None)
+        # The reader ends with the final state; by then the idle watcher's slot holds it.
+        assert [r.etag async for r in reader][-1] == final.etag
+        assert [(r.etag, r.message) async for r in idle] == [(final.etag, "step 999")]
 
 
 def _changes_built() -> float:

@@ -73,10 +73,9 @@ async def test_store_reads_no_more_big_jobs_than_the_byte_budget_holds(
     jobs_service, jobs_stub, profile
 ):
     await _big_jobs(jobs_stub, profile, 5)
-    with profile_scope(profile[0][1]):
-        jobs, more = await JobStore(jobs_service.pool).list(
-            JobFilter(), 500, None, max_bytes=3 * BIG_STRUCT_BYTES
-        )
+    jobs, more = await JobStore(jobs_service.pool).list(
+        profile[0][1], JobFilter(), 500, None, max_bytes=3 * BIG_STRUCT_BYTES
+    )
     assert (len(jobs), more) == (2, True)
 
 

@@ -1,4 +1,6 @@
-"""A job and the rules of its life, independent of gRPC and SQL."""
+"""A job, independent of gRPC and SQL. The rules of its life (status moves forward only, a
+final status never changes) are kept where a change is made, in one statement: the schema's
+jobs.check_transition (migrations/0005_call_functions.sql)."""
 
 import enum
 import uuid
@@ -6,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from services.runtime.errors import FailedPrecondition, InvalidArgument
+from services.runtime.errors import InvalidArgument
 
 
 class JobStatus(enum.StrEnum):
@@ -19,10 +21,6 @@ class JobStatus(enum.StrEnum):
     @property
     def is_terminal(self) -> bool:
         return self in TERMINAL_STATUSES
-
-    @property
-    def stage(self) -> int:
-        return {JobStatus.PENDING: 0, JobStatus.PROCESSING: 1}.get(self, 2)
 
 
 TERMINAL_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
@@ -104,23 +102,3 @@ class JobChanges:
         progress = self.values.get("progress")
         if progress is not None and not 0 <= progress <= 100:
             raise InvalidArgument(f"progress must be between 0 and 100, got {progress}")
-
-    def apply_to(self, job: Job) -> dict[str, Any]:
-        """The job's mutable fields after the change, checked against its life rules."""
-        if "status" in self.values:
-            check_transition(job.status, self.values["status"])
-        elif job.status.is_terminal and "progress" in self.values:
-            raise FailedPrecondition(f"job is {job.status}; its progress can no longer change")
-        current = {name: getattr(job, name) for name in UPDATABLE_FIELDS}
-        return current | self.values
-
-
-def check_transition(current: JobStatus, new: JobStatus) -> None:
-    """Status only moves forward; CANCELLED is reachable from any non-terminal state."""
-    if new == current:
-        return
-    if current.is_terminal:
-        raise FailedPrecondition(f"job is already {current}; its status can no longer change")
-    if new == JobStatus.CANCELLED or new.stage > current.stage:
-        return
-    raise FailedPrecondition(f"status cannot move from {current} back to {new}")

@@ -31,7 +31,9 @@ def jobs_servicers(watch_limits: WatchLimits | None) -> ServicersFactory:
     ) -> AsyncIterator[EndStreams]:
         store = JobStore(pool)
         limits = watch_limits or watch_limits_from_environment()
-        watch_hub = JobWatchHub(settings.database_url, store, job_message, limits)
+        # LISTEN needs a session: past a transaction pooler, a direct connection.
+        listen_url = settings.database_listen_url or settings.database_url
+        watch_hub = JobWatchHub(listen_url, store, job_message, limits)
         await watch_hub.start()
         servicer = JobServicer(store, watch_hub, reply_budget(settings.max_message_bytes))
         jobs_pb2_grpc.add_JobServiceServicer_to_server(servicer, handlers)

@@ -19,6 +19,7 @@ from services.jobs.model import (
 )
 from services.jobs.store import JobStore
 from services.jobs.watch import JobWatchHub
+from services.runtime.call_context import require_profile_id
 from services.runtime.errors import InvalidArgument
 from services.runtime.fields import (
     at_most,
@@ -98,6 +99,17 @@ def _status(value: int, field: str) -> JobStatus:
     return JobStatus(jobs_pb2.JobStatus.Name(value))
 
 
+def _etag(value: str) -> int | None:
+    """The version an etag names (None when empty); InvalidArgument for one this service
+    never gave."""
+    etag = _name(value, "job.etag", MAX_ETAG_LENGTH)
+    if not etag:
+        return None
+    if not etag.isascii() or not etag.isdigit():
+        raise InvalidArgument(f"job.etag must be an etag this service returned, got {etag!r}")
+    return int(etag)
+
+
 def _name(value: str, field: str, limit: int) -> str:
     return text(value, field, limit=limit)
 
@@ -159,12 +171,13 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         request_id = _name(request.request_id, "request_id", MAX_REQUEST_ID_LENGTH) or None
         async with cpu_turn():
             data = document(request.job.data, "job.data")
-        return await _reply(await self._store.create(kind, data, request_id))
+        return await _reply(await self._store.create(require_profile_id(), kind, data, request_id))
 
     async def GetJob(
         self, request: jobs_pb2.GetJobRequest, context: ServicerContext
     ) -> jobs_pb2.Job:
-        return await _reply(await self._store.get(parse_job_id(request.job_id)))
+        job_id = parse_job_id(request.job_id)
+        return await _reply(await self._store.get(require_profile_id(), job_id))
 
     async def UpdateJob(
         self, request: jobs_pb2.UpdateJobRequest, context: ServicerContext
@@ -173,8 +186,8 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         paths = at_most(request.update_mask.paths, "update_mask.paths", len(UPDATABLE_FIELDS))
         async with cpu_turn():
             changes = _changes(request.job, list(paths))
-        etag = _name(request.job.etag, "job.etag", MAX_ETAG_LENGTH) or None
-        return await _reply(await self._store.update(job_id, changes, etag))
+        etag = _etag(request.job.etag)
+        return await _reply(await self._store.update(require_profile_id(), job_id, changes, etag))
 
     async def ListJobs(
         self, request: jobs_pb2.ListJobsRequest, context: ServicerContext
@@ -192,8 +205,9 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         after = None
         if request.page_token:
             after = decode_page_token(request.page_token, job_filter.as_key())
+        profile_id = None if all_profiles else require_profile_id()
         jobs, more = await self._store.list(
-            job_filter, size, after, max_bytes=self._reply_bytes, all_profiles=all_profiles
+            profile_id, job_filter, size, after, max_bytes=self._reply_bytes
         )
         response = jobs_pb2.ListJobsResponse()
         return await encoded_page(
@@ -210,18 +224,20 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     async def CancelJob(
         self, request: jobs_pb2.CancelJobRequest, context: ServicerContext
     ) -> jobs_pb2.Job:
-        return await _reply(await self._store.cancel(parse_job_id(request.job_id)))
+        job_id = parse_job_id(request.job_id)
+        return await _reply(await self._store.cancel(require_profile_id(), job_id))
 
     async def DeleteJob(
         self, request: jobs_pb2.DeleteJobRequest, context: ServicerContext
     ) -> empty_pb2.Empty:
-        await self._store.delete(parse_job_id(request.job_id))
+        await self._store.delete(require_profile_id(), parse_job_id(request.job_id))
         return empty_pb2.Empty()
 
     async def WatchJob(
         self, request: jobs_pb2.WatchJobRequest, context: ServicerContext
     ) -> AsyncIterator[jobs_pb2.Job]:
         # Closed here, not when collected, so that the watcher is released when the call ends.
-        async with contextlib.aclosing(self._watch_hub.watch(parse_job_id(request.job_id))) as jobs:
+        watched = self._watch_hub.watch(require_profile_id(), parse_job_id(request.job_id))
+        async with contextlib.aclosing(watched) as jobs:
             async for job in jobs:
                 yield job

@@ -8,9 +8,8 @@ from typing import Any
 import asyncpg
 
 from services.jobs.model import Document, Job, JobChanges, JobFilter, JobStatus
-from services.runtime.call_context import require_profile_id
 from services.runtime.database import TenantScopedPool
-from services.runtime.errors import Conflict, FailedPrecondition, NotFound
+from services.runtime.errors import NotFound
 
 # Every stored column a Job is made from; data and result also as Struct bytes (data_pb,
 # result_pb; migration 0004).
@@ -202,74 +201,75 @@ def list_query_by_bytes(
 
 
 class JobStore:
+    """The jobs schema's SQL. Every method takes the profile it acts for first. CreateJob,
+    GetJob, UpdateJob and CancelJob are one statement each, one round trip: a function of the
+    schema (migration 0005) that scopes its own transaction and holds the rules of a job's
+    life. Deleting and listing run in a tenant-scoped transaction."""
+
     def __init__(self, pool: TenantScopedPool) -> None:
         self._pool = pool
 
-    async def create(self, kind: str, data: Document, request_id: str | None) -> Job:
+    async def create(
+        self, profile_id: str, kind: str, data: Document, request_id: str | None
+    ) -> Job:
         """Inserts a job; with a request_id already used by this profile, returns that job."""
-        profile_id = require_profile_id()
-        async with self._pool.transaction() as connection:
-            row = await connection.fetchrow(
-                f"""
-                INSERT INTO jobs.jobs (profile_id, request_id, kind, data, data_pb)
-                VALUES ($1, $2, $3, $4, $5)
-                ON CONFLICT (profile_id, request_id) DO NOTHING
-                RETURNING {_COLUMNS}
-                """,
-                profile_id,
-                request_id,
-                kind,
-                data.values,
-                data.encoded,
-            )
-            if row is None:
-                row = await connection.fetchrow(
-                    f"SELECT {_COLUMNS} FROM jobs.jobs WHERE profile_id = $1 AND request_id = $2",
-                    profile_id,
-                    request_id,
-                )
-        return _job(row)
+        rows = await self._pool.call(
+            profile_id,
+            "SELECT * FROM jobs.create_job($1, $2, $3, $4, $5)",
+            profile_id,
+            request_id,
+            kind,
+            data.values,
+            data.encoded,
+        )
+        return _job(rows[0])
 
-    async def get(self, job_id: uuid.UUID) -> Job:
-        async with self._pool.transaction(readonly=True) as connection:
-            row = await connection.fetchrow(
-                f"SELECT {_COLUMNS} FROM jobs.jobs WHERE profile_id = $1 AND job_id = $2",
-                require_profile_id(),
-                job_id,
-            )
-        if row is None:
+    async def get(self, profile_id: str, job_id: uuid.UUID) -> Job:
+        rows = await self._pool.call(
+            profile_id, "SELECT * FROM jobs.get_job($1, $2)", profile_id, job_id
+        )
+        if not rows:
             raise _not_found(job_id)
-        return _job(row)
+        return _job(rows[0])
 
-    async def update(self, job_id: uuid.UUID, changes: JobChanges, etag: str | None) -> Job:
-        """Applies the changes atomically; a stale etag raises Conflict."""
-        async with self._pool.transaction() as connection:
-            job = await self._locked(connection, job_id)
-            if etag and etag != job.etag:
-                raise Conflict(
-                    f"job {job_id} changed since it was read (etag {etag}, now {job.etag}); "
-                    "read it again and retry"
-                )
-            return await self._write(connection, job, changes.apply_to(job))
+    async def update(
+        self, profile_id: str, job_id: uuid.UUID, changes: JobChanges, etag: int | None
+    ) -> Job:
+        """Applies the changes atomically, as the job's life allows (FailedPrecondition
+        otherwise); an etag that is not the job's version raises Conflict."""
+        values = changes.values
+        status = values.get("status")
+        data: Document | None = values.get("data")
+        result: Document | None = values.get("result")
+        rows = await self._pool.call(
+            profile_id,
+            "SELECT * FROM jobs.update_job($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            profile_id,
+            job_id,
+            etag,
+            None if status is None else str(status),
+            values.get("progress"),
+            values.get("message"),
+            values.get("error"),
+            None if data is None else data.values,
+            None if data is None else data.encoded,
+            None if result is None else result.values,
+            None if result is None else result.encoded,
+        )
+        return _job(rows[0])
 
-    async def cancel(self, job_id: uuid.UUID) -> Job:
+    async def cancel(self, profile_id: str, job_id: uuid.UUID) -> Job:
         """Moves the job to CANCELLED; cancelling a cancelled job changes nothing."""
-        async with self._pool.transaction() as connection:
-            job = await self._locked(connection, job_id)
-            if job.status == JobStatus.CANCELLED:
-                return job
-            if job.status.is_terminal:
-                raise FailedPrecondition(
-                    f"job {job_id} is already {job.status}; it cannot be cancelled"
-                )
-            changes = JobChanges({"status": JobStatus.CANCELLED})
-            return await self._write(connection, job, changes.apply_to(job))
+        rows = await self._pool.call(
+            profile_id, "SELECT * FROM jobs.cancel_job($1, $2)", profile_id, job_id
+        )
+        return _job(rows[0])
 
-    async def delete(self, job_id: uuid.UUID) -> None:
-        async with self._pool.transaction() as connection:
+    async def delete(self, profile_id: str, job_id: uuid.UUID) -> None:
+        async with self._pool.transaction(profile_id) as connection:
             deleted = await connection.fetchval(
                 "DELETE FROM jobs.jobs WHERE profile_id = $1 AND job_id = $2 RETURNING job_id",
-                require_profile_id(),
+                profile_id,
                 job_id,
             )
         if deleted is None:
@@ -277,12 +277,12 @@ class JobStore:
 
     async def list(
         self,
+        profile_id: str | None,
         job_filter: JobFilter,
         limit: int,
         after: tuple[datetime, uuid.UUID] | None,
         *,
         max_bytes: int,
-        all_profiles: bool = False,
     ) -> tuple[list[Job], bool]:
         """Up to `limit` jobs newest first, strictly after the (create_time, job_id) given, and
         whether more jobs match after them.
@@ -292,13 +292,12 @@ class JobStore:
         rows cut at `max_bytes` in Postgres (list_query_by_bytes), so fewer than `limit`
         jobs may come back, `more` then saying that others follow.
 
-        `all_profiles` (an operator's call only) reads every profile's jobs, read only.
+        With no profile (an operator's call only) every profile's jobs are read, read only.
         """
-        profile_id = None if all_profiles else require_profile_id()
         transaction = (
             self._pool.cross_profile_transaction()
-            if all_profiles
-            else self._pool.transaction(readonly=True)
+            if profile_id is None
+            else self._pool.transaction(profile_id, readonly=True)
         )
         first_read = list_query(profile_id, job_filter, limit, after)
         async with transaction as connection:
@@ -308,45 +307,3 @@ class JobStore:
             query, arguments = list_query_by_bytes(profile_id, job_filter, limit, after, max_bytes)
             rows = await connection.fetch(query, *arguments)
         return [_job(row) for row in rows], bool(rows) and rows[-1]["followed"]
-
-    @staticmethod
-    async def _locked(connection: asyncpg.Connection, job_id: uuid.UUID) -> Job:
-        """The job, its row locked until the transaction ends."""
-        row = await connection.fetchrow(
-            f"SELECT {_COLUMNS} FROM jobs.jobs WHERE profile_id = $1 AND job_id = $2 FOR UPDATE",
-            require_profile_id(),
-            job_id,
-        )
-        if row is None:
-            raise _not_found(job_id)
-        return _job(row)
-
-    @staticmethod
-    async def _write(connection: asyncpg.Connection, job: Job, values: dict[str, Any]) -> Job:
-        """Writes the job's new values; data and result only when they changed (read, they
-        may have no JSON to write back)."""
-        arguments: list[Any] = [
-            job.profile_id,
-            job.job_id,
-            str(values["status"]),
-            values["progress"],
-            values["message"],
-            values["error"],
-        ]
-        bind = _binder(arguments)
-        documents = "".join(
-            f", {name} = {bind(document.values)}, {name}_pb = {bind(document.encoded)}"
-            for name in _STRUCTS
-            if (document := values[name]) is not getattr(job, name)
-        )
-        row = await connection.fetchrow(
-            f"""
-            UPDATE jobs.jobs
-            SET status = $3, progress = $4, message = $5, error = $6{documents},
-                version = version + 1, update_time = clock_timestamp()
-            WHERE profile_id = $1 AND job_id = $2
-            RETURNING {_COLUMNS}
-            """,
-            *arguments,
-        )
-        return _job(row)

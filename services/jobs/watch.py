@@ -28,7 +28,6 @@ import asyncpg
 from services.jobs.metrics import WATCH_CHANGES, WATCHERS
 from services.jobs.model import Job
 from services.jobs.store import JobStore
-from services.runtime.call_context import profile_scope, require_profile_id
 from services.runtime.database import CONNECTION_ERRORS
 from services.runtime.errors import DomainError, NotFound, ResourceExhausted, Unavailable
 
@@ -132,19 +131,18 @@ class JobWatchHub(Generic[Reply]):
             with contextlib.suppress(*CONNECTION_ERRORS):
                 await self._listener.close(timeout=2)
 
-    async def watch(self, job_id: uuid.UUID) -> AsyncIterator[Reply]:
-        """The job's reply now, then after each change (the latest, when changes come faster
-        than the caller reads), ending after a terminal state or deletion."""
+    async def watch(self, profile_id: str, job_id: uuid.UUID) -> AsyncIterator[Reply]:
+        """The profile's job's reply now, then after each change (the latest, when changes
+        come faster than the caller reads), ending after a terminal state or deletion."""
         if self._closed or self._listener is None or self._listener.is_closed():
             raise Unavailable("job watching is unavailable right now; retry shortly")
-        profile_id = require_profile_id()
         self._admit(profile_id)
         key = (profile_id, job_id)
         mailbox = _Mailbox()
         # Registered before the first read, so no change slips between.
         self._watched.setdefault(key, _Watched()).mailboxes.add(mailbox)
         try:
-            job = await self._store.get(job_id)
+            job = await self._store.get(profile_id, job_id)
             yield self._render(job)
             while not job.status.is_terminal:
                 item = await mailbox.take()
@@ -255,8 +253,7 @@ class JobWatchHub(Generic[Reply]):
         if deleted:
             return _DELETED
         try:
-            with profile_scope(profile_id):
-                job = await self._store.get(job_id)
+            job = await self._store.get(profile_id, job_id)
         except NotFound:
             return _DELETED
         except DomainError as error:

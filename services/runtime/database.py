@@ -19,15 +19,19 @@ import json
 import logging
 import math
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
 
 import asyncpg
 
 from services.runtime.call_context import current_caller, remaining_seconds, require_profile_id
 from services.runtime.errors import (
+    Conflict,
     DeadlineExceeded,
     DomainError,
+    FailedPrecondition,
+    NotFound,
     PermissionDenied,
     ResourceExhausted,
     Unavailable,
@@ -73,9 +77,21 @@ async def _keep_session(connection: asyncpg.Connection) -> None:
 
 
 async def create_pool(
-    dsn: str, *, min_size: int = 1, max_size: int = 10, application_name: str = "services"
+    dsn: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    application_name: str = "services",
+    transaction_pooler: bool = False,
 ) -> asyncpg.Pool:
-    """An asyncpg pool whose connections speak JSON for json and jsonb columns."""
+    """An asyncpg pool whose connections speak JSON for json and jsonb columns.
+
+    Behind a pooler in transaction mode (`transaction_pooler`), a client connection's next
+    transaction may run on another server connection, where the named prepared statements
+    asyncpg caches do not exist: the cache is off, and each statement is prepared unnamed,
+    which PgBouncer 1.18 keeps on one server until it has run (tests/test_pgbouncer.py).
+    Nothing else the pool does needs a session: every setting is local to its transaction
+    (set_config(…, true)) and a released connection is not reset."""
     return await asyncpg.create_pool(
         dsn,
         min_size=min_size,
@@ -83,6 +99,7 @@ async def create_pool(
         init=_init_connection,
         reset=_keep_session,
         server_settings={"application_name": application_name},
+        statement_cache_size=0 if transaction_pooler else 100,
     )
 
 
@@ -125,15 +142,17 @@ class TenantScopedPool:
         )
 
     def transaction(
-        self, *, readonly: bool = False
+        self, profile_id: str | None = None, *, readonly: bool = False
     ) -> AbstractAsyncContextManager[asyncpg.Connection]:
-        """A transaction that sees only the current profile's rows.
+        """A transaction that sees only the profile's rows (the current call's profile when
+        none is given), for work of several statements; one statement runs through `call`.
 
         Rolled back on any error or cancellation; connection failures surface as
         Unavailable so callers get a status they can retry on.
         """
         # BEGIN and the scoping go in one round trip; a transaction costs three in all.
-        profile_id = require_profile_id()
+        if profile_id is None:
+            profile_id = require_profile_id()
         begin = (
             f"BEGIN{' READ ONLY' if readonly else ''}; "
             f"SELECT set_config('role', {self._role_literal}, true), "
@@ -154,58 +173,85 @@ class TenantScopedPool:
         )
         return self._scoped(begin, CROSS_PROFILE_KEY)
 
+    async def call(self, profile_id: str, query: str, *arguments: Any) -> list[asyncpg.Record]:
+        """The rows of one statement run for the profile, in one round trip: `query` calls a
+        function of the schema whose first step scopes the statement's own transaction to the
+        profile (the role and app.profile_id, as `transaction`'s BEGIN does), so there is no
+        BEGIN or COMMIT to send. Bounded as a transaction is: the wait for a connection, and
+        the statement by asyncpg's timeout (which cancels it in Postgres), by the call's
+        deadline. An error the function raises with an SU SQLSTATE is the DomainError it
+        names (SU404 NotFound, SU409 Conflict, SU412 FailedPrecondition)."""
+        bound = _StatementBound()
+        span = transaction_span(self.service, False) if self._traced else contextlib.nullcontext()
+        with span, self._errors_mapped(bound):
+            connection = await self._acquire(profile_id)
+            try:
+                bound.measure(self)
+                try:
+                    return await connection.fetch(query, *arguments, timeout=bound.seconds)
+                except TimeoutError:
+                    raise asyncpg.QueryCanceledError("canceling statement due to timeout") from None
+            finally:
+                await self.pool.release(connection)
+                self.shares.leave(profile_id)
+
     @asynccontextmanager
     async def _scoped(self, begin: str, share: str) -> AsyncIterator[asyncpg.Connection]:
         """Runs `begin` with the statement timeout, then commits, or rolls back on any error or
         cancellation."""
+        bound = _StatementBound()
         span = (
             transaction_span(self.service, begin.startswith("BEGIN READ ONLY"))
             if self._traced
             else contextlib.nullcontext()
         )
-        with span:
+        with span, self._errors_mapped(bound):
+            connection = await self._acquire(share)
             try:
-                connection = await self._acquire(share)
+                bound.measure(self)
+                await connection.execute(
+                    f"{begin}, set_config('statement_timeout', "
+                    f"'{_milliseconds(bound.seconds)}', true){self._idle_timeout}"
+                )
                 try:
-                    # Measured once the connection is in hand: the wait for it has spent some.
-                    statement_seconds, deadline_bound = self._bound(
-                        self.statement_timeout_seconds, "running a database statement"
-                    )
-                    await connection.execute(
-                        f"{begin}, set_config('statement_timeout', "
-                        f"'{_milliseconds(statement_seconds)}', true){self._idle_timeout}"
-                    )
-                    try:
-                        yield connection
-                    except BaseException:
-                        if not connection.is_closed():
-                            try:
-                                await connection.execute("ROLLBACK")
-                            except Exception:
-                                # Its state is unknown: it must never serve another call.
-                                connection.terminate()
-                        raise
-                    await connection.execute("COMMIT")
-                finally:
-                    await self.pool.release(connection)
-                    self.shares.leave(share)
-            except CONNECTION_ERRORS as error:
-                if _cancelled_meanwhile():
-                    raise asyncio.CancelledError from error
-                POSTGRES_ERRORS.labels(self.service, "connection").inc()
-                log.warning("database unavailable: %s", error)
-                raise Unavailable("the database is unavailable; retry shortly") from error
-            except asyncpg.QueryCanceledError as error:
-                # The statement timeout (or an administrator) cancelled a statement.
-                POSTGRES_ERRORS.labels(self.service, "timeout").inc()
-                raise _out_of_time(
-                    deadline_bound,
-                    "the database was still running a statement",
-                    f"a database statement ran longer than {statement_seconds:g}s",
-                ) from error
-            except asyncpg.PostgresError:
-                POSTGRES_ERRORS.labels(self.service, "query").inc()
-                raise
+                    yield connection
+                except BaseException:
+                    if not connection.is_closed():
+                        try:
+                            await connection.execute("ROLLBACK")
+                        except Exception:
+                            # Its state is unknown: it must never serve another call.
+                            connection.terminate()
+                    raise
+                await connection.execute("COMMIT")
+            finally:
+                await self.pool.release(connection)
+                self.shares.leave(share)
+
+    @contextlib.contextmanager
+    def _errors_mapped(self, bound: "_StatementBound") -> Iterator[None]:
+        """Database errors as the statuses a caller can act on, counted."""
+        try:
+            yield
+        except CONNECTION_ERRORS as error:
+            if _cancelled_meanwhile():
+                raise asyncio.CancelledError from error
+            POSTGRES_ERRORS.labels(self.service, "connection").inc()
+            log.warning("database unavailable: %s", error)
+            raise Unavailable("the database is unavailable; retry shortly") from error
+        except asyncpg.QueryCanceledError as error:
+            # The statement timeout (or an administrator) cancelled a statement.
+            POSTGRES_ERRORS.labels(self.service, "timeout").inc()
+            raise _out_of_time(
+                bound.by_deadline,
+                "the database was still running a statement",
+                f"a database statement ran longer than {bound.seconds:g}s",
+            ) from error
+        except asyncpg.PostgresError as error:
+            if domain_error := _DOMAIN_ERRORS.get(error.sqlstate or ""):
+                raise domain_error(str(error)) from None
+            POSTGRES_ERRORS.labels(self.service, "query").inc()
+            raise
 
     def _bound(self, limit: float, doing: str) -> tuple[float, bool]:
         """At most `limit` seconds and the call's remaining deadline: the bound, and whether
@@ -276,6 +322,30 @@ class TenantScopedPool:
 
     async def close(self) -> None:
         await self.pool.close()
+
+
+class _StatementBound:
+    """How long a statement may run: the pool's bound or the call's remaining deadline,
+    measured once the connection is in hand (the wait for it has spent some)."""
+
+    __slots__ = ("by_deadline", "seconds")
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.by_deadline = False
+
+    def measure(self, pool: TenantScopedPool) -> None:
+        self.seconds, self.by_deadline = pool._bound(
+            pool.statement_timeout_seconds, "running a database statement"
+        )
+
+
+# What a schema's function raises for a caller's mistake (class SU, "suite"), as statuses.
+_DOMAIN_ERRORS: dict[str, type[DomainError]] = {
+    "SU404": NotFound,
+    "SU409": Conflict,
+    "SU412": FailedPrecondition,
+}
 
 
 def _cancelled_meanwhile() -> bool:

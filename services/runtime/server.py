@@ -190,6 +190,7 @@ async def connect(settings: Settings, application_name: str) -> asyncpg.Pool:
                 min_size=settings.db_pool_min_size,
                 max_size=settings.db_pool_max_size,
                 application_name=application_name,
+                transaction_pooler=settings.db_transaction_pooler,
             )
         except CONNECTION_ERRORS as error:
             if time.monotonic() + delay > give_up_at:

@@ -133,6 +133,13 @@ class Settings:
     db_connections_per_profile: int = 5
     # The page tokens' checksum key (runtime.page_tokens); required with AUTH_MODE=jwt.
     page_token_key: str = field(default="", repr=False)
+    # DATABASE_URL reaches Postgres through a pooler in transaction mode (PgBouncer): asyncpg's
+    # cache of named prepared statements is off, since the next transaction may run on
+    # another server connection. WatchJob's LISTEN needs a session of its own:
+    # database_listen_url (DATABASE_LISTEN_URL) reaches the server directly; empty means
+    # database_url.
+    db_transaction_pooler: bool = False
+    database_listen_url: str = ""
 
     @classmethod
     def from_environment(
@@ -197,4 +204,6 @@ class Settings:
                 "DB_CONNECTIONS_PER_PROFILE", cls.db_connections_per_profile
             ),
             page_token_key=os.environ.get("PAGE_TOKEN_KEY", "").strip(),
+            db_transaction_pooler=env_bool("DB_TRANSACTION_POOLER", cls.db_transaction_pooler),
+            database_listen_url=os.environ.get("DATABASE_LISTEN_URL", "").strip(),
         )
