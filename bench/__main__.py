@@ -254,7 +254,7 @@ async def _costs_operations(suite: Suite, options: Options) -> list[Operation]:
             "RecordElevenLabsTTS",
             writer,
             lambda: random.choice(stubs).RecordElevenLabsTTS(tts(), metadata=writer_md),
-            lambda: store.record(elevenlabs_line(tts())),
+            lambda: store.record(writer, elevenlabs_line(tts())),
         ),
         Operation(
             "GetCostSummary (a month)",
@@ -269,7 +269,7 @@ async def _costs_operations(suite: Suite, options: Options) -> list[Operation]:
             writer,
             lambda: random.choice(stubs).StreamUsage(iter(batch()), metadata=writer_md),
             lambda: store.record_many(
-                [elevenlabs_line(line.elevenlabs_tts) for r in batch() for line in r.lines]
+                writer, [elevenlabs_line(line.elevenlabs_tts) for r in batch() for line in r.lines]
             ),
             lines_per_call=options.stream_batch,
         ),

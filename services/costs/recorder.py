@@ -12,7 +12,7 @@ from services.costs.metrics import LINES_RECORDED
 from services.costs.model import CostEntry, UsageLine
 from services.costs.spool import LineRefused, Spool
 from services.costs.store import CostStore
-from services.runtime.call_context import profile_scope, require_profile_id
+from services.runtime.call_context import require_profile_id, validate_profile_id
 from services.runtime.errors import InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class Recorder:
     async def record(self, line: UsageLine) -> CostEntry | None:
         """The recorded line (the first one for a repeated request_id), or None if spooled."""
         try:
-            entry, new = await self._store.record(line)
+            entry, new = await self._store.record(require_profile_id(), line)
         except Unavailable:
             await self._spool_lines([line])
             return None
@@ -60,7 +60,7 @@ class Recorder:
     async def record_many(self, lines: Sequence[UsageLine]) -> tuple[int, int]:
         """(accepted, spooled): spooled lines count as accepted; duplicates are neither."""
         try:
-            stored = await self._store.record_many(lines)
+            stored = await self._store.record_many(require_profile_id(), lines)
         except Unavailable:
             await self._spool_lines(lines)
             return len(lines), len(lines)
@@ -79,8 +79,7 @@ class Recorder:
 
     async def _record_for(self, profile_id: str, lines: list[UsageLine]) -> None:
         try:
-            with profile_scope(profile_id):
-                await self._store.record_many(lines)
+            await self._store.record_many(validate_profile_id(profile_id), lines)
         except InvalidArgument as error:  # a malformed profile id
             raise LineRefused(str(error)) from error
         except asyncpg.PostgresError as error:

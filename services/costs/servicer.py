@@ -34,6 +34,7 @@ from services.costs.model import (
 )
 from services.costs.recorder import Recorder
 from services.costs.store import CostStore
+from services.runtime.call_context import require_profile_id
 from services.runtime.errors import InvalidArgument
 from services.runtime.fields import (
     at_most,
@@ -451,13 +452,14 @@ class CostServicer(costs_pb2_grpc.CostServiceServicer):
     async def GetBudget(
         self, request: costs_pb2.GetBudgetRequest, context: ServicerContext
     ) -> costs_pb2.BudgetStatus:
-        return budget_message(await self._store.get_budget(_period(request.period)))
+        period = _period(request.period)
+        return budget_message(await self._store.get_budget(require_profile_id(), period))
 
     async def CheckBudget(
         self, request: costs_pb2.CheckBudgetRequest, context: ServicerContext
     ) -> costs_pb2.CheckBudgetResponse:
         estimate = _decimal(request.estimated_cost_usd, "estimated_cost_usd")
-        statuses = await self._store.budget_statuses()
+        statuses = await self._store.budget_statuses(require_profile_id())
         refusing = [s for s in statuses if not s.allows(estimate)]
         reason = "; ".join(
             f"{s.budget.period} budget: spent {s.spent_usd} + estimated {estimate} "

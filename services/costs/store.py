@@ -3,7 +3,7 @@
 import logging
 import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -161,44 +161,31 @@ class CostStore:
             )
         return [_price(row) for row in rows]
 
-    async def record(self, line: UsageLine) -> tuple[CostEntry, bool]:
+    async def record(self, profile_id: str, line: UsageLine) -> tuple[CostEntry, bool]:
         """Records a line; with a request_id already used by this profile, returns that line.
 
         The second value is False for such a duplicate. Concurrent duplicates wait on the
         unique constraint, so each request_id is counted once.
         """
-        async with self._pool.transaction() as connection:
-            rows = await self._insert(connection, [line])
-            if rows:
-                return _entry(rows[0]), True
-            row = await connection.fetchrow(
-                f"SELECT {_ENTRY_COLUMNS} FROM costs.entries "
-                "WHERE profile_id = $1 AND request_id = $2",
-                require_profile_id(),
-                line.request_id,
-            )
-        return _entry(row), False
+        rows = await self._record(profile_id, [line], whole_rows=True)
+        return _entry(rows[0]), rows[0]["new"]
 
-    async def record_many(self, lines: Sequence[UsageLine]) -> int:
-        """Records a batch in one statement; returns how many were new (the rest duplicates)."""
-        async with self._pool.transaction() as connection:
-            return len(await self._insert(connection, lines, returning="request_id"))
+    async def record_many(self, profile_id: str, lines: Sequence[UsageLine]) -> int:
+        """Records a batch; returns how many were new (the rest duplicates)."""
+        return len(await self._record(profile_id, lines, whole_rows=False))
 
-    async def _insert(
-        self,
-        connection: asyncpg.Connection,
-        lines: Sequence[UsageLine],
-        returning: str = _ENTRY_COLUMNS,
+    async def _record(
+        self, profile_id: str, lines: Sequence[UsageLine], *, whole_rows: bool
     ) -> list[asyncpg.Record]:
-        """The new lines' `returning` columns; a batch needs only a count, not whole rows."""
-        profile_id = require_profile_id()
+        """The lines priced and recorded in two statements (costs.prices_for, then
+        costs.record_lines: migration 0006); the rows of the lines, the thresholds crossed
+        logged. A batch's rows carry only request_ids."""
         catalog = [
             _price(row)
-            for row in await connection.fetch(
-                f"""
-                SELECT {_PRICE_COLUMNS} FROM costs.prices
-                WHERE (provider, model) IN (SELECT * FROM unnest($1::text[], $2::text[]))
-                """,
+            for row in await self._pool.call(
+                profile_id,
+                "SELECT * FROM costs.prices_for($1, $2, $3)",
+                profile_id,
                 [line.provider for line in lines],
                 [line.model for line in lines],
             )
@@ -226,63 +213,28 @@ class CostStore:
             ],
             default=str,
         ).decode()
-        rows = await connection.fetch(
-            f"""
-            INSERT INTO costs.entries (profile_id, request_id, provider, model, job_id,
-                occurred_at, usage, cost_usd, priced, applied_prices, attributes)
-            SELECT $1, request_id, provider, model, job_id, occurred_at, usage, cost_usd,
-                priced, applied_prices, attributes
-            FROM jsonb_to_recordset($2::text::jsonb) AS line(request_id text, provider text,
-                model text, job_id uuid, occurred_at timestamptz, usage jsonb, cost_usd numeric,
-                priced boolean, applied_prices jsonb, attributes jsonb)
-            ON CONFLICT (profile_id, request_id) DO NOTHING
-            RETURNING {returning}
-            """,
+        bounds = _period_days(datetime.now(UTC))
+        rows = await self._pool.call(
+            profile_id,
+            "SELECT * FROM costs.record_lines($1, $2, $3, $4, $5, $6, $7)",
             profile_id,
             batch,
+            whole_rows,
+            *bounds,
         )
-        if rows:
-            await self._note_budget_crossings(connection, profile_id)
-        return rows
-
-    async def _note_budget_crossings(self, connection: asyncpg.Connection, profile_id: str) -> None:
-        """Logs each alert threshold the first time spend reaches it in a period.
-
-        The budget rows are locked, so of two concurrent records the second sees the first's
-        spend, and the crossings table makes each crossing log once.
-        """
-        rows = await connection.fetch(
-            "SELECT period, limit_usd, alert_thresholds FROM costs.budgets "
-            "WHERE profile_id = $1 ORDER BY period FOR UPDATE",
-            profile_id,
+        crossings = sorted(
+            (row for row in rows if row["crossed_period"] is not None),
+            key=lambda row: (row["crossed_period"], row["threshold"]),
         )
-        now = datetime.now(UTC)
-        for row in rows:
-            budget = _budget(row)
-            status = await self._status(connection, budget, now)
-            crossed = budget.crossed_thresholds(status.spent_usd)
-            if not crossed:
-                continue
-            new = await connection.fetch(
-                """
-                INSERT INTO costs.budget_crossings (profile_id, period, period_start, threshold)
-                SELECT $1, $2, $3, unnest($4::integer[])
-                ON CONFLICT DO NOTHING
-                RETURNING threshold
-                """,
-                profile_id,
-                str(budget.period),
-                status.period_start,
-                crossed,
+        for crossing in crossings:
+            log.warning(
+                "%s budget crossed %d%%: spent %s of %s USD",
+                crossing["crossed_period"],
+                crossing["threshold"],
+                crossing["spent_usd"],
+                crossing["limit_usd"],
             )
-            for crossing in sorted(r["threshold"] for r in new):
-                log.warning(
-                    "%s budget crossed %d%%: spent %s of %s USD",
-                    budget.period,
-                    crossing,
-                    status.spent_usd,
-                    budget.limit_usd,
-                )
+        return [row for row in rows if row["crossed_period"] is None]
 
     async def list_entries(
         self, entry_filter: EntryFilter, limit: int, after: tuple[datetime, uuid.UUID] | None
@@ -396,28 +348,31 @@ class CostStore:
                 )
             return await self._status(connection, budget, datetime.now(UTC))
 
-    async def get_budget(self, period: BudgetPeriod) -> BudgetStatus:
-        async with self._pool.transaction(readonly=True) as connection:
-            row = await connection.fetchrow(
-                "SELECT period, limit_usd, alert_thresholds FROM costs.budgets "
-                "WHERE profile_id = $1 AND period = $2",
-                require_profile_id(),
-                str(period),
-            )
-            if row is None:
-                raise NotFound(f"no {period} budget is set; set one with SetBudget")
-            return await self._status(connection, _budget(row), datetime.now(UTC))
+    async def get_budget(self, profile_id: str, period: BudgetPeriod) -> BudgetStatus:
+        statuses = await self.budget_statuses(profile_id, period)
+        if not statuses:
+            raise NotFound(f"no {period} budget is set; set one with SetBudget")
+        return statuses[0]
 
-    async def budget_statuses(self) -> list[BudgetStatus]:
-        """Every budget of the profile, as it stands now."""
+    async def budget_statuses(
+        self, profile_id: str, period: BudgetPeriod | None = None
+    ) -> list[BudgetStatus]:
+        """The profile's budgets as they stand now (one period's, or every one), in one
+        statement: costs.budget_statuses (migration 0006)."""
         now = datetime.now(UTC)
-        async with self._pool.transaction(readonly=True) as connection:
-            rows = await connection.fetch(
-                "SELECT period, limit_usd, alert_thresholds FROM costs.budgets "
-                "WHERE profile_id = $1 ORDER BY period",
-                require_profile_id(),
-            )
-            return [await self._status(connection, _budget(row), now) for row in rows]
+        bounds = {p: p.bounds(now) for p in BudgetPeriod}
+        rows = await self._pool.call(
+            profile_id,
+            "SELECT * FROM costs.budget_statuses($1, $2, $3, $4, $5, $6)",
+            profile_id,
+            None if period is None else str(period),
+            *_period_days(now),
+        )
+        statuses = []
+        for row in rows:
+            budget = _budget(row)
+            statuses.append(BudgetStatus(budget, row["spent_usd"], *bounds[budget.period]))
+        return statuses
 
     @staticmethod
     async def _status(
@@ -434,6 +389,14 @@ class CostStore:
             end.date(),
         )
         return BudgetStatus(budget, Decimal(spent), start, end)
+
+
+def _period_days(now: datetime) -> tuple[date, date, date, date]:
+    """The current daily and monthly periods as [start, end) days: the bounds the schema's
+    budget functions take (BudgetPeriod.bounds, UTC)."""
+    daily = BudgetPeriod.DAILY.bounds(now)
+    monthly = BudgetPeriod.MONTHLY.bounds(now)
+    return daily[0].date(), daily[1].date(), monthly[0].date(), monthly[1].date()
 
 
 def _budget(row: asyncpg.Record) -> Budget:
