@@ -10,6 +10,7 @@ The suite's ratio is to the combined ceiling 1 / (1/grpc + 1/db).
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import random
@@ -25,6 +26,7 @@ from costs.v1 import costs_pb2
 from google.protobuf import field_mask_pb2, struct_pb2, timestamp_pb2
 from jobs.v1 import jobs_pb2
 
+from bench import instructions, round_trips
 from bench.environment import COST_MONTH, Suite, bench_database, start_suite
 from bench.load import Sample, drive, median_rate, merged
 from bench.noop_server import METHOD
@@ -72,6 +74,7 @@ class Options:
     stream_batch: int
     json_path: str | None
     only: tuple[str, ...] = ()
+    instructions: bool = False
 
     def selects(self, name: str) -> bool:
         """Whether the operation called `name` is measured (--only; the no-op ceilings are
@@ -83,6 +86,11 @@ def parse_options(argv: list[str]) -> Options:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few seconds, small data (CI)")
     parser.add_argument("--json", dest="json_path", help="also write the results here as JSON")
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="also count server instructions per hot call under callgrind (minutes)",
+    )
     parser.add_argument("--seconds", type=float, help="length of one measurement")
     parser.add_argument("--rounds", type=int, help="interleaved rounds per operation")
     parser.add_argument("--concurrency", type=int, default=16, help="calls in flight")
@@ -109,6 +117,7 @@ def parse_options(argv: list[str]) -> Options:
         stream_batch=200 if quick else 2_000,
         json_path=args.json_path,
         only=tuple(args.only),
+        instructions=args.instructions,
     )
 
 
@@ -460,6 +469,16 @@ async def run(options: Options) -> dict:
         async with start_suite(database_url, workers=1, noop=True) as suite:
             results = await _measure(suite, options)
         results["rows"] += await _measure_workers(options, database_url)
+        # Counts that do not move with the machine: round trips and statements per call on
+        # the wire, and (--instructions) the server's instructions per call under callgrind.
+        results["round_trips"] = [
+            dataclasses.asdict(figure) for figure in await round_trips.measure(database_url)
+        ]
+        if options.instructions:
+            results["instructions"] = [
+                dataclasses.asdict(figure)
+                for figure in await instructions.measure(database_url, 50, instructions.REPO)
+            ]
     return results
 
 
@@ -469,6 +488,14 @@ def main(argv: list[str]) -> int:
     results["options"] = options.__dict__
     results["cpu_count"] = os.cpu_count()
     _print_table(results["rows"])
+    print(f"\n{'operation':<44} {'round trips/call':>16} {'statements/call':>15}")
+    for figure in results["round_trips"]:
+        print(
+            f"{figure['operation']:<44} {figure['round_trips']:>16.2f} "
+            f"{figure['statements']:>15.2f}"
+        )
+    for figure in results.get("instructions", []):
+        print(f"{figure['operation']:<44} {figure['instructions_per_call']:>16,.0f} instructions")
     if options.json_path:
         with open(options.json_path, "w") as out:
             json.dump(results, out, indent=2)

@@ -7,8 +7,7 @@ scratch database, one call at a time.
 import os
 import sys
 import tempfile
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +15,8 @@ from pathlib import Path
 import asyncpg
 import grpc
 import uvloop
-from costs.v1 import costs_pb2, costs_pb2_grpc
-from google.protobuf import field_mask_pb2
-from jobs.v1 import jobs_pb2, jobs_pb2_grpc
 
+from bench.hot_calls import HotCall, hot_calls
 from bench.wire_counter import WireCounter, counting_proxy
 from services.costs.service import costs_definition
 from services.jobs.service import JOBS
@@ -28,7 +25,6 @@ from services.runtime.server import migrate, start_service
 from services.runtime.settings import Settings
 
 CALLS = 50
-PROFILE = (("x-profile-id", "round-trips"),)
 
 
 @dataclass(frozen=True)
@@ -68,108 +64,25 @@ async def _suite(database_url: str) -> AsyncIterator[tuple[WireCounter, grpc.aio
         yield counter, *channels
 
 
-async def _per_call(counter: WireCounter, call: Callable[[], Awaitable[object]]) -> tuple:
+async def _per_call(counter: WireCounter, hot: HotCall) -> tuple[float, float]:
+    if hot.prepare is not None:
+        await hot.prepare(5 + CALLS)
     for _ in range(5):  # connections opened, statements prepared
-        await call()
+        await hot.call()
     before = counter.snapshot()
     for _ in range(CALLS):
-        await call()
+        await hot.call()
     spent = counter.snapshot() - before
     return spent.round_trips / CALLS, spent.statements / CALLS
 
 
 async def measure(database_url: str) -> list[Figure]:
-    """Each hot operation's round trips and statements per call."""
+    """Each hot call's round trips and statements per call."""
     async with _suite(database_url) as (counter, jobs_channel, costs_channel):
-        jobs = jobs_pb2_grpc.JobServiceStub(jobs_channel)
-        costs = costs_pb2_grpc.CostServiceStub(costs_channel)
-        created = await jobs.CreateJob(
-            jobs_pb2.CreateJobRequest(job=jobs_pb2.Job(kind="render")), metadata=PROFILE
-        )
-
-        def create() -> Awaitable[object]:
-            request = jobs_pb2.CreateJobRequest(job=jobs_pb2.Job(kind="render"))
-            request.job.data.update({"product": "sku-1"})
-            return jobs.CreateJob(request, metadata=PROFILE)
-
-        def update() -> Awaitable[object]:
-            return jobs.UpdateJob(
-                jobs_pb2.UpdateJobRequest(
-                    job=jobs_pb2.Job(job_id=created.job_id, progress=50),
-                    update_mask=field_mask_pb2.FieldMask(paths=["progress"]),
-                ),
-                metadata=PROFILE,
-            )
-
-        async def cancel() -> None:
-            job = await create()
-            before = counter.snapshot()
-            await jobs.CancelJob(jobs_pb2.CancelJobRequest(job_id=job.job_id), metadata=PROFILE)
-            cancelled.append(counter.snapshot() - before)
-
-        def record_tts() -> Awaitable[object]:
-            return costs.RecordElevenLabsTTS(
-                costs_pb2.RecordElevenLabsTTSRequest(
-                    request_id=str(uuid.uuid4()), model_id="eleven_multilingual_v2", characters=900
-                ),
-                metadata=PROFILE,
-            )
-
-        def record_gemini() -> Awaitable[object]:
-            return costs.RecordGeminiUsage(
-                costs_pb2.RecordGeminiUsageRequest(
-                    request_id=str(uuid.uuid4()),
-                    model="gemini-2.5-flash",
-                    prompt_tokens=1200,
-                    output_tokens=300,
-                ),
-                metadata=PROFILE,
-            )
-
-        await costs.SetBudget(
-            costs_pb2.SetBudgetRequest(period=costs_pb2.MONTHLY, limit_usd="100"),
-            metadata=PROFILE,
-        )
-        cancelled: list = []
-        operations: list[tuple[str, Callable[[], Awaitable[object]]]] = [
-            ("CreateJob", create),
-            (
-                "GetJob",
-                lambda: jobs.GetJob(
-                    jobs_pb2.GetJobRequest(job_id=created.job_id), metadata=PROFILE
-                ),
-            ),
-            ("UpdateJob", update),
-            ("RecordElevenLabsTTS", record_tts),
-            ("RecordGeminiUsage", record_gemini),
-            (
-                "CheckBudget",
-                lambda: costs.CheckBudget(
-                    costs_pb2.CheckBudgetRequest(estimated_cost_usd="0.01"), metadata=PROFILE
-                ),
-            ),
-            (
-                "GetBudget",
-                lambda: costs.GetBudget(
-                    costs_pb2.GetBudgetRequest(period=costs_pb2.MONTHLY), metadata=PROFILE
-                ),
-            ),
+        return [
+            Figure(hot.name, *await _per_call(counter, hot))
+            for hot in await hot_calls(jobs_channel, costs_channel)
         ]
-        figures = [Figure(name, *await _per_call(counter, call)) for name, call in operations]
-        for _ in range(5):  # statements prepared
-            await cancel()
-        cancelled.clear()
-        for _ in range(CALLS):
-            await cancel()
-        figures.insert(
-            3,
-            Figure(
-                "CancelJob",
-                sum(c.round_trips for c in cancelled) / CALLS,
-                sum(c.statements for c in cancelled) / CALLS,
-            ),
-        )
-        return figures
 
 
 async def _run() -> list[Figure]:

@@ -38,6 +38,10 @@ async def test_quick_benchmark_reports_every_operation(admin_database_url, tmp_p
         assert rows[name]["per_second"] > 0
         assert rows[name]["ratio"] > 0
     assert any(name.startswith("WatchJob fan-out") for name in rows)
+    # Round trips per call, counted on the wire (tests/test_round_trips.py checks their values).
+    counted = {f["operation"]: f for f in json.loads(report.read_text())["round_trips"]}
+    assert counted["GetJob"]["round_trips"] == 1
+    assert set(counted) >= {"CreateJob", "RecordElevenLabsTTS", "CheckBudget"}
     assert any(name.startswith("GetJob, 2 worker(s)") for name in rows)
     # What a call costs the machine: the server's, the database's (it runs on this machine
     # here) and the benchmark client's own CPU; the database-only rows have no server.
