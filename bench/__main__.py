@@ -270,7 +270,7 @@ async def _costs_operations(suite: Suite, options: Options) -> list[Operation]:
             big,
             lambda: random.choice(stubs).GetCostSummary(summary, metadata=big_md),
             lambda: store.summary(
-                TimeRange(COST_MONTH, month_end), None, [GroupBy.MODEL, GroupBy.DAY]
+                big, TimeRange(COST_MONTH, month_end), None, [GroupBy.MODEL, GroupBy.DAY]
             ),
         ),
         Operation(
@@ -358,9 +358,8 @@ async def _measure(suite: Suite, options: Options) -> dict:
                 await drive(lambda call=call: call(payload, metadata=md), server_pid=pid, **run)
             )
         for operation in operations:
-            if operation.db is not None:
-                with profile_scope(operation.profile):
-                    operation.db_samples.append(await drive(operation.db, **run))
+            if operation.db is not None:  # the store calls name their profile
+                operation.db_samples.append(await drive(operation.db, **run))
             pid = suite.costs_pid if operation.server == "costs" else suite.jobs_pid
             operation.suite_samples.append(await drive(operation.suite, server_pid=pid, **run))
     grpc_name, *interceptor_names = noop_samples

@@ -373,7 +373,8 @@ class CostServicer(costs_pb2_grpc.CostServiceServicer):
     async def ListPrices(
         self, request: costs_pb2.ListPricesRequest, context: ServicerContext
     ) -> costs_pb2.ListPricesResponse:
-        prices = await self._store.list_prices(_text(request.provider, "provider").lower())
+        provider = _text(request.provider, "provider").lower()
+        prices = await self._store.list_prices(require_profile_id(), provider)
         return costs_pb2.ListPricesResponse(prices=[_price_message(p) for p in prices])
 
     async def GetCostSummary(
@@ -394,10 +395,10 @@ class CostServicer(costs_pb2_grpc.CostServiceServicer):
         if start is None or end is None:
             raise InvalidArgument("start_time and end_time are required")
         summary = await self._store.summary(
+            None if all_profiles else require_profile_id(),
             TimeRange(start, end),
             _job_id(request.job_id),
             _group_by(request.group_by),
-            all_profiles=all_profiles,
         )
         return costs_pb2.CostSummary(
             total_cost_usd=decimal_text(summary.total_cost_usd),
@@ -421,7 +422,9 @@ class CostServicer(costs_pb2_grpc.CostServiceServicer):
         after = None
         if request.page_token:
             after = decode_page_token(request.page_token, entry_filter.as_key())
-        entries = await self._store.list_entries(entry_filter, size + 1, after)
+        entries = await self._store.list_entries(
+            require_profile_id(), entry_filter, size + 1, after
+        )
         response = costs_pb2.ListCostEntriesResponse()
         return await encoded_page(
             response,
@@ -447,7 +450,7 @@ class CostServicer(costs_pb2_grpc.CostServiceServicer):
             )
             or DEFAULT_ALERT_THRESHOLDS,
         )
-        return budget_message(await self._store.set_budget(budget))
+        return budget_message(await self._store.set_budget(require_profile_id(), budget))
 
     async def GetBudget(
         self, request: costs_pb2.GetBudgetRequest, context: ServicerContext

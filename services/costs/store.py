@@ -25,7 +25,6 @@ from services.costs.model import (
     UsageLine,
     price_line,
 )
-from services.runtime.call_context import require_profile_id
 from services.runtime.database import TenantScopedPool
 from services.runtime.errors import NotFound
 
@@ -149,8 +148,8 @@ class CostStore:
     def __init__(self, pool: TenantScopedPool) -> None:
         self._pool = pool
 
-    async def list_prices(self, provider: str) -> list[Price]:
-        async with self._pool.transaction(readonly=True) as connection:
+    async def list_prices(self, profile_id: str, provider: str) -> list[Price]:
+        async with self._pool.transaction(profile_id, readonly=True) as connection:
             rows = await connection.fetch(
                 f"""
                 SELECT {_PRICE_COLUMNS} FROM costs.prices
@@ -237,29 +236,33 @@ class CostStore:
         return [row for row in rows if row["crossed_period"] is None]
 
     async def list_entries(
-        self, entry_filter: EntryFilter, limit: int, after: tuple[datetime, uuid.UUID] | None
+        self,
+        profile_id: str,
+        entry_filter: EntryFilter,
+        limit: int,
+        after: tuple[datetime, uuid.UUID] | None,
     ) -> list[CostEntry]:
         """Up to `limit` lines newest first, strictly after the (occurred_at, entry_id) given.
 
         Read whole: a line is small whatever its caller sends (attributes at most 16 KB, a
         few usage types), so even 500 of them are a few megabytes at most.
         """
-        query, arguments = entries_query(require_profile_id(), entry_filter, limit, after)
-        async with self._pool.transaction(readonly=True) as connection:
+        query, arguments = entries_query(profile_id, entry_filter, limit, after)
+        async with self._pool.transaction(profile_id, readonly=True) as connection:
             rows = await connection.fetch(query, *arguments)
         return [_entry(row) for row in rows]
 
     async def summary(
         self,
+        profile_id: str | None,
         time_range: TimeRange,
         job_id: uuid.UUID | None,
         group_by: Sequence[GroupBy],
-        *,
-        all_profiles: bool = False,
     ) -> CostSummary:
         """Whole days come from the daily rollup, the ragged edges from the lines themselves,
-        so the answer is exact for any range and fast for long ones. `all_profiles`: every
+        so the answer is exact for any range and fast for long ones. No profile: every
         profile's lines, for an operator's call only."""
+        all_profiles = profile_id is None
         first_day, last_day = time_range.whole_days
         (edge1_start, edge1_end), (edge2_start, edge2_end) = time_range.edges
         job_condition = "AND job_id = $8" if job_id else "AND $8::uuid IS NULL"
@@ -289,13 +292,13 @@ class CostStore:
         """
         transaction = (
             self._pool.cross_profile_transaction()
-            if all_profiles
-            else self._pool.transaction(readonly=True)
+            if profile_id is None
+            else self._pool.transaction(profile_id, readonly=True)
         )
         async with transaction as connection:
             rows = await connection.fetch(
                 query,
-                None if all_profiles else require_profile_id(),
+                profile_id,
                 first_day,
                 max(first_day, last_day),
                 edge1_start,
@@ -316,11 +319,10 @@ class CostStore:
             )
         )
 
-    async def set_budget(self, budget: Budget) -> BudgetStatus:
+    async def set_budget(self, profile_id: str, budget: Budget) -> BudgetStatus:
         """Creates or replaces the budget; a new limit or thresholds re-arm this period's
         alerts, so crossings are judged against the budget as it now is."""
-        profile_id = require_profile_id()
-        async with self._pool.transaction() as connection:
+        async with self._pool.transaction(profile_id) as connection:
             previous = await connection.fetchrow(
                 "SELECT period, limit_usd, alert_thresholds FROM costs.budgets "
                 "WHERE profile_id = $1 AND period = $2 FOR UPDATE",
@@ -346,7 +348,7 @@ class CostStore:
                     profile_id,
                     str(budget.period),
                 )
-            return await self._status(connection, budget, datetime.now(UTC))
+            return await self._status(connection, profile_id, budget, datetime.now(UTC))
 
     async def get_budget(self, profile_id: str, period: BudgetPeriod) -> BudgetStatus:
         statuses = await self.budget_statuses(profile_id, period)
@@ -376,7 +378,7 @@ class CostStore:
 
     @staticmethod
     async def _status(
-        connection: asyncpg.Connection, budget: Budget, now: datetime
+        connection: asyncpg.Connection, profile_id: str, budget: Budget, now: datetime
     ) -> BudgetStatus:
         start, end = budget.period.bounds(now)
         spent = await connection.fetchval(
@@ -384,7 +386,7 @@ class CostStore:
             SELECT coalesce(sum(cost_usd), 0) FROM costs.daily_costs
             WHERE profile_id = $1 AND priced AND day >= $2 AND day < $3
             """,
-            require_profile_id(),
+            profile_id,
             start.date(),
             end.date(),
         )
