@@ -17,6 +17,7 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 import asyncpg
 import grpc
 import pytest
+from costs.v1 import costs_pb2, costs_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from jobs.v1 import jobs_pb2, jobs_pb2_grpc
 
@@ -209,10 +210,10 @@ async def test_the_login_role_reaches_its_own_schema_only(
         await connection.close()
 
 
-async def test_jobs_serves_calls_as_its_login_role(dev_pods):
-    profile_id = new_profile_id()
+def _signed_in_to(service: str, profile_id: str):
+    """Metadata with a token the dev overlay's `service` accepts, for `profile_id`."""
     manifests = render(DEV)
-    variables = container_environment(manifests, server_container(manifests, JOBS.name))
+    variables = container_environment(manifests, server_container(manifests, service))
     token = mint_token(
         DEV_SIGNING_KEY.read_text(),
         sub="dev",
@@ -222,7 +223,12 @@ async def test_jobs_serves_calls_as_its_login_role(dev_pods):
         audience=[resolved(manifests, variables["AUTH_JWT_AUDIENCE"])],
         issuer=resolved(manifests, variables["AUTH_JWT_ISSUER"]),
     )
-    metadata = signed_in(profile_id, token)
+    return signed_in(profile_id, token)
+
+
+async def test_jobs_serves_calls_as_its_login_role(dev_pods):
+    profile_id = new_profile_id()
+    metadata = _signed_in_to(JOBS.name, profile_id)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{dev_pods[JOBS.name].port}") as channel:
         jobs = jobs_pb2_grpc.JobServiceStub(channel)
         job = await jobs.CreateJob(
@@ -230,3 +236,26 @@ async def test_jobs_serves_calls_as_its_login_role(dev_pods):
         )
         fetched = await jobs.GetJob(jobs_pb2.GetJobRequest(job_id=job.job_id), metadata=metadata)
     assert fetched.job_id == job.job_id
+
+
+async def test_costs_records_and_checks_budgets_as_its_login_role(dev_pods):
+    """The schema's call functions switch to costs_service from the login role `costs`."""
+    profile_id = new_profile_id()
+    metadata = _signed_in_to("costs", profile_id)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{dev_pods['costs'].port}") as channel:
+        costs = costs_pb2_grpc.CostServiceStub(channel)
+        await costs.SetBudget(
+            costs_pb2.SetBudgetRequest(period=costs_pb2.MONTHLY, limit_usd="10"), metadata=metadata
+        )
+        entry = await costs.RecordElevenLabsTTS(
+            costs_pb2.RecordElevenLabsTTSRequest(
+                request_id="dev-1", model_id="eleven_multilingual_v2", characters=1000
+            ),
+            metadata=metadata,
+        )
+        checked = await costs.CheckBudget(
+            costs_pb2.CheckBudgetRequest(estimated_cost_usd="0.01"), metadata=metadata
+        )
+    assert entry.entry.priced
+    assert checked.allowed
+    assert checked.budgets[0].spent_usd == entry.entry.cost_usd
