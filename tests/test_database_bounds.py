@@ -37,8 +37,9 @@ def one_connection_pool(jobs_service: RunningService, database_url: str) -> Pool
 
 async def _recovered(pool: TenantScopedPool) -> None:
     """The pool serves a transaction again, with nothing left in use."""
-    with profile_scope(new_profile_id()):
-        async with pool.transaction() as connection:
+    profile = new_profile_id()
+    with profile_scope(profile):
+        async with pool.transaction(profile) as connection:
             assert await connection.fetchval("SELECT 1") == 1
     assert pool.usage()["in_use"] == 0
 
@@ -47,8 +48,12 @@ async def test_waiting_for_a_connection_ends_at_the_calls_deadline(one_connectio
     async with one_connection_pool() as pool:
         held = await pool.pool.acquire()
         started = time.perf_counter()
-        with profile_scope(new_profile_id(), time_remaining=0.2), pytest.raises(DeadlineExceeded):
-            async with pool.transaction():
+        with (
+            profile = new_profile_id()
+            profile_scope(profile, time_remaining=0.2),
+            pytest.raises(DeadlineExceeded),
+        ):
+            async with pool.transaction(profile):
                 pass
         elapsed = time.perf_counter() - started
         await pool.pool.release(held)
@@ -59,8 +64,12 @@ async def test_waiting_for_a_connection_ends_at_the_calls_deadline(one_connectio
 async def test_waiting_for_a_connection_ends_busy_after_the_acquire_timeout(one_connection_pool):
     async with one_connection_pool(acquire_timeout_seconds=0.2) as pool:
         held = await pool.pool.acquire()
-        with profile_scope(new_profile_id()), pytest.raises(Unavailable, match="busy") as busy:
-            async with pool.transaction():
+        with (
+            profile = new_profile_id()
+            profile_scope(profile),
+            pytest.raises(Unavailable, match="busy") as busy,
+        ):
+            async with pool.transaction(profile):
                 pass
         await pool.pool.release(held)
         await _recovered(pool)
@@ -70,8 +79,12 @@ async def test_waiting_for_a_connection_ends_busy_after_the_acquire_timeout(one_
 async def test_a_statement_running_past_the_deadline_is_cancelled_at_it(one_connection_pool):
     async with one_connection_pool() as pool:
         started = time.perf_counter()
-        with profile_scope(new_profile_id(), time_remaining=0.5), pytest.raises(DeadlineExceeded):
-            async with pool.transaction() as connection:
+        with (
+            profile = new_profile_id()
+            profile_scope(profile, time_remaining=0.5),
+            pytest.raises(DeadlineExceeded),
+        ):
+            async with pool.transaction(profile) as connection:
                 await connection.execute("SELECT pg_sleep(5)")
         elapsed = time.perf_counter() - started
         await _recovered(pool)
@@ -82,9 +95,10 @@ async def test_a_statement_running_past_the_statement_timeout_is_unavailable(
     one_connection_pool,
 ):
     async with one_connection_pool(statement_timeout_seconds=0.3) as pool:
-        scope = profile_scope(new_profile_id(), time_remaining=30)
+        profile = new_profile_id()
+        scope = profile_scope(profile, time_remaining=30)
         with scope, pytest.raises(Unavailable, match=r"longer than 0\.3s") as slow:
-            async with pool.transaction() as connection:
+            async with pool.transaction(profile) as connection:
                 await connection.execute("SELECT pg_sleep(5)")
         await _recovered(pool)
     assert not isinstance(slow.value, DeadlineExceeded)
@@ -95,8 +109,9 @@ async def test_each_transaction_runs_under_the_deadline_capped_by_the_statement_
     one_connection_pool, time_remaining, most_ms
 ):
     async with one_connection_pool(statement_timeout_seconds=10) as pool:
-        with profile_scope(new_profile_id(), time_remaining=time_remaining):
-            async with pool.transaction() as connection:
+        profile = new_profile_id()
+        with profile_scope(profile, time_remaining=time_remaining):
+            async with pool.transaction(profile) as connection:
                 timeout_ms = int(
                     await connection.fetchval(
                         "SELECT setting FROM pg_settings WHERE name = 'statement_timeout'"

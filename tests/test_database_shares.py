@@ -31,7 +31,7 @@ async def shared_pool(jobs_service: RunningService, database_url: str) -> AsyncI
 
 async def _hold(pool: TenantScopedPool, profile_id: str, held: asyncio.Event, go: asyncio.Event):
     with profile_scope(profile_id):
-        async with pool.transaction() as connection:
+        async with pool.transaction(profile_id) as connection:
             await connection.fetchval("SELECT 1")
             held.set()
             await go.wait()
@@ -47,7 +47,7 @@ async def test_a_profile_past_its_share_waits_while_another_profile_is_served(sh
     assert not holders[SHARE].is_set()  # beyond its share: waiting, though connections are idle
     assert shared_pool.pool.get_idle_size() == POOL_SIZE - SHARE
     with profile_scope(quiet):
-        async with shared_pool.transaction() as connection:
+        async with shared_pool.transaction(quiet) as connection:
             assert await connection.fetchval("SELECT 1") == 1
     go.set()
     await asyncio.wait_for(asyncio.gather(*tasks), 5)
@@ -62,11 +62,11 @@ async def test_a_profile_waiting_past_its_share_gets_busy_after_the_acquire_time
     tasks = [asyncio.create_task(_hold(shared_pool, busy, e, go)) for e in holders]
     await asyncio.wait_for(asyncio.gather(*(e.wait() for e in holders)), 5)
     with profile_scope(busy), pytest.raises(Unavailable, match="busy"):
-        async with shared_pool.transaction():
+        async with shared_pool.transaction(busy):
             pass
     go.set()
     await asyncio.wait_for(asyncio.gather(*tasks), 5)
     with profile_scope(busy):
-        async with shared_pool.transaction() as connection:  # its places came back
+        async with shared_pool.transaction(busy) as connection:  # its places came back
             assert await connection.fetchval("SELECT 1") == 1
     assert shared_pool.shares.profiles() == 0

@@ -31,7 +31,6 @@ from services.publisher.model import (
 )
 from services.publisher.postiz import PostizClient, PostizRateLimited, PostOutcomeUnknown
 from services.publisher.store import NextStep, PostingPolicy, PublisherStore
-from services.runtime.call_context import require_profile_id
 from services.runtime.errors import (
     Conflict,
     DomainError,
@@ -66,17 +65,18 @@ class Publisher:
 
     # Credentials
 
-    async def set_credentials(self, base_url: str, api_key: str) -> StoredCredentials:
+    async def set_credentials(
+        self, profile_id: str, base_url: str, api_key: str
+    ) -> StoredCredentials:
         """Stores the key once Postiz has accepted it."""
         api_key = api_key.strip()
         if not api_key:
             raise InvalidArgument("api_key is required: Postiz → Settings → Public API")
-        account = PostizAccount(
-            require_profile_id(), self._egress.postiz_base_url(base_url), api_key
-        )
+        account = PostizAccount(profile_id, self._egress.postiz_base_url(base_url), api_key)
         await self._postiz.check_connected(account)
-        sealed = self._cipher.encrypt(require_profile_id(), account.base_url, api_key)
+        sealed = self._cipher.encrypt(profile_id, account.base_url, api_key)
         stored = await self._store.set_credentials(
+            profile_id,
             account.base_url,
             sealed.blob,
             sealed.key_id,
@@ -86,19 +86,19 @@ class Publisher:
         log.info("Postiz credentials set (%s)", stored.api_key_fingerprint)
         return stored
 
-    async def get_credentials(self) -> StoredCredentials:
-        stored = await self._store.get_credentials()
+    async def get_credentials(self, profile_id: str) -> StoredCredentials:
+        stored = await self._store.get_credentials(profile_id)
         if stored is None:
             raise NotFound(MISSING_CREDENTIALS)
         return stored
 
-    async def delete_credentials(self) -> None:
-        await self._store.delete_credentials()
+    async def delete_credentials(self, profile_id: str) -> None:
+        await self._store.delete_credentials(profile_id)
         log.info("Postiz credentials deleted")
 
-    async def _account(self) -> PostizAccount:
-        """The calling profile's Postiz account; FailedPrecondition when it has none."""
-        stored = await self._store.get_credentials()
+    async def _account(self, profile_id: str) -> PostizAccount:
+        """The profile's Postiz account; FailedPrecondition when it has none."""
+        stored = await self._store.get_credentials(profile_id)
         if stored is None:
             raise FailedPrecondition(MISSING_CREDENTIALS)
         try:
@@ -109,7 +109,6 @@ class Publisher:
                 f"this profile's Postiz base_url is no longer accepted: {error}; set it again "
                 "with SetPostizCredentials"
             ) from None
-        profile_id = require_profile_id()
         # Never rewritten here: an instance that does not hold the current key yet (a rolling
         # deploy) must still read every row; `suitectl postiz reencrypt` moves them.
         sealed = Sealed(stored.encryption_key_id, stored.api_key_ciphertext)
@@ -118,30 +117,37 @@ class Publisher:
 
     # Reads and media
 
-    async def list_integrations(self) -> list[Integration]:
-        return await self._postiz.list_integrations(await self._account())
+    async def list_integrations(self, profile_id: str) -> list[Integration]:
+        return await self._postiz.list_integrations(await self._account(profile_id))
 
-    async def upload(self, upload: MediaUpload, chunks: AsyncIterator[bytes]) -> Media:
-        return await self._postiz.upload(await self._account(), upload, chunks)
+    async def upload(
+        self, profile_id: str, upload: MediaUpload, chunks: AsyncIterator[bytes]
+    ) -> Media:
+        return await self._postiz.upload(await self._account(profile_id), upload, chunks)
 
-    async def upload_from_url(self, url: str, field: str = "url") -> Media:
+    async def upload_from_url(self, profile_id: str, url: str, field: str = "url") -> Media:
         """Has Postiz fetch the file at url, which must be as public as Postiz itself."""
         url = await self._egress.public_url(url, field)
-        return await self._postiz.upload_from_url(await self._account(), url)
+        return await self._postiz.upload_from_url(await self._account(profile_id), url)
 
-    async def list_posts(self, start: datetime, end: datetime) -> list[PostizPost]:
+    async def list_posts(self, profile_id: str, start: datetime, end: datetime) -> list[PostizPost]:
         if start >= end:
             raise InvalidArgument("start_time must be before end_time")
-        return await self._postiz.list_posts(await self._account(), start, end)
+        return await self._postiz.list_posts(await self._account(profile_id), start, end)
 
     async def page_of_posts(
-        self, start: datetime, end: datetime, after: tuple[datetime, str] | None, limit: int
+        self,
+        profile_id: str,
+        start: datetime,
+        end: datetime,
+        after: tuple[datetime, str] | None,
+        limit: int,
     ) -> tuple[list[PostizPost], bool]:
         """Up to `limit` posts of the window, newest publish time first (then id), strictly
         after the (publish_time, id) given, and whether more follow. Postiz answers a window
         in one reply, in no promised order; the order here makes page tokens stable."""
         posts = sorted(
-            await self.list_posts(start, end),
+            await self.list_posts(profile_id, start, end),
             key=lambda post: (post.publish_time, post.id),
             reverse=True,
         )
@@ -150,11 +156,11 @@ class Publisher:
         return posts[:limit], len(posts) > limit
 
     async def get_post(
-        self, post_id: str, start: datetime | None, end: datetime | None
+        self, profile_id: str, post_id: str, start: datetime | None, end: datetime | None
     ) -> PostizPost:
         """Postiz has no read of one post: search the window it must be in."""
         if start is None or end is None:
-            publication = await self._store.find_publication_of_post(post_id)
+            publication = await self._store.find_publication_of_post(profile_id, post_id)
             if publication is None:
                 raise InvalidArgument(
                     f"post {post_id} was not created through this service: give start_time and "
@@ -162,27 +168,27 @@ class Publisher:
                 )
             start = shifted_time(publication.publish_time, -GET_POST_WINDOW)
             end = shifted_time(publication.publish_time, GET_POST_WINDOW)
-        for post in await self.list_posts(start, end):
+        for post in await self.list_posts(profile_id, start, end):
             if post.id == post_id:
                 return post
         raise NotFound(f"post {post_id} not found in this profile's Postiz organization")
 
-    async def delete_post(self, post_id: str) -> None:
-        await self._postiz.delete_post(await self._account(), post_id)
+    async def delete_post(self, profile_id: str, post_id: str) -> None:
+        await self._postiz.delete_post(await self._account(profile_id), post_id)
         log.info("Postiz post %s deleted", post_id)
 
     # Publishing, exactly once
 
-    async def create_post(self, draft: PublicationDraft) -> Publication:
+    async def create_post(self, profile_id: str, draft: PublicationDraft) -> Publication:
         """Posts the draft at most once per request_id.
 
         The attempt is committed before Postiz is called. A retry finds the stored result; a
         retry after an attempt of unknown outcome searches Postiz for what it made, and sends
         again only to the channels where it made nothing.
         """
-        account = await self._account()
+        account = await self._account(profile_id)
         for _ in range(_CLAIM_ROUNDS):
-            claim = await self._store.claim(draft, self._policy)
+            claim = await self._store.claim(profile_id, draft, self._policy)
             if claim.step == NextStep.DONE:
                 return claim.publication
             if claim.step == NextStep.SEND:
@@ -200,18 +206,20 @@ class Publisher:
         self, account: PostizAccount, publication: Publication, attempt: int
     ) -> Publication:
         request_id = publication.request_id
+        profile_id = account.profile_id
         body = remaining_request(publication.postiz_request, publication.posts)
         try:
             posts, rate_limited_until = await self._postiz.create_post(account, body)
         except PostOutcomeUnknown as error:
             log.warning("publication %s attempt %d: outcome unknown", request_id, attempt)
             await self._store.finish_attempt(
-                request_id, attempt, PublicationState.OUTCOME_UNKNOWN, error=str(error)
+                profile_id, request_id, attempt, PublicationState.OUTCOME_UNKNOWN, error=str(error)
             )
             raise
         except PostizRateLimited as error:
             RATE_LIMIT_REFUSALS.labels("postiz_429").inc()
             await self._store.finish_attempt(
+                profile_id,
                 request_id,
                 attempt,
                 PublicationState.FAILED,
@@ -221,18 +229,19 @@ class Publisher:
             raise
         except DomainError as error:
             await self._store.finish_attempt(
-                request_id, attempt, PublicationState.FAILED, error=str(error)
+                profile_id, request_id, attempt, PublicationState.FAILED, error=str(error)
             )
             raise
         log.info("publication %s accepted by Postiz: %d post(s)", request_id, len(posts))
         finished = await self._store.finish_attempt(
+            profile_id,
             request_id,
             attempt,
             PublicationState.ACCEPTED,
             posts=in_request_order(publication.postiz_request, [*publication.posts, *posts]),
             rate_limited_until=rate_limited_until,
         )
-        return finished or await self._stored(request_id)
+        return finished or await self._stored(profile_id, request_id)
 
     async def _reconcile(
         self,
@@ -247,11 +256,12 @@ class Publisher:
         attempt posts on the other channels only. More than one candidate on a channel:
         FailedPrecondition, the attempt stays of unknown outcome, nothing is guessed."""
         request_id = publication.request_id
+        profile_id = account.profile_id
         window = attempt_window(
             publication.postiz_request, publication.publish_time, attempt_start, datetime.now(UTC)
         )
         listed = await self._postiz.list_posts(account, *window)
-        claimed = await self._store.claimed_post_ids([post.id for post in listed])
+        claimed = await self._store.claimed_post_ids(profile_id, [post.id for post in listed])
         finding = reconcile(publication.postiz_request, publication.posts, listed, claimed, window)
         log.info(
             "publication %s attempt %d reconciled: %d found, %d missing, %d ambiguous",
@@ -271,9 +281,10 @@ class Publisher:
         posts = in_request_order(publication.postiz_request, [*publication.posts, *finding.found])
         if not finding.missing:
             return await self._store.finish_attempt(
-                request_id, attempt, PublicationState.ACCEPTED, posts=posts
+                profile_id, request_id, attempt, PublicationState.ACCEPTED, posts=posts
             )
         return await self._store.finish_attempt(
+            profile_id,
             request_id,
             attempt,
             PublicationState.FAILED,
@@ -285,8 +296,8 @@ class Publisher:
             ),
         )
 
-    async def _stored(self, request_id: str) -> Publication:
-        publication = await self._store.get_publication(request_id)
+    async def _stored(self, profile_id: str, request_id: str) -> Publication:
+        publication = await self._store.get_publication(profile_id, request_id)
         if publication is None:
             raise NotFound(f"publication {request_id!r} not found")
         return publication
@@ -295,6 +306,7 @@ class Publisher:
 
     async def publish_job(
         self,
+        profile_id: str,
         job_id: str,
         integration_ids: list[str],
         content: str,
@@ -317,9 +329,11 @@ class Publisher:
             )
         request_id = f"job:{job_id}"
         described_as = [job_id, integration_ids, content, publish_time, settings]
-        existing = await self._store.get_publication(request_id)
+        existing = await self._store.get_publication(profile_id, request_id)
         if existing is None:
-            media = await self.upload_from_url(video_url, f"job {job_id}'s result.video_url")
+            media = await self.upload_from_url(
+                profile_id, video_url, f"job {job_id}'s result.video_url"
+            )
             draft = new_draft(
                 request_id=request_id,
                 job_id=job_id,
@@ -346,7 +360,7 @@ class Publisher:
                     f"job {job_id} was already published with other integrations, content, "
                     "time or settings"
                 )
-        publication = await self.create_post(draft)
+        publication = await self.create_post(profile_id, draft)
         await self._write_back(job_id, publication)
         return publication
 

@@ -9,6 +9,7 @@ from publisher.v1 import publisher_pb2, publisher_pb2_grpc
 
 from services.publisher import model
 from services.publisher.publishing import Publisher
+from services.runtime.call_context import require_profile_id
 from services.runtime.errors import InvalidArgument
 from services.runtime.fields import (
     at_most,
@@ -231,23 +232,25 @@ class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
             # It travels in an HTTP header: anything else cannot be a Postiz key.
             raise InvalidArgument("api_key must be printable ASCII, as Postiz shows it")
         api_key = _text(request.api_key, "api_key", 1024)
-        return credentials_message(await self._publisher.set_credentials(base_url, api_key))
+        return credentials_message(
+            await self._publisher.set_credentials(require_profile_id(), base_url, api_key)
+        )
 
     async def GetPostizCredentials(
         self, request: publisher_pb2.GetPostizCredentialsRequest, context: ServicerContext
     ) -> publisher_pb2.PostizCredentials:
-        return credentials_message(await self._publisher.get_credentials())
+        return credentials_message(await self._publisher.get_credentials(require_profile_id()))
 
     async def DeletePostizCredentials(
         self, request: publisher_pb2.DeletePostizCredentialsRequest, context: ServicerContext
     ) -> empty_pb2.Empty:
-        await self._publisher.delete_credentials()
+        await self._publisher.delete_credentials(require_profile_id())
         return empty_pb2.Empty()
 
     async def ListIntegrations(
         self, request: publisher_pb2.ListIntegrationsRequest, context: ServicerContext
     ) -> publisher_pb2.ListIntegrationsResponse:
-        integrations = await self._publisher.list_integrations()
+        integrations = await self._publisher.list_integrations(require_profile_id())
         return publisher_pb2.ListIntegrationsResponse(
             integrations=[integration_message(i) for i in integrations]
         )
@@ -267,19 +270,25 @@ class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
             content_type=first.metadata.content_type,
             size_bytes=first.metadata.size_bytes,
         )
-        media = await self._publisher.upload(upload, _chunks(request_iterator))
+        media = await self._publisher.upload(
+            require_profile_id(), upload, _chunks(request_iterator)
+        )
         return media_message(media)
 
     async def UploadMediaFromUrl(
         self, request: publisher_pb2.UploadMediaFromUrlRequest, context: ServicerContext
     ) -> publisher_pb2.Media:
-        media = await self._publisher.upload_from_url(_url(request.url, "url"))
+        media = await self._publisher.upload_from_url(
+            require_profile_id(), _url(request.url, "url")
+        )
         return media_message(media)
 
     async def CreatePost(
         self, request: publisher_pb2.CreatePostRequest, context: ServicerContext
     ) -> publisher_pb2.Publication:
-        return publication_message(await self._publisher.create_post(_draft(request)))
+        return publication_message(
+            await self._publisher.create_post(require_profile_id(), _draft(request))
+        )
 
     async def ListPosts(
         self, request: publisher_pb2.ListPostsRequest, context: ServicerContext
@@ -293,7 +302,9 @@ class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
         after = None
         if request.page_token:
             after = decode_page_token(request.page_token, window, parse_id=str)
-        posts, more = await self._publisher.page_of_posts(start, end, after, size)
+        posts, more = await self._publisher.page_of_posts(
+            require_profile_id(), start, end, after, size
+        )
         response = publisher_pb2.ListPostsResponse()
         return await encoded_page(
             response,
@@ -310,6 +321,7 @@ class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
         self, request: publisher_pb2.GetPostRequest, context: ServicerContext
     ) -> publisher_pb2.Post:
         post = await self._publisher.get_post(
+            require_profile_id(),
             _text(request.post_id, "post_id", MAX_ID_LENGTH),
             optional_datetime(request, "start_time"),
             optional_datetime(request, "end_time"),
@@ -319,13 +331,16 @@ class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
     async def DeletePost(
         self, request: publisher_pb2.DeletePostRequest, context: ServicerContext
     ) -> empty_pb2.Empty:
-        await self._publisher.delete_post(_text(request.post_id, "post_id", MAX_ID_LENGTH))
+        await self._publisher.delete_post(
+            require_profile_id(), _text(request.post_id, "post_id", MAX_ID_LENGTH)
+        )
         return empty_pb2.Empty()
 
     async def PublishJob(
         self, request: publisher_pb2.PublishJobRequest, context: ServicerContext
     ) -> publisher_pb2.Publication:
         publication = await self._publisher.publish_job(
+            require_profile_id(),
             job_id=_text(request.job_id, "job_id", MAX_ID_LENGTH),
             integration_ids=[
                 _text(i, "integration_ids", MAX_ID_LENGTH)

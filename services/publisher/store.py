@@ -16,7 +16,6 @@ from services.publisher.model import (
     PublicationState,
     StoredCredentials,
 )
-from services.runtime.call_context import require_profile_id
 from services.runtime.database import TenantScopedPool
 from services.runtime.errors import (
     Conflict,
@@ -106,13 +105,14 @@ class PublisherStore:
 
     async def set_credentials(
         self,
+        profile_id: str,
         base_url: str,
         api_key_ciphertext: bytes,
         encryption_key_id: str,
         api_key_fingerprint: str,
         verify_time: datetime,
     ) -> StoredCredentials:
-        async with self._pool.transaction() as connection:
+        async with self._pool.transaction(profile_id) as connection:
             row = await connection.fetchrow(
                 f"""
                 INSERT INTO publisher.postiz_credentials AS c (profile_id, base_url,
@@ -130,7 +130,7 @@ class PublisherStore:
                     update_time = clock_timestamp()
                 RETURNING {_CREDENTIAL_COLUMNS}
                 """,
-                require_profile_id(),
+                profile_id,
                 base_url,
                 api_key_ciphertext,
                 encryption_key_id,
@@ -139,12 +139,12 @@ class PublisherStore:
             )
         return _credentials(row)
 
-    async def get_credentials(self) -> StoredCredentials | None:
-        async with self._pool.transaction(readonly=True) as connection:
+    async def get_credentials(self, profile_id: str) -> StoredCredentials | None:
+        async with self._pool.transaction(profile_id, readonly=True) as connection:
             row = await connection.fetchrow(
                 f"SELECT {_CREDENTIAL_COLUMNS} FROM publisher.postiz_credentials "
                 "WHERE profile_id = $1",
-                require_profile_id(),
+                profile_id,
             )
         return None if row is None else _credentials(row)
 
@@ -167,7 +167,7 @@ class PublisherStore:
     async def replace_sealed_api_key(self, profile_id: str, old: Sealed, new: Sealed) -> bool:
         """Puts `new` where `old` is (key rotation); False when the credentials changed
         meanwhile, which leaves them as they are."""
-        async with self._pool.transaction() as connection:
+        async with self._pool.transaction(profile_id) as connection:
             replaced = await connection.fetchval(
                 """
                 UPDATE publisher.postiz_credentials
@@ -183,64 +183,63 @@ class PublisherStore:
             )
         return replaced is not None
 
-    async def delete_credentials(self) -> None:
-        async with self._pool.transaction() as connection:
+    async def delete_credentials(self, profile_id: str) -> None:
+        async with self._pool.transaction(profile_id) as connection:
             deleted = await connection.fetchval(
                 "DELETE FROM publisher.postiz_credentials WHERE profile_id = $1 "
                 "RETURNING profile_id",
-                require_profile_id(),
+                profile_id,
             )
         if deleted is None:
             raise NotFound("this profile has no Postiz credentials")
 
     # Publications
 
-    async def get_publication(self, request_id: str) -> Publication | None:
-        async with self._pool.transaction(readonly=True) as connection:
+    async def get_publication(self, profile_id: str, request_id: str) -> Publication | None:
+        async with self._pool.transaction(profile_id, readonly=True) as connection:
             row = await connection.fetchrow(
                 f"SELECT {_PUBLICATION_COLUMNS} FROM publisher.publications p "
                 "WHERE p.profile_id = $1 AND p.request_id = $2",
-                require_profile_id(),
+                profile_id,
                 request_id,
             )
         return None if row is None else _publication(row)
 
-    async def find_publication_of_post(self, post_id: str) -> Publication | None:
-        async with self._pool.transaction(readonly=True) as connection:
+    async def find_publication_of_post(self, profile_id: str, post_id: str) -> Publication | None:
+        async with self._pool.transaction(profile_id, readonly=True) as connection:
             row = await connection.fetchrow(
                 f"""
                 SELECT {_PUBLICATION_COLUMNS} FROM publisher.publications p
                 WHERE p.profile_id = $1 AND p.posts @> $2
                 ORDER BY p.create_time DESC LIMIT 1
                 """,
-                require_profile_id(),
+                profile_id,
                 [{"post_id": post_id}],
             )
         return None if row is None else _publication(row)
 
-    async def claimed_post_ids(self, post_ids: list[str]) -> set[str]:
+    async def claimed_post_ids(self, profile_id: str, post_ids: list[str]) -> set[str]:
         """Those of `post_ids` that a publication of this profile already holds."""
-        async with self._pool.transaction(readonly=True) as connection:
+        async with self._pool.transaction(profile_id, readonly=True) as connection:
             rows = await connection.fetch(
                 """
                 SELECT DISTINCT post ->> 'post_id' AS post_id
                 FROM publisher.publications p, jsonb_array_elements(p.posts) AS post
                 WHERE p.profile_id = $1 AND post ->> 'post_id' = ANY($2::text[])
                 """,
-                require_profile_id(),
+                profile_id,
                 post_ids,
             )
         return {row["post_id"] for row in rows}
 
-    async def claim(self, draft: PublicationDraft, policy: PostingPolicy) -> Claim:
+    async def claim(self, profile_id: str, draft: PublicationDraft, policy: PostingPolicy) -> Claim:
         """Records the publication (first call) and decides the next step.
 
         Holds the profile's credentials row for the transaction, so that the budget check
         and the new attempt are one step for each profile. A SEND claim has its attempt
         committed before Postiz is called.
         """
-        profile_id = require_profile_id()
-        async with self._pool.transaction() as connection:
+        async with self._pool.transaction(profile_id) as connection:
             credentials = await connection.fetchrow(
                 """
                 SELECT rate_limited_until, clock_timestamp() AS now
@@ -300,7 +299,9 @@ class PublisherStore:
                         f"{wait:.0f}s"
                     )
                 return Claim(publication, NextStep.RECONCILE, last["attempt"], last["start_time"])
-            await self._check_budget(connection, credentials["rate_limited_until"], now, policy)
+            await self._check_budget(
+                connection, profile_id, credentials["rate_limited_until"], now, policy
+            )
             attempt = 1 if last is None else last["attempt"] + 1
             start_time = await connection.fetchval(
                 """
@@ -326,6 +327,7 @@ class PublisherStore:
     @staticmethod
     async def _check_budget(
         connection: asyncpg.Connection,
+        profile_id: str,
         rate_limited_until: datetime | None,
         now: datetime,
         policy: PostingPolicy,
@@ -342,7 +344,7 @@ class PublisherStore:
             SELECT count(*), min(start_time) FROM publisher.publication_attempts
             WHERE profile_id = $1 AND start_time > $2
             """,
-            require_profile_id(),
+            profile_id,
             now - _HOUR,
         )
         if used >= policy.posts_per_hour:
@@ -356,6 +358,7 @@ class PublisherStore:
 
     async def finish_attempt(
         self,
+        profile_id: str,
         request_id: str,
         attempt: int,
         state: PublicationState,
@@ -366,8 +369,7 @@ class PublisherStore:
         """Records an attempt's outcome (or a reconciliation's finding) on the attempt and the
         publication; `posts`, when given, replace the publication's, which are kept otherwise.
         Returns None when a later attempt has taken over since."""
-        profile_id = require_profile_id()
-        async with self._pool.transaction() as connection:
+        async with self._pool.transaction(profile_id) as connection:
             updated = await connection.fetchval(
                 """
                 UPDATE publisher.publication_attempts

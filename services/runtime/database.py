@@ -25,7 +25,7 @@ from typing import Any
 
 import asyncpg
 
-from services.runtime.call_context import current_caller, remaining_seconds, require_profile_id
+from services.runtime.call_context import current_caller, remaining_seconds
 from services.runtime.errors import (
     Conflict,
     DeadlineExceeded,
@@ -142,17 +142,15 @@ class TenantScopedPool:
         )
 
     def transaction(
-        self, profile_id: str | None = None, *, readonly: bool = False
+        self, profile_id: str, *, readonly: bool = False
     ) -> AbstractAsyncContextManager[asyncpg.Connection]:
-        """A transaction that sees only the profile's rows (the current call's profile when
-        none is given), for work of several statements; one statement runs through `call`.
+        """A transaction that sees only the profile's rows, for work of several statements;
+        one statement runs through `call`.
 
         Rolled back on any error or cancellation; connection failures surface as
         Unavailable so callers get a status they can retry on.
         """
         # BEGIN and the scoping go in one round trip; a transaction costs three in all.
-        if profile_id is None:
-            profile_id = require_profile_id()
         begin = (
             f"BEGIN{' READ ONLY' if readonly else ''}; "
             f"SELECT set_config('role', {self._role_literal}, true), "
