@@ -48,8 +48,8 @@ async def test_waiting_for_a_connection_ends_at_the_calls_deadline(one_connectio
     async with one_connection_pool() as pool:
         held = await pool.pool.acquire()
         started = time.perf_counter()
+        profile = new_profile_id()
         with (
-            profile = new_profile_id()
             profile_scope(profile, time_remaining=0.2),
             pytest.raises(DeadlineExceeded),
         ):
@@ -64,8 +64,8 @@ async def test_waiting_for_a_connection_ends_at_the_calls_deadline(one_connectio
 async def test_waiting_for_a_connection_ends_busy_after_the_acquire_timeout(one_connection_pool):
     async with one_connection_pool(acquire_timeout_seconds=0.2) as pool:
         held = await pool.pool.acquire()
+        profile = new_profile_id()
         with (
-            profile = new_profile_id()
             profile_scope(profile),
             pytest.raises(Unavailable, match="busy") as busy,
         ):
@@ -79,8 +79,8 @@ async def test_waiting_for_a_connection_ends_busy_after_the_acquire_timeout(one_
 async def test_a_statement_running_past_the_deadline_is_cancelled_at_it(one_connection_pool):
     async with one_connection_pool() as pool:
         started = time.perf_counter()
+        profile = new_profile_id()
         with (
-            profile = new_profile_id()
             profile_scope(profile, time_remaining=0.5),
             pytest.raises(DeadlineExceeded),
         ):
