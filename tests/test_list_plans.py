@@ -15,7 +15,6 @@ from services.costs.store import entries_query
 from services.jobs.model import JobFilter, JobStatus
 from services.jobs.service import JOBS
 from services.jobs.store import list_query, list_query_by_bytes
-from services.runtime.call_context import profile_scope
 from services.runtime.database import TenantScopedPool, create_pool
 from services.runtime.embedded_postgres import scratch_database
 from services.runtime.migrations import apply_migrations
@@ -72,9 +71,8 @@ async def _plan(url: str, role: str, query: str, arguments: list) -> dict:
     """The plan Postgres makes for the query, as the service's role, scoped to BUSY."""
     pool = TenantScopedPool(await create_pool(url, max_size=1), role)
     try:
-        with profile_scope(BUSY):
-            async with pool.transaction(readonly=True) as connection:
-                plan = await connection.fetchval(f"EXPLAIN (FORMAT JSON) {query}", *arguments)
+        async with pool.transaction(BUSY, readonly=True) as connection:
+            plan = await connection.fetchval(f"EXPLAIN (FORMAT JSON) {query}", *arguments)
     finally:
         await pool.pool.close()
     return (json.loads(plan) if isinstance(plan, str) else plan)[0]["Plan"]

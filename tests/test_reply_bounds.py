@@ -12,7 +12,6 @@ from publisher.v1 import publisher_pb2
 from services.jobs.model import Job, JobFilter, JobStatus
 from services.jobs.servicer import MAX_KIND_LENGTH, MAX_TEXT_LENGTH, document, job_message
 from services.jobs.store import JobStore, list_query
-from services.runtime.call_context import profile_scope
 from services.runtime.fields import MAX_STRUCT_BYTES
 from services.runtime.paging import reply_budget
 from services.runtime.settings import Settings
@@ -84,9 +83,8 @@ async def test_first_read_of_a_page_leaves_out_the_values_of_large_jobs(
 ):
     await _big_jobs(jobs_stub, profile, 2)
     query, arguments = list_query(profile[0][1], JobFilter(), 500, None)
-    with profile_scope(profile[0][1]):
-        async with jobs_service.pool.transaction(readonly=True) as connection:
-            rows = await connection.fetch(query, *arguments)
+    async with jobs_service.pool.transaction(profile[0][1], readonly=True) as connection:
+        rows = await connection.fetch(query, *arguments)
     assert [(row["small"], row["data"], row["result"]) for row in rows] == [(False, None, None)] * 2
 
 
