@@ -156,8 +156,9 @@ async def start_suite(database_url: str, *, workers: int, noop: bool) -> AsyncIt
             METRICS_PORT="0",
             MIGRATE_ON_START="false",
             DB_POOL_MAX_SIZE=str(POOL_SIZE),
-            # The watch fan-out opens every watcher as one profile.
+            # The watch fan-out opens every watcher as one profile: 1,000 in the full run.
             PROFILE_MAX_STREAMS="0",
+            JOBS_WATCHERS_PER_PROFILE="10000",
             # One profile drives each operation, as it drives the db ceiling's bare pool.
             DB_CONNECTIONS_PER_PROFILE="0",
         )
