@@ -559,12 +559,6 @@ HOGGING_UPDATES = 100
 HOGGING_DATA_BYTES = 500_000
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="each profile holds at most 5 of the pool's 10 connections, but one round trip per "
-    "UpdateJob serves the attacker's 500 KB updates twice as fast as before, and nothing bounds "
-    "a profile's bytes or CPU per second: they fill the event loop the quiet profile waits on",
-)
 async def test_calls_queued_on_one_profiles_row_lock_do_not_starve_the_pool(
     database_url, noisy_neighbour_figures
 ):
@@ -643,12 +637,6 @@ LIST_WORKERS = 6
 LARGE_JOB = {"blob": "0123456789abcdef" * 4096, "tags": [str(t) for t in range(1, 4991)]}
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="a page stops at 4 MB and is encoded row by row in its profile's turn, but Postgres "
-    "reading 6 pages of 4 MB at once and the attacker's own process share the machine's 2 "
-    "cores with the quiet profile's calls",
-)
 async def test_huge_list_replies_of_one_profile_do_not_slow_another(
     database_url, noisy_neighbour_figures
 ):

@@ -30,6 +30,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from services.runtime import page_tokens
 from services.runtime.auth import authorizer_for
+from services.runtime.byte_rates import ProfileByteRates
 from services.runtime.database import CONNECTION_ERRORS, TenantScopedPool, create_pool
 from services.runtime.interceptors.handlers import (
     InterceptedHandlers,
@@ -101,11 +102,19 @@ class ServiceDefinition:
         return self.default_port - 50051 + 9091
 
 
-def profile_shares(settings: Settings) -> tuple[ProfileShares, ProfileShares]:
-    """Each profile's share of a replica: its calls in flight, and its response streams."""
+def profile_shares(
+    settings: Settings,
+) -> tuple[ProfileShares, ProfileShares, ProfileByteRates]:
+    """Each profile's share of a replica: its calls in flight, its response streams, and its
+    bytes a second in requests and replies."""
     return (
         ProfileShares(settings.profile_max_calls_in_flight, settings.profile_queue_seconds),
         ProfileShares(settings.profile_max_streams, what="streams open"),
+        ProfileByteRates(
+            settings.profile_bytes_per_second,
+            settings.profile_bytes_burst,
+            settings.profile_queue_seconds,
+        ),
     )
 
 
@@ -113,14 +122,19 @@ def suite_interceptor(
     authorize: Authorizer,
     cross_profile_methods: frozenset[str] = frozenset(),
     access_log: str = ACCESS_LOG_FAILURES,
-    shares: tuple[ProfileShares, ProfileShares] | None = None,
+    shares: tuple[ProfileShares, ProfileShares, ProfileByteRates] | None = None,
 ) -> InterceptorChain:
     """The suite's work around every handler, outermost first; `shares` as profile_shares
     makes them (no limits without)."""
-    calls, streams = shares or (None, None)
+    calls, streams, rates = shares or (None, None, None)
     return InterceptorChain(
         ProfileInterceptor(
-            authorize, cross_profile_methods, access_log, calls=calls, streams=streams
+            authorize,
+            cross_profile_methods,
+            access_log,
+            calls=calls,
+            streams=streams,
+            rates=rates,
         ),
         *inner_server_interceptors(),
     )

@@ -106,6 +106,10 @@ class Settings:
         )
         if min(limits) < 0:
             raise SystemExit("the PROFILE_* and GRPC_MAX_CONCURRENT_* limits must not be negative")
+        if min(self.profile_bytes_per_second, self.profile_bytes_burst) < 0:
+            raise SystemExit(
+                "PROFILE_BYTES_PER_SECOND and PROFILE_BYTES_BURST must not be negative"
+            )
         if self.db_connections_per_profile < 0:
             raise SystemExit("DB_CONNECTIONS_PER_PROFILE must not be negative (0: no share)")
         if min(self.db_acquire_timeout_seconds, self.db_statement_timeout_seconds) <= 0:
@@ -131,6 +135,9 @@ class Settings:
     db_statement_timeout_seconds: float = 10.0
     # Each profile's share of the pool; beyond it the profile waits behind its own calls.
     db_connections_per_profile: int = 5
+    # Each profile's bytes a second in requests and replies (runtime.byte_rates); 0: no limit.
+    profile_bytes_per_second: int = 32 * 1024 * 1024
+    profile_bytes_burst: int = 64 * 1024 * 1024
     # The page tokens' checksum key (runtime.page_tokens); required with AUTH_MODE=jwt.
     page_token_key: str = field(default="", repr=False)
     # DATABASE_URL reaches Postgres through a pooler in transaction mode (PgBouncer): asyncpg's
@@ -203,6 +210,10 @@ class Settings:
             db_connections_per_profile=env_int(
                 "DB_CONNECTIONS_PER_PROFILE", cls.db_connections_per_profile
             ),
+            profile_bytes_per_second=env_int(
+                "PROFILE_BYTES_PER_SECOND", cls.profile_bytes_per_second
+            ),
+            profile_bytes_burst=env_int("PROFILE_BYTES_BURST", cls.profile_bytes_burst),
             page_token_key=os.environ.get("PAGE_TOKEN_KEY", "").strip(),
             db_transaction_pooler=env_bool("DB_TRANSACTION_POOLER", cls.db_transaction_pooler),
             database_listen_url=os.environ.get("DATABASE_LISTEN_URL", "").strip(),

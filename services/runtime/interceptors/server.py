@@ -29,6 +29,7 @@ from grpc.aio import ServicerContext
 from grpc_status import rpc_status
 
 from services.runtime import errors
+from services.runtime.byte_rates import ProfileByteRates
 from services.runtime.call_context import (
     Caller,
     CallScope,
@@ -129,6 +130,7 @@ class ProfileInterceptor(WrappingInterceptor):
         slow_call_seconds: float = SLOW_CALL_SECONDS,
         calls: ProfileShares | None = None,
         streams: ProfileShares | None = None,
+        rates: ProfileByteRates | None = None,
     ) -> None:
         if access_log not in ACCESS_LOG_MODES:
             raise ValueError(f"access_log must be one of {', '.join(ACCESS_LOG_MODES)}")
@@ -138,6 +140,7 @@ class ProfileInterceptor(WrappingInterceptor):
         self._slow_call_seconds = slow_call_seconds
         self.calls = calls or ProfileShares(0)
         self.streams = streams or ProfileShares(0, what="streams open")
+        self.rates = rates or ProfileByteRates(0, 0, 0)
         self.turns = ProfileTurns()
 
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
@@ -153,7 +156,7 @@ class ProfileInterceptor(WrappingInterceptor):
             None if handler.response_streaming else self._slow_call_seconds,
             self.streams if handler.response_streaming else self.calls,
         )
-        return _wrap_handler(handler, pipeline, self.turns)
+        return _wrap_handler(handler, pipeline, self.turns, self.rates)
 
 
 class _CallPipeline:
@@ -283,11 +286,15 @@ class _CallPipeline:
 
 
 def _wrap_handler(
-    handler: grpc.RpcMethodHandler, call: _CallPipeline, turns: ProfileTurns
+    handler: grpc.RpcMethodHandler,
+    call: _CallPipeline,
+    turns: ProfileTurns,
+    rates: ProfileByteRates,
 ) -> grpc.RpcMethodHandler:
     """The same handler run inside the call pipeline; the call type is kept. The request is
     decoded and the reply encoded here, in the profile's turn (runtime.turns), not by gRPC
-    before and after: a large message costs its own profile's turn, not everyone's."""
+    before and after: a large message costs its own profile's turn, not everyone's. Each
+    message's bytes are charged to the profile's byte rate (runtime.byte_rates)."""
     shares = call.shares
     deserialize = handler.request_deserializer
     if handler.response_streaming:
@@ -308,11 +315,12 @@ def _wrap_handler(
                     await call.take_share(share)
                     entered = True
                 requests = await _decoded(
-                    request_or_iterator, handler.request_streaming, deserialize, turn
+                    request_or_iterator, handler.request_streaming, deserialize, turn, rates, share
                 )
                 async for response in inner_stream(requests, context):
                     async with turn:
                         reply = encode(response)
+                    rates.charge(share, len(reply))
                     yield reply
                 code = context.code() or code
             except BaseException as error:
@@ -353,14 +361,16 @@ def _wrap_handler(
                     await call.take_share(share)
                     entered = True
                 requests = await _decoded(
-                    request_or_iterator, handler.request_streaming, deserialize, turn
+                    request_or_iterator, handler.request_streaming, deserialize, turn, rates, share
                 )
                 response = await inner_unary(requests, context)
                 code = context.code() or code
-                if serialize is None or isinstance(response, bytes):
-                    return response  # a reply its servicer encoded (paging.encoded_page)
-                async with turn:
-                    return serialize(response)
+                if serialize is not None and not isinstance(response, bytes):
+                    async with turn:
+                        response = serialize(response)
+                # Not a reply its servicer encoded (paging.encoded_page): encoded here.
+                rates.charge(share, len(response) if isinstance(response, bytes) else 0)
+                return response
             except BaseException as error:
                 code, message, trailing = call.outcome(context, error)
                 if message is None:
@@ -419,9 +429,16 @@ def _decode(deserialize: Callable[[bytes], Any] | None, data: Any) -> Any:
 
 
 async def _decoded_stream(
-    requests: Any, deserialize: Callable[[bytes], Any] | None, turn: Any
+    requests: Any,
+    deserialize: Callable[[bytes], Any] | None,
+    turn: Any,
+    rates: ProfileByteRates,
+    share: str,
 ) -> Any:
     async for data in requests:
+        # A stream's messages wait their turn at the profile's rate: the stream slows down.
+        await rates.admit(share, remaining_seconds(), refuse=False)
+        rates.charge(share, len(data) if isinstance(data, bytes) else 0)
         async with turn:
             request = _decode(deserialize, data)
         yield request
@@ -432,9 +449,14 @@ async def _decoded(
     request_streaming: bool,
     deserialize: Callable[[bytes], Any] | None,
     turn: Any,
+    rates: ProfileByteRates,
+    share: str,
 ) -> Any:
-    """The request, or the requests one by one, decoded in the profile's turn."""
+    """The request, or the requests one by one, decoded in the profile's turn once the
+    profile's byte rate lets them through."""
     if request_streaming:
-        return _decoded_stream(request_or_iterator, deserialize, turn)
+        return _decoded_stream(request_or_iterator, deserialize, turn, rates, share)
+    await rates.admit(share, remaining_seconds(), refuse=True)
+    rates.charge(share, len(request_or_iterator) if isinstance(request_or_iterator, bytes) else 0)
     async with turn:
         return _decode(deserialize, request_or_iterator)
