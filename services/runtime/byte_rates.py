@@ -39,10 +39,12 @@ class ProfileByteRates:
         return min(self._burst, tokens + (now - counted) * self._rate)
 
     def wait_seconds(self, key: str) -> float:
-        """How long the profile's next message waits: until its debt is paid."""
-        if not self._rate:
+        """How long the profile's next message waits: until its debt is paid. A profile with
+        no bucket (a full one) costs a dictionary lookup."""
+        bucket = self._buckets.get(key)
+        if bucket is None:
             return 0.0
-        tokens = self._tokens(key, time.monotonic())
+        tokens = bucket[0] + (time.monotonic() - bucket[1]) * self._rate
         return 0.0 if tokens >= 0 else -tokens / self._rate
 
     def charge(self, key: str, size: int) -> None:
@@ -61,7 +63,8 @@ class ProfileByteRates:
     async def admit(self, key: str, deadline_seconds: float | None, *, refuse: bool) -> None:
         """Waits until the profile's debt is paid: at most max_wait and the deadline. Past
         them a unary call (`refuse`) is refused with the delay it needs; a stream's message
-        waits on, its deadline bounding it."""
+        waits on, its deadline bounding it. Awaited only when wait_seconds says so: a call
+        that need not wait costs no coroutine."""
         wait = self.wait_seconds(key)
         if not wait:
             return

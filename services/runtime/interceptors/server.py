@@ -437,7 +437,8 @@ async def _decoded_stream(
 ) -> Any:
     async for data in requests:
         # A stream's messages wait their turn at the profile's rate: the stream slows down.
-        await rates.admit(share, remaining_seconds(), refuse=False)
+        if rates.wait_seconds(share):
+            await rates.admit(share, remaining_seconds(), refuse=False)
         rates.charge(share, len(data) if isinstance(data, bytes) else 0)
         async with turn:
             request = _decode(deserialize, data)
@@ -456,7 +457,8 @@ async def _decoded(
     profile's byte rate lets them through."""
     if request_streaming:
         return _decoded_stream(request_or_iterator, deserialize, turn, rates, share)
-    await rates.admit(share, remaining_seconds(), refuse=True)
+    if rates.wait_seconds(share):
+        await rates.admit(share, remaining_seconds(), refuse=True)
     rates.charge(share, len(request_or_iterator) if isinstance(request_or_iterator, bytes) else 0)
     async with turn:
         return _decode(deserialize, request_or_iterator)
