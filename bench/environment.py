@@ -71,7 +71,7 @@ async def bench_database(options: Any) -> AsyncIterator[str]:
         yield url
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -131,18 +131,21 @@ async def _channel(stack: AsyncExitStack, port: int) -> grpc.aio.Channel:
     return channel
 
 
-async def _serving(channel: grpc.aio.Channel) -> None:
+async def serving(channel: grpc.aio.Channel, within_seconds: float = 60) -> None:
+    """Waits until the server behind `channel` answers health with SERVING."""
     stub = health_pb2_grpc.HealthStub(channel)
-    reply = await stub.Check(health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=60)
+    reply = await stub.Check(
+        health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=within_seconds
+    )
     if reply.status != health_pb2.HealthCheckResponse.SERVING:
-        raise RuntimeError("the Jobs server did not become SERVING")
+        raise RuntimeError("the server did not become SERVING")
 
 
 @asynccontextmanager
 async def start_suite(database_url: str, *, workers: int, noop: bool) -> AsyncIterator[Suite]:
     async with AsyncExitStack() as stack:
         log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-")))
-        jobs_port = _free_port()
+        jobs_port = free_port()
         jobs = await _process(
             stack,
             log_dir,
@@ -163,10 +166,10 @@ async def start_suite(database_url: str, *, workers: int, noop: bool) -> AsyncIt
             DB_CONNECTIONS_PER_PROFILE="0",
         )
         channels = [await _channel(stack, jobs_port) for _ in range(CONNECTIONS)]
-        await asyncio.gather(*(_serving(channel) for channel in channels))
+        await asyncio.gather(*(serving(channel) for channel in channels))
         costs_pid, costs_channels = None, []
         if noop:
-            costs_port = _free_port()
+            costs_port = free_port()
             costs = await _process(
                 stack,
                 log_dir,
@@ -183,10 +186,10 @@ async def start_suite(database_url: str, *, workers: int, noop: bool) -> AsyncIt
             )
             costs_pid = costs.pid
             costs_channels = [await _channel(stack, costs_port) for _ in range(CONNECTIONS)]
-            await asyncio.gather(*(_serving(channel) for channel in costs_channels))
+            await asyncio.gather(*(serving(channel) for channel in costs_channels))
         noop_servers: dict[str, tuple[int, grpc.aio.Channel]] = {}
         for index, (name, flags) in enumerate(NOOP_VARIANTS.items() if noop else ()):
-            port = _free_port()
+            port = free_port()
             noop_process = await _process(
                 stack, log_dir, f"noop{index}", "-m", "bench.noop_server", str(port), *flags
             )

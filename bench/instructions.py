@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,8 +25,8 @@ from pathlib import Path
 
 import grpc
 import uvloop
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.environment import free_port, serving
 from bench.hot_calls import PROFILE, hot_calls
 from services.runtime.embedded_postgres import scratch_database, start_embedded_postgres
 
@@ -109,18 +108,6 @@ async def _traced(
         await process.wait()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-async def _ready(channel: grpc.aio.Channel, service: str) -> None:
-    await health_pb2_grpc.HealthStub(channel).Check(
-        health_pb2.HealthCheckRequest(service=service), wait_for_ready=True, timeout=STARTUP_SECONDS
-    )
-
-
 async def measure(database_url: str, calls: int, services_from: Path) -> list[Figure]:
     common = {
         "DATABASE_URL": database_url,
@@ -134,22 +121,22 @@ async def measure(database_url: str, calls: int, services_from: Path) -> list[Fi
     async with AsyncExitStack() as stack:
         servers = {}
         for name, module in (("jobs", "services.jobs"), ("costs", "services.costs")):
-            env = common | {"GRPC_PORT": str(_free_port())}
+            env = common | {"GRPC_PORT": str(free_port())}
             if name == "costs":
                 spool = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "spool.jsonl"
                 env["COSTS_SPOOL_PATH"] = str(spool)
             servers[name] = await stack.enter_async_context(
                 _traced(stack, name, ["-m", module], env, services_from)
             )
-        await _ready(servers["jobs"][1], "jobs.v1.JobService")
-        await _ready(servers["costs"][1], "costs.v1.CostService")
+        await serving(servers["jobs"][1], STARTUP_SECONDS)
+        await serving(servers["costs"][1], STARTUP_SECONDS)
         for hot in await hot_calls(servers["jobs"][1], servers["costs"][1]):
             if hot.prepare is not None:
                 await hot.prepare(WARM_UP + 3 * calls)
             traced = servers[hot.service][0]
             figures.append(Figure(hot.name, await traced.per_call(calls, hot.call)))
         for name, flags in (("no-op gRPC", []), ("no-op gRPC + interceptor", ["--interceptor"])):
-            port = str(_free_port())
+            port = str(free_port())
             arguments = ["-m", "bench.noop_server", port, *flags]
             env = common | {"GRPC_PORT": port}
             traced, channel = await stack.enter_async_context(

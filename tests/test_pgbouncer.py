@@ -17,6 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from bench.environment import free_port
 from tests.conftest import REPO
 
 POOLED_TESTS = [
@@ -99,12 +100,6 @@ logfile = {folder / "pgbouncer.log"}
     finally:
         process.terminate()
         process.wait(timeout=10)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _wait_until_listening(port: int, process: subprocess.Popen) -> None:
