@@ -98,11 +98,6 @@ async def test_a_profiles_costly_sections_take_turns_while_another_profiles_run_
     assert sections.busy_running_as_quiet_began == 1
 
 
-async def test_outside_a_call_a_costly_section_takes_no_turn():
-    async with cpu_turn(), cpu_turn():  # nested: nothing is held
-        pass
-
-
 async def test_one_reply_sent_on_many_streams_is_encoded_once():
     shared = SharedReply()
     async with serving(Sections(), shared) as (channel, _):

@@ -16,30 +16,16 @@ turn, the other profiles run.
 """
 
 import asyncio
+import contextlib
+from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar, Token
-from types import TracebackType
+
+# Outside a call (a test, a start-up task) there is nothing to share.
+_NO_TURN = contextlib.nullcontext()
+_current_turn: ContextVar[AbstractAsyncContextManager] = ContextVar("turn", default=_NO_TURN)
 
 
-class _NoTurn:
-    """Outside a call (a test, a start-up task): nothing to share."""
-
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        return None
-
-
-_NO_TURN = _NoTurn()
-_current_turn: ContextVar[asyncio.Lock | _NoTurn] = ContextVar("turn", default=_NO_TURN)
-
-
-def cpu_turn() -> asyncio.Lock | _NoTurn:
+def cpu_turn() -> AbstractAsyncContextManager:
     """The running call's profile turn, for `async with cpu_turn():` around a costly section."""
     return _current_turn.get()
 
