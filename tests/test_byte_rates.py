@@ -50,3 +50,16 @@ async def test_no_rate_is_no_limit():
     rates.charge("p1", 10**12)
     assert rates.wait_seconds("p1") == 0
     assert rates.profiles() == 0
+
+
+def test_full_buckets_are_forgotten_and_pruning_stays_rare_with_many_profiles():
+    rates = ProfileByteRates(rate=1000 * MIB, burst=1 * MIB, max_wait=0.25)
+    for n in range(5000):
+        rates.charge(f"p{n}", 1)  # each refills within a microsecond
+    # Pruned at 1,024 entries and then at twice what each pruning kept: never all 5,000.
+    assert rates.profiles() < 2048
+    busy = ProfileByteRates(rate=1 * MIB, burst=1 * MIB, max_wait=0.25)
+    for n in range(3000):
+        busy.charge(f"p{n}", 2 * MIB)  # every one in debt: none can be forgotten
+    assert busy.profiles() == 3000
+    assert busy.wait_seconds("p0") > 0

@@ -11,8 +11,8 @@ reply is charged once it is built (its size is known only then), so a large repl
 profile in debt, and the profile's next message waits until the debt is paid. A message waits
 at most `max_wait` seconds (and never past its call's deadline); a unary call that would wait
 longer is refused with RESOURCE_EXHAUSTED and the delay after which it would pass. A stream's
-messages simply wait their turn, which slows the stream to the rate. A profile's entry lives
-only while its bucket is not full.
+messages simply wait their turn, which slows the stream to the rate. A profile's entry is
+forgotten once its bucket is full again, at the next pruning.
 """
 
 import asyncio
@@ -20,9 +20,11 @@ import time
 
 from services.runtime.errors import ResourceExhausted
 
+_PRUNE_AT_LEAST = 1024
+
 
 class ProfileByteRates:
-    __slots__ = ("_buckets", "_burst", "_max_wait", "_rate")
+    __slots__ = ("_buckets", "_burst", "_max_wait", "_prune_at", "_rate")
 
     def __init__(self, rate: float, burst: float, max_wait: float) -> None:
         """rate 0: no limit."""
@@ -33,6 +35,9 @@ class ProfileByteRates:
         self._max_wait = max_wait
         # profile → (tokens, when they were counted); tokens below 0 are debt.
         self._buckets: dict[str, tuple[float, float]] = {}
+        # Full buckets are forgotten when there are this many: twice what the last pruning
+        # kept, so pruning costs a constant share of the charges however many profiles call.
+        self._prune_at = _PRUNE_AT_LEAST
 
     def _tokens(self, key: str, now: float) -> float:
         tokens, counted = self._buckets.get(key, (self._burst, now))
@@ -53,11 +58,8 @@ class ProfileByteRates:
             return
         now = time.monotonic()
         tokens = self._tokens(key, now) - size
-        if tokens >= self._burst:
-            self._buckets.pop(key, None)
-        else:
-            self._buckets[key] = (tokens, now)
-        if len(self._buckets) > 1024:
+        self._buckets[key] = (tokens, now)
+        if len(self._buckets) >= self._prune_at:
             self._forget_full(now)
 
     async def admit(self, key: str, deadline_seconds: float | None, *, refuse: bool) -> None:
@@ -88,3 +90,4 @@ class ProfileByteRates:
     def _forget_full(self, now: float) -> None:
         for key in [k for k in self._buckets if self._tokens(k, now) >= self._burst]:
             del self._buckets[key]
+        self._prune_at = max(_PRUNE_AT_LEAST, 2 * len(self._buckets))
