@@ -2,9 +2,8 @@
 
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, date, datetime
-from decimal import Decimal
 from typing import Any
 
 import asyncpg
@@ -348,7 +347,8 @@ class CostStore:
                     profile_id,
                     str(budget.period),
                 )
-            return await self._status(connection, profile_id, budget, datetime.now(UTC))
+            (status,) = await _statuses(connection.fetch, profile_id, budget.period)
+            return status
 
     async def get_budget(self, profile_id: str, period: BudgetPeriod) -> BudgetStatus:
         statuses = await self.budget_statuses(profile_id, period)
@@ -361,36 +361,33 @@ class CostStore:
     ) -> list[BudgetStatus]:
         """The profile's budgets as they stand now (one period's, or every one), in one
         statement: costs.budget_statuses (migration 0006)."""
-        now = datetime.now(UTC)
-        bounds = {p: p.bounds(now) for p in BudgetPeriod}
-        rows = await self._pool.call(
+        return await _statuses(
+            lambda query, *arguments: self._pool.call(profile_id, query, *arguments),
             profile_id,
-            "SELECT * FROM costs.budget_statuses($1, $2, $3, $4, $5, $6)",
-            profile_id,
-            None if period is None else str(period),
-            *_period_days(now),
+            period,
         )
-        statuses = []
-        for row in rows:
-            budget = _budget(row)
-            statuses.append(BudgetStatus(budget, row["spent_usd"], *bounds[budget.period]))
-        return statuses
 
-    @staticmethod
-    async def _status(
-        connection: asyncpg.Connection, profile_id: str, budget: Budget, now: datetime
-    ) -> BudgetStatus:
-        start, end = budget.period.bounds(now)
-        spent = await connection.fetchval(
-            """
-            SELECT coalesce(sum(cost_usd), 0) FROM costs.daily_costs
-            WHERE profile_id = $1 AND priced AND day >= $2 AND day < $3
-            """,
-            profile_id,
-            start.date(),
-            end.date(),
-        )
-        return BudgetStatus(budget, Decimal(spent), start, end)
+
+async def _statuses(
+    fetch: Callable[..., Awaitable[list[asyncpg.Record]]],
+    profile_id: str,
+    period: BudgetPeriod | None,
+) -> list[BudgetStatus]:
+    """The profile's budgets and their spend now, read by costs.budget_statuses through
+    `fetch` (one statement on its own, or one of a transaction's)."""
+    now = datetime.now(UTC)
+    bounds = {p: p.bounds(now) for p in BudgetPeriod}
+    rows = await fetch(
+        "SELECT * FROM costs.budget_statuses($1, $2, $3, $4, $5, $6)",
+        profile_id,
+        None if period is None else str(period),
+        *_period_days(now),
+    )
+    statuses = []
+    for row in rows:
+        budget = _budget(row)
+        statuses.append(BudgetStatus(budget, row["spent_usd"], *bounds[budget.period]))
+    return statuses
 
 
 def _period_days(now: datetime) -> tuple[date, date, date, date]:
