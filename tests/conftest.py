@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit
 
 import grpc
 import pytest
@@ -29,6 +29,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from publisher.v1 import publisher_pb2, publisher_pb2_grpc
 
+from bench.round_trips import via
 from services.costs.service import costs_definition
 from services.jobs.service import JOBS
 from services.publisher.service import publisher_definition
@@ -89,13 +90,8 @@ def through_pooler(database_url: str) -> dict:
     """The settings that send a service's pool through THROUGH_POOLER (none without it)."""
     if not THROUGH_POOLER:
         return {}
-    parts = urlsplit(database_url)
-    credentials = parts.netloc.rpartition("@")[0]
-    pooled = parts._replace(
-        netloc=f"{credentials}@{THROUGH_POOLER}" if credentials else THROUGH_POOLER
-    )
     return {
-        "database_url": urlunsplit(pooled._replace(query="")),
+        "database_url": via(database_url, THROUGH_POOLER),
         "db_transaction_pooler": True,
         "database_listen_url": database_url,
     }

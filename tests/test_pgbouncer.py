@@ -17,6 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from bench import round_trips
 from bench.environment import free_port
 from tests.conftest import REPO
 
@@ -130,3 +131,14 @@ def test_store_and_service_tests_pass_through_pgbouncer_in_transaction_mode(
     # Every module ran: none was skipped whole or missing.
     assert re.search(r"^\d+ passed", run.stdout, re.MULTILINE), run.stdout[-2000:]
     assert "skipped" not in run.stdout.splitlines()[-1], run.stdout[-2000:]
+
+
+async def test_through_pgbouncer_each_statement_is_prepared_then_run(pgbouncer, database_url):
+    """With the statement cache off, a one-statement call costs two round trips through the
+    pooler (prepare, then bind and run): the price of PgBouncer 1.18 in transaction mode."""
+    figures = {f.operation: f for f in await round_trips.measure(database_url, pgbouncer)}
+    assert (figures["GetJob"].round_trips, figures["GetJob"].statements) == (2, 1)
+    assert (figures["RecordGeminiUsage"].round_trips, figures["RecordGeminiUsage"].statements) == (
+        4,
+        2,
+    )
