@@ -14,7 +14,7 @@ import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 _SSL_REQUEST = 80877103
 _GSSENC_REQUEST = 80877104
@@ -33,6 +33,7 @@ class WireCounter:
     """Counts, over every connection through the proxy since it started."""
 
     def __init__(self, upstream_host: str, upstream_port: int) -> None:
+        """`upstream_host`: a host, or (starting with /) the folder of the server's socket."""
         self._upstream = (upstream_host, upstream_port)
         self.counts = WireCounts()
 
@@ -44,7 +45,12 @@ class WireCounter:
             startup = await self._startup(client, to_client)
             if startup is None:
                 return
-            server, to_server = await asyncio.open_connection(*self._upstream)
+            host, port = self._upstream
+            if host.startswith("/"):
+                socket_path = f"{host}/.s.PGSQL.{port}"
+                server, to_server = await asyncio.open_unix_connection(socket_path)
+            else:
+                server, to_server = await asyncio.open_connection(host, port)
         except (ConnectionError, asyncio.IncompleteReadError):
             to_client.close()
             return
@@ -113,13 +119,15 @@ async def counting_proxy(database_url: str) -> AsyncIterator[tuple[str, WireCoun
     """A proxy to the database of `database_url` on a free loopback port: the URL to connect
     through it instead, and its counter."""
     parts = urlsplit(database_url)
-    counter = WireCounter(parts.hostname or "127.0.0.1", parts.port or 5432)
+    # A server reached through its socket (the embedded one) names the folder in the query.
+    socket_folder = parse_qs(parts.query).get("host", [""])[0]
+    counter = WireCounter(socket_folder or parts.hostname or "127.0.0.1", parts.port or 5432)
     server = await asyncio.start_server(counter._serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     credentials = parts.netloc.rpartition("@")[0]
     netloc = f"{credentials}@127.0.0.1:{port}" if credentials else f"127.0.0.1:{port}"
     try:
-        yield urlunsplit(parts._replace(netloc=netloc)), counter
+        yield urlunsplit(parts._replace(netloc=netloc, query="")), counter
     finally:
         server.close()
         await server.wait_closed()
