@@ -114,6 +114,7 @@ async def measure(database_url: str, calls: int, services_from: Path) -> list[Fi
         "GRPC_HOST": "127.0.0.1",
         "METRICS_PORT": "off",
         "HEALTH_CHECK_INTERVAL_SECONDS": "3600",
+        "JOBS_LEASE_SWEEP_SECONDS": "3600",  # nor the lease sweep
         "DB_CONNECT_TIMEOUT_SECONDS": str(STARTUP_SECONDS),
         "PYTHONPATH": f"{services_from}:{services_from / 'gen'}",
     }

@@ -21,7 +21,8 @@ import uvloop
 from bench.hot_calls import HotCall, hot_calls
 from bench.wire_counter import WireCounter, counting_proxy
 from services.costs.service import costs_definition
-from services.jobs.service import JOBS
+from services.jobs.leasing import LeasePolicy
+from services.jobs.service import JOBS, jobs_definition
 from services.runtime.embedded_postgres import scratch_database, start_embedded_postgres
 from services.runtime.server import migrate, start_service
 from services.runtime.settings import Settings
@@ -72,7 +73,9 @@ async def _suite(
             database_listen_url=database_url,
         )
         channels = []
-        for definition in (JOBS, costs_definition(spool)):
+        # Nor the lease sweep's statement.
+        jobs = jobs_definition(lease_policy=LeasePolicy(sweep_seconds=3600))
+        for definition in (jobs, costs_definition(spool)):
             service = await start_service(definition, settings)
             stack.push_async_callback(service.stop, 1)
             channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")

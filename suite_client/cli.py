@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import grpc
-from google.protobuf import json_format
+from google.protobuf import json_format, timestamp_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import suite_client
@@ -169,6 +169,54 @@ async def _jobs_list(args: argparse.Namespace) -> None:
             )
 
 
+async def _queue_stats(args: argparse.Namespace) -> jobs_pb2.QueueStats:
+    request = jobs_pb2.GetQueueStatsRequest(limit=args.limit)
+    request.expiring_within.FromTimedelta(timedelta(seconds=getattr(args, "within", 0)))
+    async with _channel(args, SERVICE_BY_NAME["jobs"]) as channel:
+        return await suite_client.JobServiceStub(channel).GetQueueStats(request)
+
+
+def _age(stamp: timestamp_pb2.Timestamp, now: datetime) -> str:
+    seconds = (now - stamp.ToDatetime(tzinfo=UTC)).total_seconds()
+    return f"{seconds:.0f}s" if abs(seconds) < 120 else f"{seconds / 60:.0f}m"
+
+
+async def _jobs_stats(args: argparse.Namespace) -> None:
+    stats = await _queue_stats(args)
+    if args.json:
+        for queue in stats.queues:
+            print(json.dumps(json_format.MessageToDict(queue)))
+        return
+    now = datetime.now(UTC)
+    print(f"{'KIND':<24} {'PROFILE':<40} {'PENDING':>8} {'READY':>8} {'OLDEST':>7} {'LEASED':>7}")
+    for queue in stats.queues:
+        oldest = (
+            _age(queue.oldest_pending_create_time, now)
+            if queue.HasField("oldest_pending_create_time")
+            else "-"
+        )
+        print(
+            f"{queue.kind:<24} {queue.profile_id:<40} {queue.pending:>8} {queue.ready:>8} "
+            f"{oldest:>7} {queue.leased:>7}"
+        )
+
+
+async def _jobs_leases(args: argparse.Namespace) -> None:
+    stats = await _queue_stats(args)
+    if args.json:
+        for lease in stats.expiring_leases:
+            print(json.dumps(json_format.MessageToDict(lease)))
+        return
+    now = datetime.now(UTC)
+    print(f"{'JOB':<36}  {'PROFILE':<40} {'KIND':<24} {'WORKER':<24} {'EXPIRES IN':>10} ATTEMPT")
+    for lease in stats.expiring_leases:
+        expires = lease.expire_time.ToDatetime(tzinfo=UTC)
+        print(
+            f"{lease.job_id:<36}  {lease.profile_id:<40} {lease.kind:<24} {lease.worker:<24} "
+            f"{(expires - now).total_seconds():>9.0f}s {lease.attempt:>7}"
+        )
+
+
 def _month(value: str) -> datetime:
     try:
         return datetime.strptime(value, "%Y-%m").replace(tzinfo=UTC)
@@ -291,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reencrypt.set_defaults(run=_postiz_reencrypt)
 
-    jobs = commands.add_parser("jobs", help="a profile's jobs")
+    jobs = commands.add_parser("jobs", help="a profile's jobs, and the work queue")
     jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
     listing = jobs_commands.add_parser(
         "list",
@@ -310,6 +358,31 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
     listing.add_argument("--json", action="store_true", help="one JSON object per job")
     listing.set_defaults(run=_jobs_list)
+    stats = jobs_commands.add_parser(
+        "stats",
+        help="the work queue: pending jobs by kind and profile (operator scope)",
+        description="Every profile's pending jobs by kind, most pending first: how many, how "
+        "many may be leased now (their run_after has come), the oldest one's age, and how "
+        "many are leased.",
+    )
+    stats.add_argument("--limit", type=int, default=50, help="at most this many rows (default 50)")
+    stats.add_argument("--json", action="store_true", help="one JSON object per row")
+    stats.set_defaults(run=_jobs_stats)
+    leases = jobs_commands.add_parser(
+        "leases",
+        help="leases about to expire (operator scope)",
+        description="Jobs held by workers whose lease expires soonest (expired ones not yet "
+        "swept first): job, profile, kind, worker, time left, attempt.",
+    )
+    leases.add_argument(
+        "--within",
+        type=float,
+        default=60.0,
+        help="leases expiring within this many seconds (default 60)",
+    )
+    leases.add_argument("--limit", type=int, default=50, help="at most this many rows (default 50)")
+    leases.add_argument("--json", action="store_true", help="one JSON object per lease")
+    leases.set_defaults(run=_jobs_leases)
 
     costs = commands.add_parser("costs", help="a profile's spending")
     costs_commands = costs.add_subparsers(dest="costs_command", required=True, metavar="ACTION")

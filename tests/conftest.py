@@ -46,6 +46,10 @@ from tests.fake_postiz import FakePostiz, Organization, api_root, serve_fake_pos
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Every Jobs service the tests start retries a job whose lease expired after a short backoff,
+# whichever replica's sweep finds it first (tests/test_jobs_leasing.py waits for the retry).
+os.environ.setdefault("JOBS_RETRY_BASE_SECONDS", "0.2")
+
 Metadata = tuple[tuple[str, str], ...]
 
 

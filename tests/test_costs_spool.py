@@ -144,7 +144,12 @@ async def test_records_while_the_database_is_down_are_replayed_once_when_it_is_b
             await eventually_recorded(
                 stub, profile, ["before", "during", "streamed-0", "streamed-1"]
             )
-            assert sample(await scrape(service), "costs_spool_lines") == waiting
+            # The gauge drops once the whole spool file is confirmed, just after its lines
+            # are visible.
+            give_up_at = time.monotonic() + 20
+            while sample(await scrape(service), "costs_spool_lines") != waiting:
+                assert time.monotonic() < give_up_at, "the spool gauge did not drop"
+                await asyncio.sleep(0.05)
 
 
 async def test_a_service_restarted_with_a_non_empty_spool_replays_it_on_start(postgres, tmp_path):

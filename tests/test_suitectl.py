@@ -187,3 +187,27 @@ async def test_costs_month_refuses_a_malformed_month(targets):
     outcome = await suitectl(*targets, "costs", "month", "--profile", "p", "--month", "11/2026")
     assert outcome.exit_code == 2
     assert "YYYY-MM" in outcome.stderr
+
+
+async def test_jobs_stats_and_leases_show_the_work_queue(targets, jobs_stub):
+    kind = f"ctl-{new_profile_id()[-12:]}"
+    profile_id = new_profile_id()
+    for _ in range(2):
+        await jobs_stub.CreateJob(
+            jobs_pb2.CreateJobRequest(job=jobs_pb2.Job(kind=kind)), metadata=as_profile(profile_id)
+        )
+    request = jobs_pb2.LeaseJobsRequest(kinds=[kind], worker="ctl-worker")
+    [leased] = (await jobs_stub.LeaseJobs(request)).jobs
+
+    stats = await suitectl(*targets, "jobs", "stats", "--limit", "1000")
+    assert stats.exit_code == 0, stats.stderr
+    header, *rows = stats.stdout.splitlines()
+    assert header.split() == ["KIND", "PROFILE", "PENDING", "READY", "OLDEST", "LEASED"]
+    [row] = [row.split() for row in rows if row.startswith(kind)]
+    assert (row[1], row[2], row[3], row[5]) == (profile_id, "1", "1", "1")
+
+    leases = await suitectl(*targets, "jobs", "leases", "--within", "120", "--json")
+    assert leases.exit_code == 0, leases.stderr
+    held = [json.loads(line) for line in leases.stdout.splitlines()]
+    [mine] = [lease for lease in held if lease["jobId"] == leased.job_id]
+    assert (mine["worker"], mine["profileId"]) == ("ctl-worker", profile_id)

@@ -48,6 +48,61 @@ EMPTY_DOCUMENT = Document(values={}, encoded=b"")
 
 
 @dataclass(frozen=True, slots=True)
+class Schedule:
+    """When and in what order a job is leased (LeaseJobs), and how many leases it may have."""
+
+    run_after: datetime | None = None
+    priority: int = 0
+    max_attempts: int = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """The lease a job is held under. `lease_id`, the holder's proof, is known only to
+    LeaseJobs' reply."""
+
+    worker: str
+    expire_time: datetime
+    lease_id: uuid.UUID | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One lease of a job, as its history keeps it."""
+
+    attempt: int
+    worker: str
+    start_time: datetime
+    end_time: datetime | None = None
+    outcome: str = ""
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Queue:
+    """One kind's pending and leased jobs of one profile (GetQueueStats)."""
+
+    kind: str
+    profile_id: str
+    pending: int
+    ready: int
+    oldest_pending_create_time: datetime | None
+    leased: int
+
+
+@dataclass(frozen=True, slots=True)
+class HeldLease:
+    """A job held under a lease, as an operator sees it: no lease_id."""
+
+    job_id: uuid.UUID
+    profile_id: str
+    kind: str
+    worker: str
+    expire_time: datetime
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
 class Job:
     job_id: uuid.UUID
     profile_id: str
@@ -61,6 +116,10 @@ class Job:
     create_time: datetime
     update_time: datetime
     version: int
+    schedule: Schedule = Schedule()
+    attempt: int = 0
+    lease: Lease | None = None
+    attempts: tuple[Attempt, ...] = ()
 
     @property
     def etag(self) -> str:

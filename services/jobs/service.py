@@ -6,6 +6,7 @@ from pathlib import Path
 
 from jobs.v1 import jobs_pb2_grpc
 
+from services.jobs.leasing import LeasePolicy, LeaseSweeper
 from services.jobs.servicer import JobServicer, job_message
 from services.jobs.store import JobStore
 from services.jobs.watch import JobWatchHub, WatchLimits
@@ -24,7 +25,9 @@ def watch_limits_from_environment() -> WatchLimits:
     )
 
 
-def jobs_servicers(watch_limits: WatchLimits | None) -> ServicersFactory:
+def jobs_servicers(
+    watch_limits: WatchLimits | None, lease_policy: LeasePolicy | None
+) -> ServicersFactory:
     @asynccontextmanager
     async def servicers(
         handlers: InterceptedHandlers, pool: TenantScopedPool, settings: Settings
@@ -35,26 +38,40 @@ def jobs_servicers(watch_limits: WatchLimits | None) -> ServicersFactory:
         listen_url = settings.database_listen_url or settings.database_url
         watch_hub = JobWatchHub(listen_url, store, job_message, limits)
         await watch_hub.start()
-        servicer = JobServicer(store, watch_hub, reply_budget(settings.max_message_bytes))
+        policy = lease_policy or LeasePolicy.from_environment()
+        sweeper = LeaseSweeper(store, policy)
+        sweeper.start()
+        servicer = JobServicer(
+            store,
+            watch_hub,
+            reply_budget(settings.max_message_bytes),
+            policy.max_processing_per_profile,
+        )
         jobs_pb2_grpc.add_JobServiceServicer_to_server(servicer, handlers)
         try:
             # WatchJob streams end as shutdown starts; the hub closes again, harmlessly, on exit.
             yield watch_hub.close
         finally:
+            await sweeper.close()
             await watch_hub.close()
 
     return servicers
 
 
-def jobs_definition(watch_limits: WatchLimits | None = None) -> ServiceDefinition:
-    """The service; the watch limits default to the environment's, read at start."""
+def jobs_definition(
+    watch_limits: WatchLimits | None = None, lease_policy: LeasePolicy | None = None
+) -> ServiceDefinition:
+    """The service; the watch limits and lease policy default to the environment's, read at
+    start."""
     return ServiceDefinition(
         name="jobs",
         grpc_service="jobs.v1.JobService",
         default_port=50051,
         migrations=Path(__file__).parent / "migrations",
-        servicers=jobs_servicers(watch_limits),
-        cross_profile_reads=("ListAllJobs",),
+        servicers=jobs_servicers(watch_limits, lease_policy),
+        cross_profile_reads=("ListAllJobs", "GetQueueStats"),
+        worker_leases=("LeaseJobs",),
+        worker_updates=("UpdateJob",),
     )
 
 

@@ -1,11 +1,12 @@
 """jobs.v1.JobService: validates requests and converts between messages and the model."""
 
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
 
-from google.protobuf import empty_pb2, struct_pb2
+from google.protobuf import duration_pb2, empty_pb2, struct_pb2
 from grpc.aio import ServicerContext
 from jobs.v1 import jobs_pb2, jobs_pb2_grpc
 
@@ -16,12 +17,19 @@ from services.jobs.model import (
     JobChanges,
     JobFilter,
     JobStatus,
+    Schedule,
 )
 from services.jobs.store import JobStore
 from services.jobs.watch import JobWatchHub
-from services.runtime.call_context import require_profile_id
-from services.runtime.errors import InvalidArgument
+from services.runtime.call_context import (
+    Caller,
+    current_caller,
+    remaining_seconds,
+    require_profile_id,
+)
+from services.runtime.errors import InvalidArgument, PermissionDenied
 from services.runtime.fields import (
+    MAX_STRUCT_BYTES,
     at_most,
     struct_dict,
     struct_message,
@@ -41,6 +49,30 @@ MAX_ETAG_LENGTH = 64
 MAX_PATH_LENGTH = 64
 # A filter names each status at most once.
 MAX_STATUSES = len(JobStatus)
+MAX_PRIORITY = 100
+DEFAULT_MAX_ATTEMPTS = 5
+MAX_ATTEMPTS = 100
+# The most a job's fields weigh in a reply: data and result at their byte budgets, message
+# and error at their length (4 bytes a character at most), and room for the rest.
+LARGEST_JOB_BYTES = 2 * MAX_STRUCT_BYTES + 2 * 4 * MAX_TEXT_LENGTH + 8192
+# LeaseJobs: what one call may ask for.
+MAX_LEASE_KINDS = 20
+MAX_JOBS_PER_LEASE = 100
+MAX_WORKER_LENGTH = 128
+DEFAULT_LEASE_SECONDS = 60.0
+MIN_LEASE_SECONDS = 1.0
+MAX_LEASE_SECONDS = 3600.0
+MAX_LEASE_WAIT_SECONDS = 60.0
+# GetQueueStats: entries of each list, and the window of leases about to expire.
+DEFAULT_QUEUE_STATS = 50
+MAX_QUEUE_STATS = 1000
+DEFAULT_EXPIRING_WITHIN_SECONDS = 60.0
+MAX_EXPIRING_WITHIN_SECONDS = 86400.0
+# A waiting LeaseJobs looks again at least this often: a job whose run_after has come (no
+# notification says so) or a notification missed while the listener reconnected.
+LEASE_RECHECK_SECONDS = 1.0
+# A waiting LeaseJobs returns this long before its deadline, so that its reply arrives in time.
+LEASE_REPLY_MARGIN_SECONDS = 0.1
 
 
 def job_message(job: Job) -> jobs_pb2.Job:
@@ -55,9 +87,29 @@ def job_message(job: Job) -> jobs_pb2.Job:
         create_time=timestamp_message(job.create_time),
         update_time=timestamp_message(job.update_time),
         etag=job.etag,
+        priority=job.schedule.priority,
+        max_attempts=job.schedule.max_attempts,
+        attempt=job.attempt,
     )
     _fill(message.data, job.data)
     _fill(message.result, job.result)
+    if job.schedule.run_after is not None:
+        message.run_after.CopyFrom(timestamp_message(job.schedule.run_after))
+    if job.lease is not None:
+        message.lease.worker = job.lease.worker
+        message.lease.expire_time.CopyFrom(timestamp_message(job.lease.expire_time))
+        if job.lease.lease_id is not None:
+            message.lease.lease_id = str(job.lease.lease_id)
+    for attempt in job.attempts:
+        entry = message.attempts.add(
+            attempt=attempt.attempt,
+            worker=attempt.worker,
+            start_time=timestamp_message(attempt.start_time),
+            outcome=attempt.outcome,
+            error=attempt.error,
+        )
+        if attempt.end_time is not None:
+            entry.end_time.CopyFrom(timestamp_message(attempt.end_time))
     return message
 
 
@@ -110,6 +162,66 @@ def _etag(value: str) -> int | None:
     return int(etag)
 
 
+def _schedule(job: jobs_pb2.Job) -> Schedule:
+    if not 0 <= job.priority <= MAX_PRIORITY:
+        raise InvalidArgument(
+            f"job.priority must be between 0 and {MAX_PRIORITY}, got {job.priority}"
+        )
+    max_attempts = job.max_attempts or DEFAULT_MAX_ATTEMPTS
+    if not 1 <= max_attempts <= MAX_ATTEMPTS:
+        raise InvalidArgument(
+            f"job.max_attempts must be between 1 and {MAX_ATTEMPTS} (0 means "
+            f"{DEFAULT_MAX_ATTEMPTS}), got {job.max_attempts}"
+        )
+    return Schedule(
+        run_after=(
+            timestamp_datetime(job.run_after, "job.run_after")
+            if job.HasField("run_after")
+            else None
+        ),
+        priority=job.priority,
+        max_attempts=max_attempts,
+    )
+
+
+def _seconds(duration: duration_pb2.Duration) -> float:
+    return duration.seconds + duration.nanos / 1e9
+
+
+def _lease_seconds(duration: duration_pb2.Duration) -> float:
+    seconds = _seconds(duration) or DEFAULT_LEASE_SECONDS
+    if not MIN_LEASE_SECONDS <= seconds <= MAX_LEASE_SECONDS:
+        raise InvalidArgument(
+            f"lease_duration must be between {MIN_LEASE_SECONDS:g}s and {MAX_LEASE_SECONDS:g}s "
+            f"(0 means {DEFAULT_LEASE_SECONDS:g}s), got {seconds:g}s"
+        )
+    return seconds
+
+
+def _wait_seconds(duration: duration_pb2.Duration) -> float:
+    """What the caller asked for, at most MAX_LEASE_WAIT_SECONDS and its deadline."""
+    seconds = _seconds(duration)
+    if seconds < 0:
+        raise InvalidArgument(f"wait must not be negative, got {seconds:g}s")
+    seconds = min(seconds, MAX_LEASE_WAIT_SECONDS)
+    remaining = remaining_seconds()
+    if remaining is not None:
+        seconds = min(seconds, remaining - LEASE_REPLY_MARGIN_SECONDS)
+    return max(seconds, 0.0)
+
+
+def _lease_id(value: str, caller: Caller | None) -> uuid.UUID | None:
+    """The lease an update is made under; a worker's token must name one: it acts for a
+    profile only on the jobs it holds."""
+    if not value:
+        if caller is not None and caller.worker:
+            raise PermissionDenied(
+                "a worker token updates only jobs it holds: send the lease_id LeaseJobs gave"
+            )
+        return None
+    return parse_job_id(value, "lease_id")
+
+
 def _name(value: str, field: str, limit: int) -> str:
     return text(value, field, limit=limit)
 
@@ -155,12 +267,18 @@ def _filter(request: jobs_pb2.ListJobsRequest) -> JobFilter:
 
 class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     def __init__(
-        self, store: JobStore, watch_hub: JobWatchHub[jobs_pb2.Job], reply_bytes: int
+        self,
+        store: JobStore,
+        watch_hub: JobWatchHub[jobs_pb2.Job],
+        reply_bytes: int,
+        max_processing_per_profile: int = 0,
     ) -> None:
-        """`reply_bytes`: the most a list reply's rows may take (paging.reply_budget)."""
+        """`reply_bytes`: the most a list reply's rows may take (paging.reply_budget);
+        `max_processing_per_profile`: LeasePolicy's."""
         self._store = store
         self._watch_hub = watch_hub
         self._reply_bytes = reply_bytes
+        self._max_processing = max_processing_per_profile
 
     async def CreateJob(
         self, request: jobs_pb2.CreateJobRequest, context: ServicerContext
@@ -169,9 +287,11 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         if not kind:
             raise InvalidArgument('job.kind is required, for example "video_render"')
         request_id = _name(request.request_id, "request_id", MAX_REQUEST_ID_LENGTH) or None
+        schedule = _schedule(request.job)
         async with cpu_turn():
             data = document(request.job.data, "job.data")
-        return await _reply(await self._store.create(require_profile_id(), kind, data, request_id))
+        job = await self._store.create(require_profile_id(), kind, data, request_id, schedule)
+        return await _reply(job)
 
     async def GetJob(
         self, request: jobs_pb2.GetJobRequest, context: ServicerContext
@@ -187,7 +307,9 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         async with cpu_turn():
             changes = _changes(request.job, list(paths))
         etag = _etag(request.job.etag)
-        return await _reply(await self._store.update(require_profile_id(), job_id, changes, etag))
+        lease_id = _lease_id(request.lease_id, current_caller())
+        job = await self._store.update(require_profile_id(), job_id, changes, etag, lease_id)
+        return await _reply(job)
 
     async def ListJobs(
         self, request: jobs_pb2.ListJobsRequest, context: ServicerContext
@@ -232,6 +354,78 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     ) -> empty_pb2.Empty:
         await self._store.delete(require_profile_id(), parse_job_id(request.job_id))
         return empty_pb2.Empty()
+
+    async def LeaseJobs(
+        self, request: jobs_pb2.LeaseJobsRequest, context: ServicerContext
+    ) -> jobs_pb2.LeaseJobsResponse:
+        kinds = at_most(request.kinds, "kinds", MAX_LEASE_KINDS)
+        if not kinds:
+            raise InvalidArgument(
+                'kinds is required: the kinds this worker runs, for example "video_render"'
+            )
+        kinds = sorted({_name(kind, "kinds", MAX_KIND_LENGTH) for kind in kinds})
+        max_jobs = min(request.max_jobs or 1, MAX_JOBS_PER_LEASE)
+        if max_jobs < 0:
+            raise InvalidArgument(f"max_jobs must not be negative, got {request.max_jobs}")
+        lease_seconds = _lease_seconds(request.lease_duration)
+        caller = current_caller()
+        subject = caller.subject if caller is not None else "anonymous"
+        worker = _name(request.worker, "worker", MAX_WORKER_LENGTH) or subject
+        wait = _wait_seconds(request.wait)
+        share = f"(worker {subject})"
+        until = time.monotonic() + wait
+        while True:
+            jobs = await self._store.lease(
+                share,
+                worker,
+                kinds,
+                max_jobs,
+                lease_seconds,
+                self._max_processing,
+                # One more job at its largest still fits in the reply.
+                max(self._reply_bytes - LARGEST_JOB_BYTES, 0),
+            )
+            left = until - time.monotonic()
+            if jobs or left <= 0:
+                break
+            await self._watch_hub.work_arrived(within=min(left, LEASE_RECHECK_SECONDS))
+        async with cpu_turn():
+            return jobs_pb2.LeaseJobsResponse(jobs=[job_message(job) for job in jobs])
+
+    async def GetQueueStats(
+        self, request: jobs_pb2.GetQueueStatsRequest, context: ServicerContext
+    ) -> jobs_pb2.QueueStats:
+        limit = min(request.limit or DEFAULT_QUEUE_STATS, MAX_QUEUE_STATS)
+        if limit < 0:
+            raise InvalidArgument(f"limit must not be negative, got {request.limit}")
+        within = _seconds(request.expiring_within)
+        if within < 0:
+            raise InvalidArgument(f"expiring_within must not be negative, got {within:g}s")
+        within = min(within or DEFAULT_EXPIRING_WITHIN_SECONDS, MAX_EXPIRING_WITHIN_SECONDS)
+        queues, leases = await self._store.queue_stats(limit, within)
+        stats = jobs_pb2.QueueStats()
+        for queue in queues:
+            entry = stats.queues.add(
+                kind=queue.kind,
+                profile_id=queue.profile_id,
+                pending=queue.pending,
+                ready=queue.ready,
+                leased=queue.leased,
+            )
+            if queue.oldest_pending_create_time is not None:
+                entry.oldest_pending_create_time.CopyFrom(
+                    timestamp_message(queue.oldest_pending_create_time)
+                )
+        for lease in leases:
+            stats.expiring_leases.add(
+                job_id=str(lease.job_id),
+                profile_id=lease.profile_id,
+                kind=lease.kind,
+                worker=lease.worker,
+                expire_time=timestamp_message(lease.expire_time),
+                attempt=lease.attempt,
+            )
+        return stats
 
     async def WatchJob(
         self, request: jobs_pb2.WatchJobRequest, context: ServicerContext

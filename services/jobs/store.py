@@ -1,21 +1,39 @@
 """SQL for the jobs schema. Every method runs in one tenant-scoped transaction."""
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 
-from services.jobs.model import Document, Job, JobChanges, JobFilter, JobStatus
+from services.jobs.model import (
+    Attempt,
+    Document,
+    HeldLease,
+    Job,
+    JobChanges,
+    JobFilter,
+    JobStatus,
+    Lease,
+    Queue,
+    Schedule,
+)
 from services.runtime.database import TenantScopedPool
 from services.runtime.errors import NotFound
+
+DEFAULT_SCHEDULE = Schedule()
+
+# A job's scheduling and lease columns (migration 0007), read as they are.
+_SCHEDULING = (
+    "run_after, priority, max_attempts, attempt, lease_worker, lease_expire_time, attempts"
+)
 
 # Every stored column a Job is made from; data and result also as Struct bytes (data_pb,
 # result_pb; migration 0004).
 _STORED = (
     "job_id, profile_id, kind, status, progress, message, data, result, data_pb, result_pb, "
-    "error, create_time, update_time, version"
+    "error, create_time, update_time, version, " + _SCHEDULING
 )
 
 
@@ -25,7 +43,8 @@ def _read_columns(whole: str = "") -> str:
     columns come back NULL where it is false."""
     when = f"{whole} AND " if whole else ""
     return (
-        "job_id, profile_id, kind, status, progress, create_time, update_time, version, "
+        f"job_id, profile_id, kind, status, progress, create_time, update_time, version, "
+        f"{_SCHEDULING}, "
         f"CASE WHEN {when}TRUE THEN message END AS message, "
         f"CASE WHEN {when}TRUE THEN error END AS error, "
         f"CASE WHEN {when}TRUE THEN data_pb END AS data_pb, "
@@ -38,7 +57,20 @@ def _read_columns(whole: str = "") -> str:
 _COLUMNS = _read_columns()
 
 
-def _job(row: asyncpg.Record) -> Job:
+def _attempt(entry: dict[str, Any]) -> Attempt:
+    end_time = entry.get("end_time")
+    return Attempt(
+        attempt=entry["attempt"],
+        worker=entry["worker"],
+        start_time=datetime.fromisoformat(entry["start_time"]),
+        end_time=None if end_time is None else datetime.fromisoformat(end_time),
+        outcome=entry.get("outcome", ""),
+        error=entry.get("error", ""),
+    )
+
+
+def _job(row: asyncpg.Record, lease_id: uuid.UUID | None = None) -> Job:
+    expire_time = row["lease_expire_time"]
     return Job(
         job_id=row["job_id"],
         profile_id=row["profile_id"],
@@ -52,7 +84,15 @@ def _job(row: asyncpg.Record) -> Job:
         create_time=row["create_time"],
         update_time=row["update_time"],
         version=row["version"],
+        schedule=Schedule(row["run_after"], row["priority"], row["max_attempts"]),
+        attempt=row["attempt"],
+        lease=None if expire_time is None else Lease(row["lease_worker"], expire_time, lease_id),
+        attempts=tuple(_attempt(entry) for entry in row["attempts"]),
     )
+
+
+# The sweep's share of the pool: one key, whichever replica and however many jobs.
+_SWEEP_SHARE = "(lease sweep)"
 
 
 def _not_found(job_id: uuid.UUID) -> NotFound:
@@ -210,17 +250,25 @@ class JobStore:
         self._pool = pool
 
     async def create(
-        self, profile_id: str, kind: str, data: Document, request_id: str | None
+        self,
+        profile_id: str,
+        kind: str,
+        data: Document,
+        request_id: str | None,
+        schedule: Schedule = DEFAULT_SCHEDULE,
     ) -> Job:
         """Inserts a job; with a request_id already used by this profile, returns that job."""
         rows = await self._pool.call(
             profile_id,
-            "SELECT * FROM jobs.create_job($1, $2, $3, $4, $5)",
+            "SELECT * FROM jobs.create_job($1, $2, $3, $4, $5, $6, $7, $8)",
             profile_id,
             request_id,
             kind,
             data.values,
             data.encoded,
+            schedule.run_after,
+            schedule.priority,
+            schedule.max_attempts,
         )
         return _job(rows[0])
 
@@ -233,17 +281,24 @@ class JobStore:
         return _job(rows[0])
 
     async def update(
-        self, profile_id: str, job_id: uuid.UUID, changes: JobChanges, etag: int | None
+        self,
+        profile_id: str,
+        job_id: uuid.UUID,
+        changes: JobChanges,
+        etag: int | None,
+        lease_id: uuid.UUID | None = None,
     ) -> Job:
         """Applies the changes atomically, as the job's life allows (FailedPrecondition
-        otherwise); an etag that is not the job's version raises Conflict."""
+        otherwise); an etag that is not the job's version raises Conflict. A held job takes
+        changes only with its lease_id, which they extend (or end, with a final status);
+        FailedPrecondition for any other."""
         values = changes.values
         status = values.get("status")
         data: Document | None = values.get("data")
         result: Document | None = values.get("result")
         rows = await self._pool.call(
             profile_id,
-            "SELECT * FROM jobs.update_job($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            "SELECT * FROM jobs.update_job($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
             profile_id,
             job_id,
             etag,
@@ -255,6 +310,7 @@ class JobStore:
             None if data is None else data.encoded,
             None if result is None else result.values,
             None if result is None else result.encoded,
+            lease_id,
         )
         return _job(rows[0])
 
@@ -264,6 +320,105 @@ class JobStore:
             profile_id, "SELECT * FROM jobs.cancel_job($1, $2)", profile_id, job_id
         )
         return _job(rows[0])
+
+    async def lease(
+        self,
+        share: str,
+        worker: str,
+        kinds: Sequence[str],
+        max_jobs: int,
+        lease_seconds: float,
+        max_processing: int,
+        max_bytes: int,
+    ) -> list[Job]:
+        """Up to max_jobs pending jobs of any profile moved to PROCESSING under a lease for
+        `worker`, profiles taking turns (jobs.lease_jobs), fewer once they hold more than
+        `max_bytes`; each Job's lease carries its lease_id. `share` is whose share of the
+        pool the statement counts against."""
+        rows = await self._pool.call(
+            share,
+            "SELECT (reply).*, granted_lease FROM jobs.lease_jobs($1, $2, $3, $4, $5, $6)",
+            worker,
+            list(kinds),
+            max_jobs,
+            lease_seconds,
+            max_processing,
+            max_bytes,
+        )
+        return [_job(row, row["granted_lease"]) for row in rows]
+
+    async def reclaim_leases(self, limit: int, retry_base: float, retry_max: float) -> int:
+        """Ends up to `limit` expired leases (jobs.reclaim_leases): each job back to PENDING
+        after a backoff, or FAILED past its max_attempts. How many it moved."""
+        rows = await self._pool.call(
+            _SWEEP_SHARE,
+            "SELECT jobs.reclaim_leases($1, $2, $3) AS moved",
+            limit,
+            retry_base,
+            retry_max,
+        )
+        return rows[0]["moved"]
+
+    async def queue_stats(
+        self, limit: int, expiring_within_seconds: float
+    ) -> tuple[list[Queue], list[HeldLease]]:
+        """Every profile's pending and leased jobs by kind (most pending first), and the
+        leases that expire within the time given, soonest first; `limit` of each. An
+        operator's read: it walks the pending jobs (their partial index) and the leases."""
+        async with self._pool.cross_profile_transaction() as connection:
+            queues = await connection.fetch(
+                """
+                SELECT kind, profile_id, coalesce(pending.pending, 0) AS pending,
+                    coalesce(pending.ready, 0) AS ready, pending.oldest,
+                    coalesce(leased.leased, 0) AS leased
+                FROM (
+                    SELECT kind, profile_id, count(*) AS pending,
+                        count(*) FILTER (
+                            WHERE run_after IS NULL OR run_after <= clock_timestamp()
+                        ) AS ready,
+                        min(create_time) AS oldest
+                    FROM jobs.jobs WHERE status = 'PENDING' GROUP BY kind, profile_id
+                ) AS pending
+                FULL JOIN (
+                    SELECT kind, profile_id, count(*) AS leased
+                    FROM jobs.jobs WHERE lease_expire_time IS NOT NULL GROUP BY kind, profile_id
+                ) AS leased USING (kind, profile_id)
+                ORDER BY 3 DESC, kind, profile_id
+                LIMIT $1
+                """,
+                limit,
+            )
+            leases = await connection.fetch(
+                """
+                SELECT job_id, profile_id, kind, lease_worker, lease_expire_time, attempt
+                FROM jobs.jobs
+                WHERE lease_expire_time IS NOT NULL
+                    AND lease_expire_time < clock_timestamp() + make_interval(secs => $1)
+                ORDER BY lease_expire_time
+                LIMIT $2
+                """,
+                expiring_within_seconds,
+                limit,
+            )
+        return (
+            [
+                Queue(
+                    r["kind"], r["profile_id"], r["pending"], r["ready"], r["oldest"], r["leased"]
+                )
+                for r in queues
+            ],
+            [
+                HeldLease(
+                    r["job_id"],
+                    r["profile_id"],
+                    r["kind"],
+                    r["lease_worker"],
+                    r["lease_expire_time"],
+                    r["attempt"],
+                )
+                for r in leases
+            ],
+        )
 
     async def delete(self, profile_id: str, job_id: uuid.UUID) -> None:
         async with self._pool.transaction(profile_id) as connection:

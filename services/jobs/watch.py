@@ -11,6 +11,10 @@ the newest state, so one that reads slowly (or not at all) skips to the latest s
 reads again instead of queueing every change; one read per job is in flight at a time, changes
 arriving meanwhile are folded into the next read; and a replica serves at most
 `WatchLimits.per_profile` watchers of one profile and `per_replica` in all.
+
+The same connection listens on `jobs_job_pending`, which a trigger notifies when a job becomes
+PENDING (made, or put back after an expired lease): LeaseJobs calls waiting for work wake on it
+(`work_arrived`) instead of polling.
 """
 
 import asyncio
@@ -34,6 +38,7 @@ from services.runtime.errors import DomainError, NotFound, ResourceExhausted, Un
 log = logging.getLogger(__name__)
 
 CHANNEL: Final = "jobs_job_changed"
+PENDING_CHANNEL: Final = "jobs_job_pending"
 _DELETED: Final = object()
 _CLOSED: Final = object()
 # What a caller refused at its profile's watcher limit is told to wait before it tries again.
@@ -112,6 +117,7 @@ class JobWatchHub(Generic[Reply]):
         self._listener: asyncpg.Connection | None = None
         self._reconnecting: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._work_waiters: set[asyncio.Future[None]] = set()
         self._closed = False
 
     async def start(self) -> None:
@@ -125,6 +131,7 @@ class JobWatchHub(Generic[Reply]):
         for watched in self._watched.values():
             for mailbox in watched.mailboxes:
                 mailbox.put(_CLOSED)
+        self._wake_work_waiters()
         for task in list(self._tasks):
             task.cancel()
         if self._listener is not None:
@@ -167,6 +174,25 @@ class JobWatchHub(Generic[Reply]):
                 del self._watchers_of[profile_id]
             WATCHERS.dec()
 
+    async def work_arrived(self, within: float) -> None:
+        """Returns once a job has become PENDING on any replica, or after `within` seconds,
+        or at once when the hub closes; the caller then looks for work itself."""
+        if self._closed:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._work_waiters.add(waiter)
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(within):
+                    await waiter
+        finally:
+            self._work_waiters.discard(waiter)
+
+    def _wake_work_waiters(self, *_notification: object) -> None:
+        for waiter in self._work_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
     def _admit(self, profile_id: str) -> None:
         if self._watchers >= self._limits.per_replica:
             raise ResourceExhausted(
@@ -191,6 +217,7 @@ class JobWatchHub(Generic[Reply]):
             self._dsn, server_settings={"application_name": "jobs-watch"}
         )
         await connection.add_listener(CHANNEL, self._on_notification)
+        await connection.add_listener(PENDING_CHANNEL, self._wake_work_waiters)
         connection.add_termination_listener(self._on_listener_lost)
         self._listener = connection
 
@@ -228,6 +255,7 @@ class JobWatchHub(Generic[Reply]):
                 delay = min(delay * 2, 5.0)
                 continue
             log.info("job watch listener reconnected")
+            self._wake_work_waiters()  # work may have arrived meanwhile
             for key in list(self._watched):  # changes may have been missed meanwhile
                 self._changed(key, deleted=False)
             return

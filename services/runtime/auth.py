@@ -3,8 +3,9 @@ mint tokens.
 
 In `jwt` mode every call carries `authorization: Bearer <token>`, a JWT whose claims are `sub`
 (the calling service or user), `profiles` (the profile ids it may act for), `iat` and `exp`
-(at most AUTH_JWT_MAX_LIFETIME_SECONDS apart), and optionally `scope: operator` (cross-profile
-reads only, see the server interceptor), `aud` and `iss`. Where AUTH_JWT_AUDIENCE is set, `aud`
+(at most AUTH_JWT_MAX_LIFETIME_SECONDS apart), and optionally `scope` (`operator`: cross-profile
+reads only; `worker`: LeaseJobs, then updates of the jobs it holds, whatever their profile;
+see the server interceptor), `aud` and `iss`. Where AUTH_JWT_AUDIENCE is set, `aud`
 must name it (one name or a list: a token for PublishJob names the Publisher and Jobs, whom the
 Publisher calls with the caller's own token); where AUTH_JWT_ISSUER is set, `iss` must equal it.
 
@@ -41,6 +42,7 @@ from services.runtime.interceptors.server import Authorizer, allow_any_caller
 from services.runtime.settings import Settings
 
 OPERATOR_SCOPE = "operator"
+WORKER_SCOPE = "worker"
 _BEARER = "bearer "
 _REQUIRED_CLAIMS = ["exp", "iat", "sub", "profiles"]
 # Clock skew tolerated between the host that minted a token and the one checking it.
@@ -209,19 +211,23 @@ class JwtAuthorizer:
         claims = self.claims(token)
         caller = Caller(
             subject=claims["sub"],
-            operator=_has_operator_scope(claims.get("scope")),
+            operator=_has_scope(claims.get("scope"), OPERATOR_SCOPE),
+            worker=_has_scope(claims.get("scope"), WORKER_SCOPE),
             authorization=authorization,
         )
-        if profile_id is not None and not caller.operator and profile_id not in claims["profiles"]:
+        # A scoped token is held to its scope's methods by the interceptor; a worker acts for
+        # the profile of each job it holds, which the database checks against its lease.
+        scoped = caller.operator or caller.worker
+        if profile_id is not None and not scoped and profile_id not in claims["profiles"]:
             raise PermissionDenied(
                 f"the token of {caller.subject} may not act for profile {profile_id}"
             )
         return caller
 
 
-def _has_operator_scope(scope: Any) -> bool:
+def _has_scope(scope: Any, name: str) -> bool:
     """`scope` as one name or as OAuth's space-separated list."""
-    return isinstance(scope, str) and OPERATOR_SCOPE in scope.split()
+    return isinstance(scope, str) and name in scope.split()
 
 
 def authorizer_for(settings: Settings) -> Authorizer:
@@ -238,6 +244,7 @@ def mint_token(
     profiles: Sequence[str],
     ttl_seconds: float = 3600,
     operator: bool = False,
+    worker: bool = False,
     algorithm: str = "HS256",
     key_id: str | None = None,
     audience: Sequence[str] = (),
@@ -253,8 +260,9 @@ def mint_token(
         "iat": now,
         "exp": now + int(ttl_seconds),
     }
-    if operator:
-        claims["scope"] = OPERATOR_SCOPE
+    scopes = [name for name, held in ((OPERATOR_SCOPE, operator), (WORKER_SCOPE, worker)) if held]
+    if scopes:
+        claims["scope"] = " ".join(scopes)
     if audience:
         claims["aud"] = list(audience)
     if issuer:
@@ -281,6 +289,7 @@ def _mint(args: argparse.Namespace) -> None:
             profiles=_names(args.profiles),
             ttl_seconds=args.ttl,
             operator=args.operator,
+            worker=args.worker,
             algorithm=algorithm,
             key_id=args.kid or None,
             audience=_names(args.aud),
@@ -332,6 +341,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     mint.add_argument("--profiles", default="", help="comma-separated profile ids")
     mint.add_argument("--ttl", type=float, default=3600, help="seconds until it expires")
     mint.add_argument("--operator", action="store_true", help="scope operator")
+    mint.add_argument("--worker", action="store_true", help="scope worker (LeaseJobs)")
     mint.add_argument(
         "--private-key",
         default=os.environ.get("AUTH_JWT_PRIVATE_KEY", ""),

@@ -34,6 +34,9 @@ class Caller:
 
     subject: str
     operator: bool = False
+    # A pipeline worker (scope "worker"): leases jobs of any profile, then acts for a job's
+    # profile only on the jobs it holds.
+    worker: bool = False
     authorization: str | None = field(default=None, repr=False)  # a bearer token: never log it
 
 

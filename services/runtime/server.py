@@ -83,6 +83,10 @@ class ServiceDefinition:
     reference_data: Callable[[asyncpg.Connection], Awaitable[None]] | None = None
     # RPC names that read across profiles: operator scope only, no x-profile-id.
     cross_profile_reads: tuple[str, ...] = ()
+    # RPC names of the work queue: those that lease across profiles (worker scope only, no
+    # x-profile-id), and those a worker may call for the profile of a job it holds.
+    worker_leases: tuple[str, ...] = ()
+    worker_updates: tuple[str, ...] = ()
     # True while the service still takes writes with its database unreachable (Costs, while
     # its spool has room): its health then stays SERVING, so callers keep sending them.
     accepts_writes_without_database: Callable[[], bool] = lambda: False
@@ -92,9 +96,16 @@ class ServiceDefinition:
         """The role queries run as: no ownership, no BYPASSRLS (made by the migrations)."""
         return f"{self.name}_service"
 
+    def _methods(self, *names: tuple[str, ...]) -> frozenset[str]:
+        return frozenset(f"/{self.grpc_service}/{name}" for group in names for name in group)
+
     @property
     def cross_profile_methods(self) -> frozenset[str]:
-        return frozenset(f"/{self.grpc_service}/{name}" for name in self.cross_profile_reads)
+        return self._methods(self.cross_profile_reads, self.worker_leases)
+
+    @property
+    def worker_methods(self) -> frozenset[str]:
+        return self._methods(self.worker_leases, self.worker_updates)
 
     @property
     def default_metrics_port(self) -> int:
@@ -123,6 +134,7 @@ def suite_interceptor(
     cross_profile_methods: frozenset[str] = frozenset(),
     access_log: str = ACCESS_LOG_FAILURES,
     shares: tuple[ProfileShares, ProfileShares, ProfileByteRates] | None = None,
+    worker_methods: frozenset[str] = frozenset(),
 ) -> InterceptorChain:
     """The suite's work around every handler, outermost first; `shares` as profile_shares
     makes them (no limits without)."""
@@ -135,6 +147,7 @@ def suite_interceptor(
             calls=calls,
             streams=streams,
             rates=rates,
+            worker_methods=worker_methods,
         ),
         *inner_server_interceptors(),
     )
@@ -335,6 +348,7 @@ async def start_service(
         definition.cross_profile_methods,
         settings.access_log,
         profile_shares(settings),
+        definition.worker_methods,
     )
     server, handlers = new_server(
         interceptor, server_options(settings), settings.grpc_max_concurrent_rpcs or None

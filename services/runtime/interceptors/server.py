@@ -12,8 +12,10 @@ call slower than SLOW_CALL_SECONDS. Every call is counted by method and status c
 gRPC metrics either way; an access line for every call costs more CPU than all the rest of
 the interceptor (`make bench`: the no-op rows with and without ACCESS_LOG=all). Health and
 reflection are exempt so that probes and `grpcurl list` need no profile. The service's
-cross-profile reads take no profile: only an operator may call them, and an operator may call
-nothing else.
+cross-profile calls take no profile: its reads only an operator may call, and an operator
+nothing else; its work queue (LeaseJobs) only a pipeline worker, which may then call, for a
+job's profile, only the methods it acts on the jobs it holds with (UpdateJob, with the lease
+the database checks).
 """
 
 import asyncio
@@ -74,15 +76,15 @@ ACCESS_LOG_FAILURES = "failures"
 ACCESS_LOG_MODES = (ACCESS_LOG_ALL, ACCESS_LOG_FAILURES)
 SLOW_CALL_SECONDS = 1.0
 
-ANONYMOUS_OPERATOR = Caller(subject="anonymous (AUTH_MODE=none)", operator=True)
+ANONYMOUS_CROSS_PROFILE = Caller(subject="anonymous (AUTH_MODE=none)", operator=True, worker=True)
 
 
 def allow_any_caller(
     profile_id: str | None, context: ServicerContext, method: str
 ) -> Caller | None:
-    """Trusts `x-profile-id` as sent, and lets anyone read across profiles (AUTH_MODE=none:
-    local debugging with grpcurl, where any profile can be named anyway)."""
-    return ANONYMOUS_OPERATOR if profile_id is None else None
+    """Trusts `x-profile-id` as sent, and lets anyone read or lease across profiles
+    (AUTH_MODE=none: local debugging with grpcurl, where any profile can be named anyway)."""
+    return ANONYMOUS_CROSS_PROFILE if profile_id is None else None
 
 
 TrailingMetadata = tuple[tuple[str, str | bytes], ...]
@@ -129,6 +131,7 @@ class ProfileInterceptor(WrappingInterceptor):
         access_log: str = ACCESS_LOG_FAILURES,
         slow_call_seconds: float = SLOW_CALL_SECONDS,
         calls: ProfileShares | None = None,
+        worker_methods: frozenset[str] = frozenset(),
         streams: ProfileShares | None = None,
         rates: ProfileByteRates | None = None,
     ) -> None:
@@ -136,6 +139,7 @@ class ProfileInterceptor(WrappingInterceptor):
             raise ValueError(f"access_log must be one of {', '.join(ACCESS_LOG_MODES)}")
         self._authorize = authorize
         self._cross_profile_methods = cross_profile_methods
+        self._worker_methods = worker_methods
         self._log_every_call = access_log == ACCESS_LOG_ALL
         self._slow_call_seconds = slow_call_seconds
         self.calls = calls or ProfileShares(0)
@@ -155,6 +159,7 @@ class ProfileInterceptor(WrappingInterceptor):
             self._log_every_call,
             None if handler.response_streaming else self._slow_call_seconds,
             self.streams if handler.response_streaming else self.calls,
+            for_workers=method in self._worker_methods,
         )
         return _wrap_handler(handler, pipeline, self.turns, self.rates)
 
@@ -168,6 +173,7 @@ class _CallPipeline:
         "_log_every_call",
         "_slow_seconds",
         "cross_profile",
+        "for_workers",
         "method",
         "metrics",
         "shares",
@@ -182,8 +188,10 @@ class _CallPipeline:
         log_every_call: bool = True,
         slow_seconds: float | None = None,
         shares: ProfileShares | None = None,
+        for_workers: bool = False,
     ) -> None:
         self.method = method
+        self.for_workers = for_workers
         self.metrics = metrics
         self._authorize = authorize
         self.cross_profile = cross_profile
@@ -199,10 +207,14 @@ class _CallPipeline:
         )
         caller = self._authorize(profile_id, context, self.method)
         self._check_scope(caller)
-        if self.cross_profile:
-            operator_log.info("operator %s calls %s", caller.subject, self.method)
-        scope = CallScope(profile_id, context.time_remaining(), caller)
-        return scope, CROSS_PROFILE_KEY if profile_id is None else profile_id
+        if profile_id is not None:
+            return CallScope(profile_id, context.time_remaining(), caller), profile_id
+        assert caller is not None  # _check_scope refuses a cross-profile call without one
+        scope = CallScope(None, context.time_remaining(), caller)
+        if self.for_workers:  # each worker leases within a share of its own
+            return scope, f"(worker {caller.subject})"
+        operator_log.info("operator %s calls %s", caller.subject, self.method)
+        return scope, CROSS_PROFILE_KEY
 
     async def take_share(self, share: str) -> None:
         """Waits for a slot of the profile's share (the queue time at most, and never past
@@ -217,15 +229,32 @@ class _CallPipeline:
         await self.abort(context, *status_for(error), started)
 
     def _check_scope(self, caller: Caller | None) -> None:
-        """Operator scope is for the cross-profile reads, and only for them."""
+        """Operator scope is for the cross-profile reads, and only for them; worker scope for
+        the work queue's methods, and only for them."""
         operator = caller is not None and caller.operator
-        if self.cross_profile and not operator:
+        worker = caller is not None and caller.worker
+        if self.cross_profile:
+            if self.for_workers and not worker:
+                raise errors.PermissionDenied(
+                    f"{self.method} leases jobs of every profile: it needs a token with scope "
+                    "worker"
+                )
+            if not self.for_workers and not operator:
+                raise errors.PermissionDenied(
+                    f"{self.method} reads across profiles: it needs a token with scope operator"
+                )
+            return
+        if worker and self.for_workers:
+            return
+        if operator or worker:
             raise errors.PermissionDenied(
-                f"{self.method} reads across profiles: it needs a token with scope operator"
-            )
-        if operator and not self.cross_profile:
-            raise errors.PermissionDenied(
-                f"an operator token may call only the cross-profile reads, not {self.method}"
+                f"a token with scope {'worker' if worker else 'operator'} may not call "
+                f"{self.method}: "
+                + (
+                    "a worker leases jobs (LeaseJobs) and updates the jobs it holds"
+                    if worker
+                    else "an operator token may call only the cross-profile reads"
+                )
             )
 
     def outcome(
