@@ -26,7 +26,7 @@ from costs.v1 import costs_pb2
 from google.protobuf import field_mask_pb2, struct_pb2, timestamp_pb2
 from jobs.v1 import jobs_pb2
 
-from bench import instructions, round_trips
+from bench import instructions, leasing, round_trips
 from bench.environment import COST_MONTH, Suite, bench_database, start_suite
 from bench.load import Sample, drive, median_rate, merged
 from bench.noop_server import METHOD
@@ -473,6 +473,8 @@ async def run(options: Options) -> dict:
         results["round_trips"] = [
             dataclasses.asdict(figure) for figure in await round_trips.measure(database_url)
         ]
+        if options.selects("LeaseJobs"):
+            results["leasing"] = await leasing.run(leasing.default_options(options.quick))
         if options.instructions:
             results["instructions"] = [
                 dataclasses.asdict(figure)
@@ -493,6 +495,9 @@ def main(argv: list[str]) -> int:
             f"{figure['operation']:<44} {figure['round_trips']:>16.2f} "
             f"{figure['statements']:>15.2f}"
         )
+    if "leasing" in results:
+        print()
+        leasing.print_figures(results["leasing"])
     for figure in results.get("instructions", []):
         print(f"{figure['operation']:<44} {figure['instructions_per_call']:>16,.0f} instructions")
     if options.json_path:

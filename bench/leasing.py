@@ -12,6 +12,7 @@ Two figures, against a Jobs server of its own (a process apart) on a scratch dat
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import random
@@ -69,31 +70,39 @@ class Fairness:
     goal_met: bool
 
 
+def default_options(quick: bool) -> Options:
+    """The full run's figures, or (quick) small data and short runs that prove it works."""
+    if quick:
+        return Options(20_000, 50, 5_000, 10, 3, 10, 2.0, None)
+    return Options(1_000_000, 500, 100_000, 50, 10, 10, 10.0, None)
+
+
 def parse_options(argv: list[str]) -> Options:
+    full = default_options(quick=False)
     parser = argparse.ArgumentParser(prog="python -m bench.leasing", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small data, short runs")
-    parser.add_argument("--pending", type=int, default=1_000_000)
-    parser.add_argument("--profiles", type=int, default=500)
-    parser.add_argument("--backlog", type=int, default=100_000)
-    parser.add_argument("--small-profiles", type=int, default=50)
-    parser.add_argument("--small-jobs", type=int, default=10, help="jobs of each small profile")
-    parser.add_argument("--max-jobs", type=int, default=10, help="max_jobs of each LeaseJobs")
-    parser.add_argument("--seconds", type=float, default=10.0, help="each throughput run")
+    parser.add_argument("--pending", type=int, help=f"default {full.pending:,}")
+    parser.add_argument("--profiles", type=int, help=f"default {full.profiles}")
+    parser.add_argument("--backlog", type=int, help=f"default {full.backlog:,}")
+    parser.add_argument("--small-profiles", type=int, help=f"default {full.small_profiles}")
+    parser.add_argument(
+        "--small-jobs", type=int, help=f"jobs of each small profile (default {full.small_jobs})"
+    )
+    parser.add_argument(
+        "--max-jobs", type=int, help=f"max_jobs of each LeaseJobs (default {full.max_jobs})"
+    )
+    parser.add_argument(
+        "--seconds", type=float, help=f"each throughput run (default {full.seconds:g})"
+    )
     parser.add_argument("--json", dest="json_path", help="also write the figures here")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.pending, args.profiles, args.backlog, args.seconds = 20_000, 50, 5_000, 2.0
-        args.small_profiles, args.small_jobs = 10, 3
-    return Options(
-        args.pending,
-        args.profiles,
-        args.backlog,
-        args.small_profiles,
-        args.small_jobs,
-        args.max_jobs,
-        args.seconds,
-        args.json_path,
-    )
+    base = default_options(args.quick)
+    given = {
+        name: value
+        for name, value in vars(args).items()
+        if name not in ("quick",) and value is not None
+    }
+    return dataclasses.replace(base, **given)
 
 
 async def _seed(url: str, options: Options) -> None:
@@ -106,6 +115,9 @@ async def _seed(url: str, options: Options) -> None:
             file=sys.stderr,
             flush=True,
         )
+        # Written in bulk without the row triggers (a turn and a notification per job), the
+        # turns then made at once, as the migration makes those of jobs already pending.
+        await connection.execute("SET session_replication_role = replica")
         await connection.execute(
             """
             INSERT INTO jobs.jobs (profile_id, kind, create_time)
@@ -126,7 +138,14 @@ async def _seed(url: str, options: Options) -> None:
             FAIRNESS_KIND,
             options.backlog,
         )
-        await connection.execute("VACUUM ANALYZE jobs.jobs")
+        await connection.execute(
+            """
+            INSERT INTO jobs.lease_turns (profile_id, kind)
+            SELECT DISTINCT profile_id, kind FROM jobs.jobs WHERE status = 'PENDING'
+            """
+        )
+        await connection.execute("RESET session_replication_role")
+        await connection.execute("VACUUM ANALYZE jobs.jobs, jobs.lease_turns")
     finally:
         await connection.close()
 
@@ -152,7 +171,8 @@ async def _throughput(
         stub = stubs[number % len(stubs)]
         request = _lease_request(THROUGHPUT_KIND, options.max_jobs, f"worker-{number}")
         while time.monotonic() < stop_at:
-            leased += len((await stub.LeaseJobs(request)).jobs)
+            reply = await stub.LeaseJobs(request)
+            leased += len(reply.jobs)  # after the await: `+=` around one would lose counts
 
     server_before = process_tree_cpu_seconds(server_pid)
     database_before = process_tree_cpu_seconds(database_pid) if database_pid else None
@@ -266,7 +286,7 @@ async def run(options: Options) -> dict:
     }
 
 
-def _print(results: dict) -> None:
+def print_figures(results: dict) -> None:
     options = results["options"]
     print(
         f"LeaseJobs, max_jobs {options['max_jobs']}, {options['pending']:,} pending jobs among "
@@ -294,7 +314,7 @@ def _print(results: dict) -> None:
 def main(argv: list[str]) -> int:
     options = parse_options(argv)
     results = uvloop.run(run(options))
-    _print(results)
+    print_figures(results)
     if options.json_path:
         Path(options.json_path).write_text(json.dumps(results, indent=2))
     return 0

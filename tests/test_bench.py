@@ -43,6 +43,13 @@ async def test_quick_benchmark_reports_every_operation(admin_database_url, tmp_p
     assert counted["GetJob"]["round_trips"] == 1
     assert set(counted) >= {"CreateJob", "RecordElevenLabsTTS", "CheckBudget"}
     assert any(name.startswith("GetJob, 2 worker(s)") for name in rows)
+    # The workers' queue: throughput at 4 and 16 workers, and every small profile's job
+    # leased beside the backlog.
+    leasing = json.loads(report.read_text())["leasing"]
+    assert [row["workers"] for row in leasing["throughput"]] == [4, 16]
+    assert all(row["jobs_per_second"] > 0 for row in leasing["throughput"])
+    options = leasing["options"]
+    assert leasing["fairness"]["small_jobs"] == options["small_profiles"] * options["small_jobs"]
     # What a call costs the machine: the server's, the database's (it runs on this machine
     # here) and the benchmark client's own CPU; the database-only rows have no server.
     get_job = rows["GetJob"]

@@ -15,19 +15,32 @@ ALTER TABLE jobs.jobs
     -- error. At most max_attempts (100) entries.
     ADD COLUMN attempts jsonb NOT NULL DEFAULT '[]';
 
--- The profiles with pending work of a kind (a skip scan over its first two columns), and a
--- profile's next job of that kind: highest priority, then oldest first.
-CREATE INDEX jobs_pending ON jobs.jobs (kind, profile_id, priority DESC, create_time)
+-- A profile's next job of a kind: highest priority, then oldest first.
+CREATE INDEX jobs_pending ON jobs.jobs (profile_id, kind, priority DESC, create_time)
     WHERE status = 'PENDING';
 -- The leases that expired, for the sweep.
 CREATE INDEX jobs_leased ON jobs.jobs (lease_expire_time) WHERE lease_expire_time IS NOT NULL;
 
--- When each profile was last served a lease: the next lease serves first the profiles
--- served least recently (never served first), so profiles take turns.
+-- The queue's turns: one row for each kind a profile may have pending jobs of, with when it
+-- was last served a lease. A lease serves first the turns served least recently (a new one
+-- at once), so profiles take turns and a lease never looks at a profile without work. A turn
+-- is made whenever a job becomes PENDING, however it is written (trigger job_pending_made:
+-- CreateJob, an expired lease put back, SQL by hand), and dropped by a lease that finds it
+-- without any pending job; jobs.turn_lock keeps the two from crossing.
 CREATE TABLE jobs.lease_turns (
-    profile_id      text        PRIMARY KEY,
-    last_lease_time timestamptz NOT NULL
+    profile_id      text        NOT NULL,
+    kind            text        NOT NULL,
+    last_lease_time timestamptz NOT NULL DEFAULT '-infinity',
+    PRIMARY KEY (profile_id, kind)
 );
+-- No index on last_lease_time: every lease moves the turns it served, and an index on the
+-- time would keep an entry for each move until vacuum, which a lease walking the turns in
+-- time order would step over. Unindexed, a move is a HOT update that the page prunes, and a
+-- lease sorts the live turns (one per profile and kind with work) in memory.
+
+-- Leasing turns jobs over fast: the dead index entries of the jobs it moved lie where the
+-- next lease of each profile looks first, until vacuum removes them.
+ALTER TABLE jobs.jobs SET (autovacuum_vacuum_scale_factor = 0.01);
 
 -- Leasing reads across profiles, and only what a queue needs: the jobs waiting for a lease
 -- and the leases that expired. It writes nothing across profiles: each job is moved with
@@ -35,29 +48,61 @@ CREATE TABLE jobs.lease_turns (
 -- and jobs.reclaim_leases set app.leasing, and only for their own statement.
 CREATE POLICY jobs_leasing_read ON jobs.jobs FOR SELECT
     USING (current_setting('app.leasing', true) = 'on'
-        AND (status = 'PENDING' OR lease_expire_time < clock_timestamp()));
+        AND (status = 'PENDING' OR lease_expire_time < statement_timestamp()));
 
 ALTER TABLE jobs.lease_turns ENABLE ROW LEVEL SECURITY;
 ALTER TABLE jobs.lease_turns FORCE ROW LEVEL SECURITY;
 CREATE POLICY lease_turns_leasing ON jobs.lease_turns
     USING (current_setting('app.leasing', true) = 'on')
     WITH CHECK (current_setting('app.leasing', true) = 'on');
+-- A turn holds no data of its profile, only that it may have work: any write that makes a job
+-- PENDING may make its turn, whatever it is scoped to. A turn without work costs a lease one
+-- look, and is dropped then.
+CREATE POLICY lease_turns_made ON jobs.lease_turns FOR INSERT WITH CHECK (true);
 GRANT SELECT, INSERT, UPDATE, DELETE ON jobs.lease_turns TO jobs_service;
 
--- Workers waiting in LeaseJobs wake when a job becomes PENDING: made, or put back after an
--- expired lease. The payload is its kind.
-CREATE FUNCTION jobs.notify_job_pending() RETURNS trigger LANGUAGE plpgsql AS $$
+-- The lock a turn is made (shared) and dropped (exclusive) under: a lease drops a turn only
+-- while no CreateJob of that profile and kind is under way, and after looking once more
+-- for a pending job, so that a job made meanwhile always has its turn.
+CREATE FUNCTION jobs.turn_lock(p_profile_id text, p_kind text) RETURNS bigint
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT hashtextextended('jobs.turn:' || p_kind || ':' || p_profile_id, 0);
+$$;
+
+-- A turn for the profile's pending jobs of the kind, made if there is none.
+CREATE FUNCTION jobs.make_turn(p_profile_id text, p_kind text) RETURNS void
+LANGUAGE plpgsql AS $$
 BEGIN
+    PERFORM pg_advisory_xact_lock_shared(jobs.turn_lock(p_profile_id, p_kind));
+    INSERT INTO jobs.lease_turns (profile_id, kind) VALUES (p_profile_id, p_kind)
+    ON CONFLICT DO NOTHING;
+END
+$$;
+
+-- A job became PENDING (made, or put back after an expired lease): its turn, and a wake-up
+-- for the workers waiting in LeaseJobs (the payload is its kind).
+CREATE FUNCTION jobs.job_pending() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM jobs.make_turn(NEW.profile_id, NEW.kind);
     PERFORM pg_notify('jobs_job_pending', NEW.kind);
     RETURN NULL;
 END
 $$;
 
 CREATE TRIGGER job_pending_made AFTER INSERT ON jobs.jobs
-    FOR EACH ROW EXECUTE FUNCTION jobs.notify_job_pending();
+    FOR EACH ROW WHEN (NEW.status = 'PENDING') EXECUTE FUNCTION jobs.job_pending();
 CREATE TRIGGER job_pending_again AFTER UPDATE OF status ON jobs.jobs
     FOR EACH ROW WHEN (NEW.status = 'PENDING' AND OLD.status <> 'PENDING')
-    EXECUTE FUNCTION jobs.notify_job_pending();
+    EXECUTE FUNCTION jobs.job_pending();
+
+-- The turns of the jobs pending before this migration. Run by the schema's owner, whom
+-- row-level security binds too: the operator's read, and the leasing policy, for this
+-- statement's transaction only.
+SELECT set_config('app.operator', 'on', true), set_config('app.leasing', 'on', true);
+INSERT INTO jobs.lease_turns (profile_id, kind)
+SELECT DISTINCT profile_id, kind FROM jobs.jobs WHERE status = 'PENDING';
+SELECT set_config('app.operator', '', true), set_config('app.leasing', '', true);
+
 
 -- The view replies are read from gains the new fields (lease_id stays out: only LeaseJobs
 -- returns it, to the holder).
@@ -262,85 +307,87 @@ LANGUAGE sql STABLE AS $$
     FROM jobs.jobs WHERE profile_id = p_profile_id AND job_id = p_job_id;
 $$;
 
+-- A turn whose lease found no job: dropped when the profile has no pending job of its kind
+-- at all (and no CreateJob of it is under way), else moved to the back.
+CREATE FUNCTION jobs.turn_without_work(p_profile_id text, p_kind text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF pg_try_advisory_xact_lock(jobs.turn_lock(p_profile_id, p_kind)) AND NOT EXISTS (
+        SELECT FROM jobs.jobs
+        WHERE profile_id = p_profile_id AND kind = p_kind AND status = 'PENDING'
+    ) THEN
+        DELETE FROM jobs.lease_turns WHERE profile_id = p_profile_id AND kind = p_kind;
+    ELSE
+        UPDATE jobs.lease_turns SET last_lease_time = clock_timestamp()
+        WHERE profile_id = p_profile_id AND kind = p_kind;
+    END IF;
+END
+$$;
+
 -- Up to p_max_jobs pending jobs of the kinds given, moved to PROCESSING under a lease for
--- p_worker, each with its lease_id. Profiles take turns: those with pending work are taken
--- least recently served first (never served first), one job each, and then round after round
--- among those that had one, until p_max_jobs are leased or none is left. A profile that
--- another worker is leasing from at this moment is skipped (its advisory lock is taken), so
--- concurrent workers serve different profiles and never the same job. Leasing stops early
--- once the jobs leased hold more than p_max_bytes (data, result, message, error), so that
--- one more job of the largest size still fits in the reply.
+-- p_worker, each with its lease_id. Profiles take turns (jobs.lease_turns): the turns of
+-- these kinds are taken least recently served first, one job each, and then round after
+-- round among those that had one, until p_max_jobs are leased or none is left. A profile
+-- that another worker is leasing from at this moment is skipped (its advisory lock is
+-- taken), so concurrent workers serve different profiles and never the same job. Leasing
+-- stops early once the jobs leased hold more than p_max_bytes (data, result, message,
+-- error), so that one more job of the largest size still fits in the reply.
 CREATE FUNCTION jobs.lease_jobs(
     p_worker text, p_kinds text[], p_max_jobs integer, p_lease_seconds double precision,
     p_max_processing integer, p_max_bytes bigint
 ) RETURNS TABLE (reply jobs.job_replies, granted_lease uuid) LANGUAGE plpgsql AS $$
 DECLARE
-    candidates text[];
-    serving text[] := '{}';
-    next_round text[];
-    candidate text;
+    turn record;
+    serving_profiles text[] := '{}';
+    serving_kinds text[] := '{}';
+    next_profiles text[];
+    next_kinds text[];
     chosen uuid;
     leased uuid[] := '{}';
     owners text[] := '{}';
     used bigint := 0;
 BEGIN
     PERFORM set_config('role', 'jobs_service', true), set_config('app.leasing', 'on', true);
-    -- The profiles with pending work of these kinds: a skip scan of jobs_pending, one probe
-    -- per kind and profile, however many jobs each profile has waiting.
-    WITH RECURSIVE pending(kind, profile_id) AS (
-        SELECT wanted.kind, (
-            SELECT j.profile_id FROM jobs.jobs j
-            WHERE j.status = 'PENDING' AND j.kind = wanted.kind
-            ORDER BY j.profile_id LIMIT 1)
-        FROM unnest(p_kinds) AS wanted(kind)
-        UNION ALL
-        SELECT p.kind, (
-            SELECT j.profile_id FROM jobs.jobs j
-            WHERE j.status = 'PENDING' AND j.kind = p.kind AND j.profile_id > p.profile_id
-            ORDER BY j.profile_id LIMIT 1)
-        FROM pending p WHERE p.profile_id IS NOT NULL
-    )
-    SELECT array_agg(waiting.profile_id ORDER BY waiting.served NULLS FIRST, waiting.profile_id)
-    INTO candidates
-    FROM (
-        SELECT p.profile_id, min(t.last_lease_time) AS served
-        FROM pending p LEFT JOIN jobs.lease_turns t USING (profile_id)
-        WHERE p.profile_id IS NOT NULL
-        GROUP BY p.profile_id
-    ) AS waiting;
-
-    FOREACH candidate IN ARRAY coalesce(candidates, '{}') LOOP
+    FOR turn IN
+        SELECT t.profile_id, t.kind FROM jobs.lease_turns t
+        WHERE t.kind = ANY(p_kinds)
+        ORDER BY t.last_lease_time, t.profile_id
+    LOOP
         EXIT WHEN cardinality(leased) >= p_max_jobs OR used > p_max_bytes;
         CONTINUE WHEN NOT pg_try_advisory_xact_lock(
-            hashtextextended('jobs.lease:' || candidate, 0));
-        chosen := jobs.lease_next(candidate, p_worker, p_kinds, p_lease_seconds, p_max_processing);
-        CONTINUE WHEN chosen IS NULL;
+            hashtextextended('jobs.lease:' || turn.profile_id, 0));
+        chosen := jobs.lease_next(
+            turn.profile_id, p_worker, ARRAY[turn.kind], p_lease_seconds, p_max_processing);
+        IF chosen IS NULL THEN
+            PERFORM jobs.turn_without_work(turn.profile_id, turn.kind);
+            CONTINUE;
+        END IF;
+        UPDATE jobs.lease_turns SET last_lease_time = clock_timestamp()
+        WHERE profile_id = turn.profile_id AND kind = turn.kind;
         leased := leased || chosen;
-        owners := owners || candidate;
-        serving := serving || candidate;
-        used := used + jobs.reply_bytes(candidate, chosen);
+        owners := owners || turn.profile_id;
+        serving_profiles := serving_profiles || turn.profile_id;
+        serving_kinds := serving_kinds || turn.kind;
+        used := used + jobs.reply_bytes(turn.profile_id, chosen);
     END LOOP;
-    WHILE cardinality(serving) > 0 AND cardinality(leased) < p_max_jobs AND used <= p_max_bytes
-    LOOP
-        next_round := '{}';
-        FOREACH candidate IN ARRAY serving LOOP
+    WHILE cardinality(serving_profiles) > 0 AND cardinality(leased) < p_max_jobs
+            AND used <= p_max_bytes LOOP
+        next_profiles := '{}';
+        next_kinds := '{}';
+        FOR i IN 1 .. cardinality(serving_profiles) LOOP
             EXIT WHEN cardinality(leased) >= p_max_jobs OR used > p_max_bytes;
-            chosen := jobs.lease_next(
-                candidate, p_worker, p_kinds, p_lease_seconds, p_max_processing);
+            chosen := jobs.lease_next(serving_profiles[i], p_worker, ARRAY[serving_kinds[i]],
+                p_lease_seconds, p_max_processing);
             CONTINUE WHEN chosen IS NULL;
             leased := leased || chosen;
-            owners := owners || candidate;
-            next_round := next_round || candidate;
-            used := used + jobs.reply_bytes(candidate, chosen);
+            owners := owners || serving_profiles[i];
+            next_profiles := next_profiles || serving_profiles[i];
+            next_kinds := next_kinds || serving_kinds[i];
+            used := used + jobs.reply_bytes(serving_profiles[i], chosen);
         END LOOP;
-        serving := next_round;
+        serving_profiles := next_profiles;
+        serving_kinds := next_kinds;
     END LOOP;
-
-    IF cardinality(owners) > 0 THEN
-        INSERT INTO jobs.lease_turns (profile_id, last_lease_time)
-        SELECT served, clock_timestamp() FROM (SELECT DISTINCT unnest(owners)) AS s(served)
-        ON CONFLICT (profile_id) DO UPDATE SET last_lease_time = excluded.last_lease_time;
-    END IF;
 
     FOR i IN 1 .. cardinality(leased) LOOP
         PERFORM set_config('app.profile_id', owners[i], true);
@@ -361,13 +408,15 @@ CREATE FUNCTION jobs.reclaim_leases(
 ) RETURNS integer LANGUAGE plpgsql AS $$
 DECLARE
     expired record;
+    back uuid;
     moved integer := 0;
-    changed integer;
 BEGIN
     PERFORM set_config('role', 'jobs_service', true), set_config('app.leasing', 'on', true);
+    -- statement_timestamp(), not clock_timestamp(): a stable bound the jobs_leased index can
+    -- take (a volatile one makes every sweep read the whole table).
     FOR expired IN
         SELECT profile_id, job_id FROM jobs.jobs
-        WHERE lease_expire_time < clock_timestamp()
+        WHERE lease_expire_time < statement_timestamp()
         ORDER BY lease_expire_time LIMIT p_limit
     LOOP
         PERFORM set_config('app.profile_id', expired.profile_id, true);
@@ -385,9 +434,10 @@ BEGIN
             lease_expire_time = NULL,
             version = version + 1, update_time = clock_timestamp()
         WHERE profile_id = expired.profile_id AND job_id = expired.job_id
-            AND lease_expire_time < clock_timestamp();
-        GET DIAGNOSTICS changed = ROW_COUNT;
-        moved := moved + changed;
+            AND lease_expire_time < clock_timestamp()
+        RETURNING job_id INTO back;
+        CONTINUE WHEN back IS NULL;  -- another sweep moved it first
+        moved := moved + 1;
     END LOOP;
     RETURN moved;
 END
