@@ -3,14 +3,10 @@ fakes of the providers' HTTP APIs and records what each call used with the Costs
 AUTH_MODE=jwt on the worker's token, and through its outbox while Costs is down, exactly once."""
 
 import asyncio
-import json
 import socket
-import threading
-import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -32,72 +28,7 @@ from tests.conftest import (
     signed_in,
     token_for,
 )
-
-AUDIO = b"ID3-fake-mp3-bytes" * 100
-
-
-class FakeProviders(BaseHTTPRequestHandler):
-    """ElevenLabs text-to-speech and Gemini generateContent, as their APIs answer."""
-
-    def do_POST(self) -> None:
-        self.server.calls += 1
-        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-        if self.path.startswith("/v1/text-to-speech/"):
-            self.send_response(200)
-            self.send_header("content-type", "audio/mpeg")
-            self.send_header("content-length", str(len(AUDIO)))
-            self.send_header("character-cost", str(len(body["text"])))
-            self.send_header("request-id", "el-request-1")
-            self.end_headers()
-            self.wfile.write(AUDIO)
-            return
-        if self.path.endswith(":generateContent"):
-            answer = json.dumps(
-                {
-                    "candidates": [{"content": {"role": "model", "parts": [{"text": "A cat."}]}}],
-                    "usageMetadata": {
-                        "promptTokenCount": 1_000_000,
-                        "candidatesTokenCount": 100_000,
-                        "thoughtsTokenCount": 300_000,
-                        "cachedContentTokenCount": 200_000,
-                        "promptTokensDetails": [
-                            {"modality": "TEXT", "tokenCount": 700_000},
-                            {"modality": "AUDIO", "tokenCount": 300_000},
-                        ],
-                        "totalTokenCount": 1_400_000,
-                    },
-                    "modelVersion": "gemini-2.5-flash",
-                    "responseId": f"gemini-response-{uuid.uuid4()}",
-                }
-            ).encode()
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(answer)))
-            self.end_headers()
-            self.wfile.write(answer)
-            return
-        self.send_error(404)
-
-    def log_message(self, *args: object) -> None:
-        """Quiet: the test output is for failures."""
-
-
-class CountingServer(ThreadingHTTPServer):
-    request_queue_size = 64  # a worker's calls at once, not the default backlog of 5
-    calls = 0  # requests answered
-
-
-@contextmanager
-def fake_providers() -> Iterator[CountingServer]:
-    server = CountingServer(("127.0.0.1", 0), FakeProviders)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-
+from tests.fake_providers import AUDIO, CountingServer, fake_providers
 
 # A Costs service that is down answers fast: the channel retries quickly, then gives up.
 FAST_RETRY = suite_client.RetryPolicy(max_attempts=3, initial_backoff_seconds=0.01)
@@ -202,7 +133,7 @@ async def entries(port: int, profile_id: str) -> list[costs_pb2.CostEntry]:
 
 
 async def test_elevenlabs_call_is_recorded_under_its_request_id_with_its_character_cost(
-    metering, provider_url, profile_id, costs_service
+    metering, providers, provider_url, profile_id, costs_service
 ):
     text = "Hello from the pipeline. " * 10
     audio = await metering.elevenlabs_tts(
@@ -213,7 +144,7 @@ async def test_elevenlabs_call_is_recorded_under_its_request_id_with_its_charact
     )
     assert audio == AUDIO
     [entry] = await entries(costs_service.port, profile_id)
-    assert entry.request_id == "el-request-1"
+    assert entry.request_id == providers.tts_request_ids[-1]
     assert entry.usage["characters"] == entry.usage["credits_charged"] == str(len(text))
     assert Decimal(entry.cost_usd) == Decimal(len(text)) * Decimal("0.0001")
     assert entry.attributes["voice_id"] == "voice-1"
