@@ -99,7 +99,12 @@ def _audio_tokens(details: Any) -> int:
 
 
 def gemini_usage_request(
-    response: Any, *, model: str, job_id: str = "", frames_analyzed: int = 0
+    response: Any,
+    *,
+    model: str,
+    job_id: str = "",
+    frames_analyzed: int = 0,
+    lease_id: str = "",
 ) -> costs_pb2.RecordGeminiUsageRequest:
     """The record for a generate_content response of google-genai or google-generativeai.
 
@@ -113,6 +118,7 @@ def gemini_usage_request(
     return costs_pb2.RecordGeminiUsageRequest(
         request_id=getattr(response, "response_id", None) or f"gemini-{uuid.uuid4()}",
         job_id=job_id,
+        lease_id=lease_id,
         model=model.removeprefix("models/"),
         prompt_tokens=prompt_tokens,
         output_tokens=_count(usage, "candidates_token_count"),
@@ -199,12 +205,14 @@ class Metering:
         model_id: str,
         job_id: str = "",
         profile_id: str | None = None,
+        lease_id: str = "",
         **options: Any,
     ) -> bytes:
         """`client.text_to_speech.convert` of an AsyncElevenLabs client; returns the audio.
 
         Records the characters sent and ElevenLabs' `character-cost` header under its
-        `request-id` header.
+        `request-id` header. A worker on a token of scope worker names the job and the lease
+        it holds on it (`job_id`, `lease_id`).
         """
         profile_id = self._profile_for(profile_id)
         self._outbox.check_room()
@@ -216,6 +224,7 @@ class Metering:
         request = costs_pb2.RecordElevenLabsTTSRequest(
             request_id=headers.get("request-id") or f"elevenlabs-{uuid.uuid4()}",
             job_id=job_id,
+            lease_id=lease_id,
             model_id=model_id,
             voice_id=voice_id,
             characters=len(text),
@@ -235,6 +244,7 @@ class Metering:
         job_id: str = "",
         frames_analyzed: int = 0,
         profile_id: str | None = None,
+        lease_id: str = "",
     ) -> Any:
         """`client.aio.models.generate_content` of a google-genai client; returns its response."""
         profile_id = self._profile_for(profile_id)
@@ -248,6 +258,7 @@ class Metering:
             job_id=job_id,
             frames_analyzed=frames_analyzed,
             profile_id=profile_id,
+            lease_id=lease_id,
         )
         return response
 
@@ -259,12 +270,17 @@ class Metering:
         job_id: str = "",
         frames_analyzed: int = 0,
         profile_id: str | None = None,
+        lease_id: str = "",
     ) -> None:
         """Records a Gemini response obtained elsewhere (for example from the legacy SDK)."""
         profile_id = self._profile_for(profile_id)
         self._outbox.check_room()
         request = gemini_usage_request(
-            response, model=model, job_id=job_id, frames_analyzed=frames_analyzed
+            response,
+            model=model,
+            job_id=job_id,
+            frames_analyzed=frames_analyzed,
+            lease_id=lease_id,
         )
         await self._record(profile_id, "RecordGeminiUsage", request, response)
 

@@ -4,6 +4,8 @@ Every answer carries an id of its own (ElevenLabs' `request-id` header, Gemini's
 `responseId`), as the real APIs' do, and the server keeps what it answered."""
 
 import json
+import select
+import socket
 import threading
 import uuid
 from collections.abc import Iterator
@@ -19,6 +21,8 @@ class FakeProviders(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
         self.server.gate.wait()
+        if self._caller_gone():
+            return  # nothing answered, nothing billed
         with self.server.counting:
             self.server.calls += 1
         if self.path.startswith("/v1/text-to-speech/"):
@@ -58,6 +62,12 @@ class FakeProviders(BaseHTTPRequestHandler):
             self.wfile.write(answer)
             return
         self.send_error(404)
+
+    def _caller_gone(self) -> bool:
+        """Whether the caller closed its connection while its call was held (it was killed):
+        the request has been read whole, so anything readable now is the end of it."""
+        readable, _, _ = select.select([self.connection], [], [], 0)
+        return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
 
     def log_message(self, *args: object) -> None:
         """Quiet: the test output is for failures."""

@@ -478,3 +478,26 @@ async def test_queue_stats_need_an_operator_token(jwt_jobs_stub):
         jobs_pb2.GetQueueStatsRequest(), metadata=(bearer(token_for(operator=True)),)
     )
     assert isinstance(stats, jobs_pb2.QueueStats)
+
+
+async def test_a_worker_reads_a_job_under_a_lease_it_was_given_even_once_ended(jwt_jobs_stub, kind):
+    profile_id = new_profile_id()
+    await jwt_jobs_stub.CreateJob(
+        jobs_pb2.CreateJobRequest(job=jobs_pb2.Job(kind=kind)), metadata=signed_in(profile_id)
+    )
+    await jwt_jobs_stub.CreateJob(
+        jobs_pb2.CreateJobRequest(job=jobs_pb2.Job(kind=kind)), metadata=signed_in(profile_id)
+    )
+    worker = (bearer(worker_token()),)
+    first, second = await lease(jwt_jobs_stub, kind, max_jobs=2, metadata=worker)
+    metadata = (*as_profile(profile_id), *worker)
+    read = jobs_pb2.GetJobRequest(job_id=first.job_id, lease_id=first.lease.lease_id)
+    assert (await jwt_jobs_stub.GetJob(read, metadata=metadata)).job_id == first.job_id
+    await jwt_jobs_stub.UpdateJob(
+        update_request(first, first.lease.lease_id, status=jobs_pb2.COMPLETED), metadata=metadata
+    )
+    assert (await jwt_jobs_stub.GetJob(read, metadata=metadata)).status == jobs_pb2.COMPLETED
+    # Another job's lease proves nothing about this one.
+    crossed = jobs_pb2.GetJobRequest(job_id=first.job_id, lease_id=second.lease.lease_id)
+    error = await refused(jwt_jobs_stub.GetJob(crossed, metadata=metadata))
+    assert error.code() == Code.NOT_FOUND

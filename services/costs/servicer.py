@@ -12,6 +12,7 @@ from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 from grpc.aio import ServicerContext
 
+from services.costs.leases import LeaseCheck
 from services.costs.model import (
     DEFAULT_ALERT_THRESHOLDS,
     EXACT,
@@ -34,8 +35,8 @@ from services.costs.model import (
 )
 from services.costs.recorder import Recorder
 from services.costs.store import CostStore
-from services.runtime.call_context import require_profile_id
-from services.runtime.errors import InvalidArgument
+from services.runtime.call_context import current_caller, require_profile_id
+from services.runtime.errors import InvalidArgument, PermissionDenied
 from services.runtime.fields import (
     at_most,
     optional_datetime,
@@ -301,13 +302,26 @@ def budget_message(status: BudgetStatus) -> costs_pb2.BudgetStatus:
 
 
 class CostServicer(costs_pb2_grpc.CostServiceServicer):
-    def __init__(self, store: CostStore, recorder: Recorder, reply_bytes: int) -> None:
-        """`reply_bytes`: the most a list reply's rows may take (paging.reply_budget)."""
+    def __init__(
+        self,
+        store: CostStore,
+        recorder: Recorder,
+        reply_bytes: int,
+        leases: LeaseCheck | None = None,
+    ) -> None:
+        """`reply_bytes`: the most a list reply's rows may take (paging.reply_budget);
+        `leases`: how a worker's lease on a job is checked (no worker may record without)."""
         self._store = store
         self._recorder = recorder
         self._reply_bytes = reply_bytes
+        self._leases = leases
 
-    async def _record(self, line: UsageLine) -> costs_pb2.RecordResponse:
+    async def _record(self, line: UsageLine, lease_id: str) -> costs_pb2.RecordResponse:
+        caller = current_caller()
+        if caller is not None and caller.worker:
+            if self._leases is None:
+                raise PermissionDenied("this Costs service takes no usage from workers")
+            await self._leases.require(require_profile_id(), line.job_id, lease_id)
         entry = await self._recorder.record(line)
         if entry is None:
             return costs_pb2.RecordResponse(spooled=True)
@@ -316,17 +330,17 @@ class CostServicer(costs_pb2_grpc.CostServiceServicer):
     async def RecordElevenLabsTTS(
         self, request: costs_pb2.RecordElevenLabsTTSRequest, context: ServicerContext
     ) -> costs_pb2.RecordResponse:
-        return await self._record(elevenlabs_line(request))
+        return await self._record(elevenlabs_line(request), request.lease_id)
 
     async def RecordGeminiUsage(
         self, request: costs_pb2.RecordGeminiUsageRequest, context: ServicerContext
     ) -> costs_pb2.RecordResponse:
-        return await self._record(gemini_usage_line(request))
+        return await self._record(gemini_usage_line(request), request.lease_id)
 
     async def RecordUsage(
         self, request: costs_pb2.RecordUsageRequest, context: ServicerContext
     ) -> costs_pb2.RecordResponse:
-        return await self._record(generic_line(request))
+        return await self._record(generic_line(request), request.lease_id)
 
     async def StreamUsage(
         self,

@@ -71,7 +71,7 @@ def jobs_definition(
         servicers=jobs_servicers(watch_limits, lease_policy),
         cross_profile_reads=("ListAllJobs", "GetQueueStats"),
         worker_leases=("LeaseJobs",),
-        worker_updates=("UpdateJob",),
+        worker_updates=("UpdateJob", "GetJob"),
     )
 
 

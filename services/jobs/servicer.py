@@ -211,12 +211,12 @@ def _wait_seconds(duration: duration_pb2.Duration) -> float:
 
 
 def _lease_id(value: str, caller: Caller | None) -> uuid.UUID | None:
-    """The lease an update is made under; a worker's token must name one: it acts for a
-    profile only on the jobs it holds."""
+    """The lease a call acts under; a worker's token must name one: it acts for a profile
+    only on the jobs it holds."""
     if not value:
         if caller is not None and caller.worker:
             raise PermissionDenied(
-                "a worker token updates only jobs it holds: send the lease_id LeaseJobs gave"
+                "a worker token acts only on jobs it holds: send the lease_id LeaseJobs gave"
             )
         return None
     return parse_job_id(value, "lease_id")
@@ -297,7 +297,8 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
         self, request: jobs_pb2.GetJobRequest, context: ServicerContext
     ) -> jobs_pb2.Job:
         job_id = parse_job_id(request.job_id)
-        return await _reply(await self._store.get(require_profile_id(), job_id))
+        lease_id = _lease_id(request.lease_id, current_caller())
+        return await _reply(await self._store.get(require_profile_id(), job_id, lease_id))
 
     async def UpdateJob(
         self, request: jobs_pb2.UpdateJobRequest, context: ServicerContext

@@ -272,10 +272,23 @@ class JobStore:
         )
         return _job(rows[0])
 
-    async def get(self, profile_id: str, job_id: uuid.UUID) -> Job:
-        rows = await self._pool.call(
-            profile_id, "SELECT * FROM jobs.get_job($1, $2)", profile_id, job_id
-        )
+    async def get(
+        self, profile_id: str, job_id: uuid.UUID, lease_id: uuid.UUID | None = None
+    ) -> Job:
+        """The job; with a lease_id, only if that lease was granted on it (NotFound
+        otherwise), whether it still runs or has ended."""
+        if lease_id is None:
+            rows = await self._pool.call(
+                profile_id, "SELECT * FROM jobs.get_job($1, $2)", profile_id, job_id
+            )
+        else:
+            rows = await self._pool.call(
+                profile_id,
+                "SELECT * FROM jobs.get_leased_job($1, $2, $3)",
+                profile_id,
+                job_id,
+                lease_id,
+            )
         if not rows:
             raise _not_found(job_id)
         return _job(rows[0])

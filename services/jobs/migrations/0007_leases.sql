@@ -12,7 +12,8 @@ ALTER TABLE jobs.jobs
     ADD COLUMN lease_expire_time timestamptz,
     ADD COLUMN lease_seconds double precision,
     -- One object per lease, oldest first: attempt, worker, start_time, end_time, outcome,
-    -- error. At most max_attempts (100) entries.
+    -- error, and lease_id (never shown to the profile: the proof a worker held the job, for
+    -- jobs.get_leased_job). At most max_attempts (100) entries.
     ADD COLUMN attempts jsonb NOT NULL DEFAULT '[]';
 
 -- A profile's next job of a kind: highest priority, then oldest first.
@@ -264,6 +265,7 @@ CREATE FUNCTION jobs.lease_next(
 ) RETURNS uuid LANGUAGE plpgsql AS $$
 DECLARE
     chosen uuid;
+    granted uuid := gen_random_uuid();
 BEGIN
     PERFORM set_config('app.profile_id', p_profile_id, true);
     IF p_max_processing > 0 AND (
@@ -285,11 +287,11 @@ BEGIN
     LIMIT 1;
     IF chosen IS NOT NULL THEN
         UPDATE jobs.jobs SET status = 'PROCESSING', attempt = attempt + 1,
-            lease_id = gen_random_uuid(), lease_worker = p_worker,
+            lease_id = granted, lease_worker = p_worker,
             lease_seconds = p_lease_seconds,
             lease_expire_time = clock_timestamp() + make_interval(secs => p_lease_seconds),
-            attempts = attempts || jsonb_build_object(
-                'attempt', attempt + 1, 'worker', p_worker, 'start_time', clock_timestamp()),
+            attempts = attempts || jsonb_build_object('attempt', attempt + 1, 'worker', p_worker,
+                'start_time', clock_timestamp(), 'lease_id', granted),
             version = version + 1, update_time = clock_timestamp()
         WHERE profile_id = p_profile_id AND job_id = chosen;
     END IF;
@@ -440,5 +442,19 @@ BEGIN
         moved := moved + 1;
     END LOOP;
     RETURN moved;
+END
+$$;
+
+-- The job, for a worker that holds or held it under p_lease_id (the lease is in its attempts,
+-- whether it runs or has ended): what a worker may read of a profile, and what Costs asks
+-- before it records a worker's usage for the job. No row otherwise: for a worker, a job it
+-- never held does not exist.
+CREATE FUNCTION jobs.get_leased_job(p_profile_id text, p_job_id uuid, p_lease_id uuid)
+RETURNS SETOF jobs.job_replies LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM jobs.scope_to(p_profile_id);
+    RETURN QUERY SELECT r.* FROM jobs.job_replies r JOIN jobs.jobs j USING (profile_id, job_id)
+        WHERE r.profile_id = p_profile_id AND r.job_id = p_job_id
+            AND j.attempts @> jsonb_build_array(jsonb_build_object('lease_id', p_lease_id));
 END
 $$;
