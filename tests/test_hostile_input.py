@@ -38,6 +38,8 @@ from tests.hostile import (
     run_property,
 )
 
+FUZZ_RUN = uuid.uuid4().hex[:8]
+
 
 @dataclass
 class FuzzTarget:
@@ -76,7 +78,8 @@ async def jobs_target(jobs_stub) -> FuzzTarget:
         profile_id=profile_id,
         plausible={
             "job_id": st.sampled_from([job.job_id, str(uuid.uuid4())]),
-            "kind": st.sampled_from(["video_render", "thumbnail"]),
+            # Kinds of this run's own: LeaseJobs leases any profile's jobs of a kind.
+            "kind": st.sampled_from([f"fuzz-render-{FUZZ_RUN}", f"fuzz-thumbnail-{FUZZ_RUN}"]),
             "paths": st.sampled_from(["status", "progress", "message", "data", "result"]),
             "etag": st.sampled_from(["", "1", job.etag]),
             "request_id": st.sampled_from(["r-1", "r-2"]),

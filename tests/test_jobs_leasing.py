@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import grpc
 import pytest
 from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
@@ -332,6 +333,42 @@ async def test_an_expired_lease_on_the_last_attempt_fails_the_job(stub, kind):
     assert "attempt 1 of 1" in failed.error
     assert "ran out of memory" in failed.error
     assert failed.attempts[-1].outcome == "LEASE_EXPIRED"
+
+
+async def test_sweeps_running_at_once_on_every_replica_move_each_expired_job_once(
+    database_url, stub, kind
+):
+    profile_id = new_profile_id()
+    for _ in range(20):
+        await create(stub, profile_id, kind)
+    leased = await lease(stub, kind, max_jobs=20, seconds=3600)
+    ids = [uuid.UUID(job.job_id) for job in leased]
+    # Their leases end now (as the schema's owner would see time pass), and four sweeps run
+    # at once, beside the service's own.
+    owner = await asyncpg.connect(database_url)
+    try:
+        await owner.execute(
+            "UPDATE jobs.jobs SET lease_expire_time = now() - interval '1 second' "
+            "WHERE job_id = ANY($1::uuid[])",
+            ids,
+        )
+    finally:
+        await owner.close()
+
+    async def sweep() -> int:
+        connection = await asyncpg.connect(database_url)
+        try:
+            return await connection.fetchval("SELECT jobs.reclaim_leases(100, 0.2, 1)")
+        finally:
+            await connection.close()
+
+    assert sum(await asyncio.gather(*(sweep() for _ in range(4)))) <= len(ids)
+    for job in leased:
+        state = await stub.GetJob(
+            jobs_pb2.GetJobRequest(job_id=job.job_id), metadata=as_profile(profile_id)
+        )
+        assert [a.outcome for a in state.attempts] == ["LEASE_EXPIRED"]
+        assert (state.status, state.attempt) == (jobs_pb2.PENDING, 1)
 
 
 # Input

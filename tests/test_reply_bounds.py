@@ -1,9 +1,11 @@
 """List replies stay under the maximum message size: a page holds fewer rows than page_size
 asks when more would not fit, and its next_page_token leads to the rest."""
 
+import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import grpc
 from costs.v1 import costs_pb2
 from google.protobuf import field_mask_pb2, struct_pb2
 from jobs.v1 import jobs_pb2
@@ -16,6 +18,7 @@ from services.runtime.fields import MAX_STRUCT_BYTES
 from services.runtime.paging import reply_budget
 from services.runtime.settings import Settings
 from tests.conftest import timestamp
+from tests.noisy_attacker import retry_delay
 
 MAX_MESSAGE_BYTES = Settings.max_message_bytes
 # Nearly the largest Struct the input limits accept.
@@ -29,10 +32,19 @@ def _struct(size: int) -> struct_pb2.Struct:
 
 
 async def _pages(call, request, field: str) -> list[list]:
-    """Every page of a list, following next_page_token until it is empty."""
+    """Every page of a list, following next_page_token until it is empty; a page refused for
+    the profile's byte rate is asked again after the delay the refusal gives, as a client
+    does (pages of megabytes go past PROFILE_BYTES_PER_SECOND)."""
     pages = []
     while True:
-        reply = await call(request)
+        try:
+            reply = await call(request)
+        except grpc.aio.AioRpcError as error:
+            delay = retry_delay(error.trailing_metadata())
+            if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or not delay:
+                raise
+            await asyncio.sleep(delay)
+            continue
         assert reply.ByteSize() <= MAX_MESSAGE_BYTES
         pages.append(list(getattr(reply, field)))
         if not reply.next_page_token:

@@ -72,7 +72,7 @@ MAX_EXPIRING_WITHIN_SECONDS = 86400.0
 # notification says so) or a notification missed while the listener reconnected.
 LEASE_RECHECK_SECONDS = 1.0
 # A waiting LeaseJobs returns this long before its deadline, so that its reply arrives in time.
-LEASE_REPLY_MARGIN_SECONDS = 0.1
+LEASE_REPLY_MARGIN_SECONDS = 0.5
 
 
 def job_message(job: Job) -> jobs_pb2.Job:

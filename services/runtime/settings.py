@@ -136,8 +136,8 @@ class Settings:
     # Each profile's share of the pool; beyond it the profile waits behind its own calls.
     db_connections_per_profile: int = 5
     # Each profile's bytes a second in requests and replies (runtime.byte_rates); 0: no limit.
-    profile_bytes_per_second: int = 32 * 1024 * 1024
-    profile_bytes_burst: int = 64 * 1024 * 1024
+    profile_bytes_per_second: int = 8 * 1024 * 1024
+    profile_bytes_burst: int = 16 * 1024 * 1024
     # The page tokens' checksum key (runtime.page_tokens); required with AUTH_MODE=jwt.
     page_token_key: str = field(default="", repr=False)
     # DATABASE_URL reaches Postgres through a pooler in transaction mode (PgBouncer): asyncpg's

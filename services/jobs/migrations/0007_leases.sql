@@ -70,22 +70,29 @@ LANGUAGE sql IMMUTABLE AS $$
     SELECT hashtextextended('jobs.turn:' || p_kind || ':' || p_profile_id, 0);
 $$;
 
--- A turn for the profile's pending jobs of the kind, made if there is none.
-CREATE FUNCTION jobs.make_turn(p_profile_id text, p_kind text) RETURNS void
+-- A turn for the profile's pending jobs of the kind, made if there is none: whether it was.
+CREATE FUNCTION jobs.make_turn(p_profile_id text, p_kind text) RETURNS boolean
 LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pg_advisory_xact_lock_shared(jobs.turn_lock(p_profile_id, p_kind));
     INSERT INTO jobs.lease_turns (profile_id, kind) VALUES (p_profile_id, p_kind)
     ON CONFLICT DO NOTHING;
+    RETURN FOUND;
 END
 $$;
 
--- A job became PENDING (made, or put back after an expired lease): its turn, and a wake-up
--- for the workers waiting in LeaseJobs (the payload is its kind).
+-- A job became PENDING (made, or put back after an expired lease): its turn, and, when the
+-- turn is new, a wake-up for the workers waiting in LeaseJobs (the payload is its kind).
+-- Only then: a transaction that notifies waits at commit for every other one that does
+-- (Postgres serializes them on one lock), so a CreateJob that notified every time would queue
+-- behind any busy profile's UpdateJobs. A worker waits only when it found no turn with work,
+-- so a turn that already existed wakes nobody; a waiting worker also looks again every
+-- second (LEASE_RECHECK_SECONDS), for a run_after that has come.
 CREATE FUNCTION jobs.job_pending() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM jobs.make_turn(NEW.profile_id, NEW.kind);
-    PERFORM pg_notify('jobs_job_pending', NEW.kind);
+    IF jobs.make_turn(NEW.profile_id, NEW.kind) THEN
+        PERFORM pg_notify('jobs_job_pending', NEW.kind);
+    END IF;
     RETURN NULL;
 END
 $$;
