@@ -9,12 +9,13 @@ import getpass
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import grpc
 from google.protobuf import json_format, timestamp_pb2
+from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import suite_client
@@ -47,6 +48,33 @@ SERVICE_BY_NAME = {service.name: service for service in SERVICES}
 
 class CommandFailed(Exception):
     """Ends the command with a message on stderr and exit status 1."""
+
+
+def as_json(message: Message) -> dict:
+    """A message as grpcurl prints it: proto field names (snake_case), defaults left out."""
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def print_json(document: object) -> None:
+    """One JSON document: a list prints as an array (`[]` when empty), as kubectl and gh do."""
+    print(json.dumps(document, indent=2))
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """Columns as wide as their widest cell, a header above; numbers right-aligned."""
+    cells = [[str(cell) for cell in row] for row in [header, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    numeric = [
+        bool(rows) and all(isinstance(row[i], int | float) for row in rows)
+        for i in range(len(header))
+    ]
+    for row in cells:
+        print(
+            "  ".join(
+                cell.rjust(width) if right else cell.ljust(width)
+                for cell, width, right in zip(row, widths, numeric, strict=True)
+            ).rstrip()
+        )
 
 
 def _channel(args: argparse.Namespace, service: ServiceTarget) -> grpc.aio.Channel:
@@ -85,8 +113,10 @@ async def _health(args: argparse.Namespace) -> None:
 
     services = [SERVICE_BY_NAME[name] for name in args.services] or SERVICES
     results = await asyncio.gather(*(check(service) for service in services))
-    for service, status in results:
-        print(f"{service.name:<10} {getattr(args, f'{service.name}_target'):<28} {status}")
+    print_table(
+        ["SERVICE", "TARGET", "STATUS"],
+        [[s.name, getattr(args, f"{s.name}_target"), status] for s, status in results],
+    )
     if any(status != "SERVING" for _, status in results):
         raise CommandFailed("not every service is serving")
 
@@ -111,6 +141,37 @@ async def _postiz_set_credentials(args: argparse.Namespace) -> None:
         with suite_client.profile_scope(args.profile):
             stored = await suite_client.PublisherServiceStub(channel).SetPostizCredentials(request)
     print(f"profile {args.profile}: Postiz key {stored.api_key_fingerprint} for {stored.base_url}")
+
+
+async def _postiz_get_credentials(args: argparse.Namespace) -> None:
+    async with _channel(args, SERVICE_BY_NAME["publisher"]) as channel:
+        with suite_client.profile_scope(args.profile):
+            stored = await suite_client.PublisherServiceStub(channel).GetPostizCredentials(
+                publisher_pb2.GetPostizCredentialsRequest()
+            )
+    if args.json:
+        print_json(as_json(stored))
+        return
+    print_table(
+        ["PROFILE", "BASE URL", "KEY FINGERPRINT", "VERIFIED (UTC)"],
+        [
+            [
+                args.profile,
+                stored.base_url,
+                stored.api_key_fingerprint,
+                f"{stored.verify_time.ToDatetime():%Y-%m-%d %H:%M:%S}",
+            ]
+        ],
+    )
+
+
+async def _postiz_delete_credentials(args: argparse.Namespace) -> None:
+    async with _channel(args, SERVICE_BY_NAME["publisher"]) as channel:
+        with suite_client.profile_scope(args.profile):
+            await suite_client.PublisherServiceStub(channel).DeletePostizCredentials(
+                publisher_pb2.DeletePostizCredentialsRequest()
+            )
+    print(f"profile {args.profile}: Postiz credentials deleted")
 
 
 async def _postiz_reencrypt(args: argparse.Namespace) -> None:
@@ -159,14 +220,23 @@ async def _jobs_list(args: argparse.Namespace) -> None:
                 if not page.next_page_token:
                     break
                 request.page_token = page.next_page_token
-    for job in jobs[: args.limit]:
-        if args.json:
-            print(json.dumps(json_format.MessageToDict(job)))
-        else:
-            print(
-                f"{job.job_id}  {jobs_pb2.JobStatus.Name(job.status):<10} {job.progress:>3}%  "
-                f"{job.update_time.ToDatetime():%Y-%m-%d %H:%M:%S}  {job.kind}"
-            )
+    jobs = jobs[: args.limit]
+    if args.json:
+        print_json([as_json(job) for job in jobs])
+        return
+    print_table(
+        ["JOB", "STATUS", "PROGRESS", "UPDATED (UTC)", "KIND"],
+        [
+            [
+                job.job_id,
+                jobs_pb2.JobStatus.Name(job.status),
+                f"{job.progress}%",
+                f"{job.update_time.ToDatetime():%Y-%m-%d %H:%M:%S}",
+                job.kind,
+            ]
+            for job in jobs
+        ],
+    )
 
 
 async def _queue_stats(args: argparse.Namespace) -> jobs_pb2.QueueStats:
@@ -184,37 +254,47 @@ def _age(stamp: timestamp_pb2.Timestamp, now: datetime) -> str:
 async def _jobs_stats(args: argparse.Namespace) -> None:
     stats = await _queue_stats(args)
     if args.json:
-        for queue in stats.queues:
-            print(json.dumps(json_format.MessageToDict(queue)))
+        print_json([as_json(queue) for queue in stats.queues])
         return
     now = datetime.now(UTC)
-    print(f"{'KIND':<24} {'PROFILE':<40} {'PENDING':>8} {'READY':>8} {'OLDEST':>7} {'LEASED':>7}")
-    for queue in stats.queues:
-        oldest = (
-            _age(queue.oldest_pending_create_time, now)
-            if queue.HasField("oldest_pending_create_time")
-            else "-"
-        )
-        print(
-            f"{queue.kind:<24} {queue.profile_id:<40} {queue.pending:>8} {queue.ready:>8} "
-            f"{oldest:>7} {queue.leased:>7}"
-        )
+    print_table(
+        ["KIND", "PROFILE", "PENDING", "READY", "OLDEST", "LEASED"],
+        [
+            [
+                queue.kind,
+                queue.profile_id,
+                queue.pending,
+                queue.ready,
+                _age(queue.oldest_pending_create_time, now)
+                if queue.HasField("oldest_pending_create_time")
+                else "-",
+                queue.leased,
+            ]
+            for queue in stats.queues
+        ],
+    )
 
 
 async def _jobs_leases(args: argparse.Namespace) -> None:
     stats = await _queue_stats(args)
     if args.json:
-        for lease in stats.expiring_leases:
-            print(json.dumps(json_format.MessageToDict(lease)))
+        print_json([as_json(lease) for lease in stats.expiring_leases])
         return
     now = datetime.now(UTC)
-    print(f"{'JOB':<36}  {'PROFILE':<40} {'KIND':<24} {'WORKER':<24} {'EXPIRES IN':>10} ATTEMPT")
-    for lease in stats.expiring_leases:
-        expires = lease.expire_time.ToDatetime(tzinfo=UTC)
-        print(
-            f"{lease.job_id:<36}  {lease.profile_id:<40} {lease.kind:<24} {lease.worker:<24} "
-            f"{(expires - now).total_seconds():>9.0f}s {lease.attempt:>7}"
-        )
+    print_table(
+        ["JOB", "PROFILE", "KIND", "WORKER", "EXPIRES IN", "ATTEMPT"],
+        [
+            [
+                lease.job_id,
+                lease.profile_id,
+                lease.kind,
+                lease.worker,
+                f"{(lease.expire_time.ToDatetime(tzinfo=UTC) - now).total_seconds():.0f}s",
+                lease.attempt,
+            ]
+            for lease in stats.expiring_leases
+        ],
+    )
 
 
 def _month(value: str) -> datetime:
@@ -236,15 +316,14 @@ async def _costs_month(args: argparse.Namespace) -> None:
         with suite_client.profile_scope(args.profile):
             summary = await suite_client.CostServiceStub(channel).GetCostSummary(request)
     if args.json:
-        print(json.dumps(json_format.MessageToDict(summary)))
+        print_json(as_json(summary))
         return
     print(f"profile {args.profile}, {start:%Y-%m}: {summary.total_cost_usd} USD")
-    for row in summary.rows:
-        print(
-            f"  {row.provider:<12} {row.model:<28} {row.cost_usd:>14} USD  {row.line_count} lines"
-        )
-    for row in summary.unpriced_rows:
-        print(f"  {row.provider:<12} {row.model:<28} {'unpriced':>14}      {row.line_count} lines")
+    print_table(
+        ["PROVIDER", "MODEL", "COST (USD)", "LINES"],
+        [[row.provider, row.model, row.cost_usd, row.line_count] for row in summary.rows]
+        + [[row.provider, row.model, "unpriced", row.line_count] for row in summary.unpriced_rows],
+    )
 
 
 def _profile_id(value: str) -> str:
@@ -260,9 +339,28 @@ def _service_name(value: str) -> str:
     return value
 
 
+class LinesKeptFormatter(
+    argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter
+):
+    """Defaults shown, and a description or epilog written line by line kept as written."""
+
+
+def _command(
+    commands: "argparse._SubParsersAction[argparse.ArgumentParser]",
+    name: str,
+    *,
+    lines_kept: bool = False,
+    **options: object,
+) -> argparse.ArgumentParser:
+    """A subcommand whose every option's help ends with its default, as kubectl's and gh's do."""
+    formatter = LinesKeptFormatter if lines_kept else argparse.ArgumentDefaultsHelpFormatter
+    return commands.add_parser(name, formatter_class=formatter, **options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="suitectl",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Operate the video pipeline suite: migrations, health, Postiz credentials, "
         "jobs, costs.",
         epilog="Targets come from JOBS_TARGET, COSTS_TARGET and PUBLISHER_TARGET unless given; "
@@ -273,8 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
             f"--{service.name}-target",
             default=os.environ.get(service.environment, service.default_target),
             metavar="HOST:PORT",
-            help=f"the {service.name} service (default ${service.environment} or "
-            f"{service.default_target})",
+            help=f"the {service.name} service (${service.environment} if set)",
         )
     parser.add_argument("--tls", action="store_true", help="connect with TLS (system roots)")
     parser.add_argument(
@@ -282,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    migrate = commands.add_parser(
+    migrate = _command(
+        commands,
         "migrate",
         help="apply every service's database migrations (DATABASE_URL) and exit",
         description="Apply the pending migrations of every service to DATABASE_URL, each "
@@ -290,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     migrate.set_defaults(run=_migrate)
 
-    health = commands.add_parser(
+    health = _command(
+        commands,
         "health",
         help="check that every service is serving",
         description="Ask each service's gRPC health endpoint; exit 1 unless all are SERVING.",
@@ -300,21 +399,22 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         type=_service_name,
         metavar="SERVICE",
-        help=f"only these ({', '.join(SERVICE_BY_NAME)}; default all)",
+        help=f"only these ({', '.join(SERVICE_BY_NAME)}; none: all)",
     )
     health.set_defaults(run=_health)
 
-    postiz = commands.add_parser("postiz", help="a profile's Postiz connection")
+    postiz = _command(commands, "postiz", help="a profile's Postiz connection")
     postiz_commands = postiz.add_subparsers(dest="postiz_command", required=True, metavar="ACTION")
-    credentials = postiz_commands.add_parser(
+    credentials = _command(
+        postiz_commands,
         "set-credentials",
+        lines_kept=True,
         help="set a profile's Postiz API key, read from stdin",
         description="Set the Postiz base URL and API key of a profile. The key is read from\n"
         "stdin (typed without echo on a terminal), never from the command line, so it\n"
         "stays out of shell history and process lists. Postiz checks it before it is stored.",
         epilog="example:\n  pass show postiz/store-1 | suitectl postiz set-credentials \\\n"
         "      --profile store-1 --base-url https://api.postiz.com/public/v1",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     credentials.add_argument("--profile", required=True, type=_profile_id, help="profile id")
     credentials.add_argument(
@@ -323,8 +423,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="the Postiz public API root, e.g. https://api.postiz.com/public/v1",
     )
     credentials.set_defaults(run=_postiz_set_credentials)
-    reencrypt = postiz_commands.add_parser(
+    shown = _command(
+        postiz_commands,
+        "get-credentials",
+        help="show a profile's Postiz base URL and key fingerprint (never the key)",
+        description="The Postiz base URL a profile uses, its API key's fingerprint and when "
+        "Postiz last accepted it; the key itself is never shown.",
+    )
+    shown.add_argument("--profile", required=True, type=_profile_id, help="profile id")
+    shown.add_argument("--json", action="store_true", help="as one JSON object")
+    shown.set_defaults(run=_postiz_get_credentials)
+    deleted = _command(
+        postiz_commands,
+        "delete-credentials",
+        help="delete a profile's Postiz credentials",
+        description="Delete the profile's stored Postiz URL and key; its posts stay.",
+    )
+    deleted.add_argument("--profile", required=True, type=_profile_id, help="profile id")
+    deleted.set_defaults(run=_postiz_delete_credentials)
+    reencrypt = _command(
+        postiz_commands,
         "reencrypt",
+        lines_kept=True,
         help="move every profile's stored API key to the current encryption key",
         description="Seal every profile's stored Postiz API key again under the key\n"
         "PUBLISHER_ENCRYPTION_KEY_ID names (and in the current format, bound to the profile\n"
@@ -335,13 +455,13 @@ def build_parser() -> argparse.ArgumentParser:
         "before dropping the old key. Exit 1 if any row could not be read.",
         epilog="example, inside a Publisher pod (its environment is the service's):\n"
         "  kubectl exec deploy/publisher -c server -- python -m suite_client.cli postiz reencrypt",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     reencrypt.set_defaults(run=_postiz_reencrypt)
 
-    jobs = commands.add_parser("jobs", help="a profile's jobs, and the work queue")
+    jobs = _command(commands, "jobs", help="a profile's jobs, and the work queue")
     jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
-    listing = jobs_commands.add_parser(
+    listing = _command(
+        jobs_commands,
         "list",
         help="list a profile's jobs, newest first",
         description="List a profile's jobs, newest first: id, status, progress, last change, kind.",
@@ -355,20 +475,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="only jobs in this state (repeatable)",
     )
     listing.add_argument("--kind", default="", help="only jobs of this kind")
-    listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
-    listing.add_argument("--json", action="store_true", help="one JSON object per job")
+    listing.add_argument("--limit", type=int, default=50, help="at most this many")
+    listing.add_argument("--json", action="store_true", help="the jobs as one JSON array")
     listing.set_defaults(run=_jobs_list)
-    stats = jobs_commands.add_parser(
+    stats = _command(
+        jobs_commands,
         "stats",
         help="the work queue: pending jobs by kind and profile (operator scope)",
         description="Every profile's pending jobs by kind, most pending first: how many, how "
         "many may be leased now (their run_after has come), the oldest one's age, and how "
         "many are leased.",
     )
-    stats.add_argument("--limit", type=int, default=50, help="at most this many rows (default 50)")
-    stats.add_argument("--json", action="store_true", help="one JSON object per row")
+    stats.add_argument("--limit", type=int, default=50, help="at most this many rows")
+    stats.add_argument("--json", action="store_true", help="the rows as one JSON array")
     stats.set_defaults(run=_jobs_stats)
-    leases = jobs_commands.add_parser(
+    leases = _command(
+        jobs_commands,
         "leases",
         help="leases about to expire (operator scope)",
         description="Jobs held by workers whose lease expires soonest (expired ones not yet "
@@ -378,24 +500,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--within",
         type=float,
         default=60.0,
-        help="leases expiring within this many seconds (default 60)",
+        help="leases expiring within this many seconds",
     )
-    leases.add_argument("--limit", type=int, default=50, help="at most this many rows (default 50)")
-    leases.add_argument("--json", action="store_true", help="one JSON object per lease")
+    leases.add_argument("--limit", type=int, default=50, help="at most this many rows")
+    leases.add_argument("--json", action="store_true", help="the leases as one JSON array")
     leases.set_defaults(run=_jobs_leases)
 
-    costs = commands.add_parser("costs", help="a profile's spending")
+    costs = _command(commands, "costs", help="a profile's spending")
     costs_commands = costs.add_subparsers(dest="costs_command", required=True, metavar="ACTION")
-    month = costs_commands.add_parser(
+    month = _command(
+        costs_commands,
         "month",
         help="what a profile spent in a calendar month, by provider and model",
         description="Total and rows by provider and model for one UTC calendar month; usage "
         "the price catalog had no price for is listed apart as unpriced.",
     )
     month.add_argument("--profile", required=True, type=_profile_id, help="profile id")
-    month.add_argument(
-        "--month", type=_month, metavar="YYYY-MM", help="the month (default: this one)"
-    )
+    month.add_argument("--month", type=_month, metavar="YYYY-MM", help="the month (none: this one)")
     month.add_argument("--json", action="store_true", help="the summary as one JSON object")
     month.set_defaults(run=_costs_month)
     return parser
@@ -407,8 +528,14 @@ def main(argv: list[str] | None = None) -> int:
     command: Callable[[argparse.Namespace], Awaitable[None]] = args.run
     try:
         asyncio.run(command(args))
+        sys.stdout.flush()
     except (CommandFailed, suite_client.SuiteError) as error:
         print(f"suitectl: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except BrokenPipeError:
+        # The reader went away (`suitectl … | head`): end quietly, as the tools people pipe do.
+        # Python's own flush of stdout at exit would fail again: point it at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILED
     return 0
 

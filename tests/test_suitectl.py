@@ -57,7 +57,8 @@ async def test_help_names_every_command():
 async def test_health_reports_every_service_serving(targets):
     outcome = await suitectl(*targets, "health")
     assert outcome.exit_code == 0, outcome.stderr
-    lines = outcome.stdout.splitlines()
+    header, *lines = outcome.stdout.splitlines()
+    assert header.split() == ["SERVICE", "TARGET", "STATUS"]
     assert [line.split()[0] for line in lines] == ["jobs", "costs", "publisher"]
     assert all(line.endswith("SERVING") for line in lines)
 
@@ -84,20 +85,56 @@ async def test_jobs_list_shows_the_profiles_jobs_and_no_others(targets, jobs_stu
     )
     outcome = await suitectl(*targets, "jobs", "list", "--profile", profile_id)
     assert outcome.exit_code == 0, outcome.stderr
-    assert [line.split()[0] for line in outcome.stdout.splitlines()] == [
-        job.job_id for job in reversed(mine)
-    ]
+    header, *rows = outcome.stdout.splitlines()
+    assert header.split() == ["JOB", "STATUS", "PROGRESS", "UPDATED", "(UTC)", "KIND"]
+    assert [row.split()[0] for row in rows] == [job.job_id for job in reversed(mine)]
     assert other.job_id not in outcome.stdout
 
 
-async def test_jobs_list_as_json_gives_one_parsable_job_per_line(targets, jobs_stub):
+async def test_jobs_list_as_json_is_one_array_with_grpcurls_field_names(targets, jobs_stub):
     profile_id = new_profile_id()
     job = await jobs_stub.CreateJob(
         jobs_pb2.CreateJobRequest(job=jobs_pb2.Job(kind="render")),
         metadata=as_profile(profile_id),
     )
     outcome = await suitectl(*targets, "jobs", "list", "--profile", profile_id, "--json")
-    assert [json.loads(line)["jobId"] for line in outcome.stdout.splitlines()] == [job.job_id]
+    [listed] = json.loads(outcome.stdout)
+    assert (listed["job_id"], listed["profile_id"], listed["status"]) == (
+        job.job_id,
+        profile_id,
+        "PENDING",
+    )
+
+
+async def test_an_empty_list_as_json_is_an_empty_array(targets):
+    outcome = await suitectl(*targets, "jobs", "list", "--profile", new_profile_id(), "--json")
+    assert outcome.exit_code == 0, outcome.stderr
+    assert json.loads(outcome.stdout) == []
+
+
+async def test_a_reader_that_stops_early_ends_the_command_quietly(targets, jobs_stub):
+    profile_id = new_profile_id()
+    for _ in range(3):
+        await jobs_stub.CreateJob(
+            jobs_pb2.CreateJobRequest(job=jobs_pb2.Job(kind="render")),
+            metadata=as_profile(profile_id),
+        )
+    command = " ".join([str(SUITECTL), *targets, "jobs", "list", "--profile", profile_id])
+    process = await asyncio.create_subprocess_shell(
+        f"{command} --json | head -c 1",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert stdout == b"["
+    assert stderr == b""
+
+
+async def test_help_shows_every_options_default():
+    outcome = await suitectl("--help")
+    assert "(default: 30.0)" in outcome.stdout.replace("\n", " ")
+    listing = await suitectl("jobs", "list", "--help")
+    assert "(default: 50)" in listing.stdout
 
 
 async def test_postiz_set_credentials_reads_the_key_from_stdin(
@@ -122,6 +159,34 @@ async def test_postiz_set_credentials_reads_the_key_from_stdin(
     )
     assert stored.base_url == api_root(fake_postiz)
     assert stored.api_key_fingerprint in outcome.stdout
+
+
+async def test_postiz_get_and_delete_credentials_show_the_fingerprint_never_the_key(
+    targets, fake_postiz
+):
+    organization = fake_postiz.add_organization()
+    profile_id = new_profile_id()
+    profile = ["--profile", profile_id]
+    await suitectl(
+        *targets,
+        "postiz",
+        "set-credentials",
+        *profile,
+        "--base-url",
+        api_root(fake_postiz),
+        stdin=organization.api_key + "\n",
+    )
+    shown = await suitectl(*targets, "postiz", "get-credentials", *profile, "--json")
+    assert shown.exit_code == 0, shown.stderr
+    stored = json.loads(shown.stdout)
+    assert stored["base_url"] == api_root(fake_postiz)
+    assert stored["api_key_fingerprint"].startswith("sha256:")
+    assert organization.api_key not in shown.stdout
+    deleted = await suitectl(*targets, "postiz", "delete-credentials", *profile)
+    assert deleted.exit_code == 0, deleted.stderr
+    gone = await suitectl(*targets, "postiz", "get-credentials", *profile)
+    assert gone.exit_code == 1
+    assert "NOT_FOUND" in gone.stderr
 
 
 async def test_postiz_set_credentials_without_a_key_on_stdin_fails(targets, fake_postiz):
@@ -169,10 +234,10 @@ async def test_costs_month_shows_the_profiles_spend_by_model(targets, costs_stub
     await record_tts(costs_stub, as_profile(new_profile_id()), characters=9000, request_id="a")
     outcome = await suitectl(*targets, "costs", "month", "--profile", profile_id)
     assert outcome.exit_code == 0, outcome.stderr
-    lines = outcome.stdout.splitlines()
-    assert lines[0].endswith(": 0.1 USD")
-    assert lines[1].split()[:3] == ["elevenlabs", "eleven_flash_v2_5", "0.1"]
-    assert len(lines) == 2
+    total, header, *rows = outcome.stdout.splitlines()
+    assert total.endswith(": 0.1 USD")
+    assert header.split() == ["PROVIDER", "MODEL", "COST", "(USD)", "LINES"]
+    assert [row.split() for row in rows] == [["elevenlabs", "eleven_flash_v2_5", "0.1", "1"]]
 
 
 async def test_costs_of_a_month_without_spend_is_zero(targets):
@@ -180,7 +245,7 @@ async def test_costs_of_a_month_without_spend_is_zero(targets):
         *targets, "costs", "month", "--profile", new_profile_id(), "--month", "2020-01", "--json"
     )
     assert outcome.exit_code == 0, outcome.stderr
-    assert json.loads(outcome.stdout)["totalCostUsd"] == "0"
+    assert json.loads(outcome.stdout)["total_cost_usd"] == "0"
 
 
 async def test_costs_month_refuses_a_malformed_month(targets):
@@ -208,6 +273,5 @@ async def test_jobs_stats_and_leases_show_the_work_queue(targets, jobs_stub):
 
     leases = await suitectl(*targets, "jobs", "leases", "--within", "120", "--json")
     assert leases.exit_code == 0, leases.stderr
-    held = [json.loads(line) for line in leases.stdout.splitlines()]
-    [mine] = [lease for lease in held if lease["jobId"] == leased.job_id]
-    assert (mine["worker"], mine["profileId"]) == ("ctl-worker", profile_id)
+    [mine] = [lease for lease in json.loads(leases.stdout) if lease["job_id"] == leased.job_id]
+    assert (mine["worker"], mine["profile_id"]) == ("ctl-worker", profile_id)
