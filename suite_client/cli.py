@@ -10,8 +10,10 @@ import json
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import grpc
 from google.protobuf import json_format, timestamp_pb2
@@ -20,7 +22,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import suite_client
 from services.runtime import errors
-from services.runtime.call_context import PROFILE_ID_RULE, validate_profile_id
+from services.runtime.call_context import (
+    PROFILE_ID_RULE,
+    Caller,
+    current_caller,
+    validate_profile_id,
+)
 from services.runtime.logs import configure_logging
 from suite_client import costs_pb2, jobs_pb2, publisher_pb2
 
@@ -75,6 +82,22 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None
                 for cell, width, right in zip(row, widths, numeric, strict=True)
             ).rstrip()
         )
+
+
+def _acting_for(profile_id: str) -> AbstractContextManager[None]:
+    """Calls for the profile, on the operator's own token when one was given (main)."""
+    return suite_client.profile_scope(profile_id, caller=current_caller())
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    """$SUITECTL_TOKEN, or the first line of --token-file: never an argument of its own, so
+    that the token stays out of shell history and process lists."""
+    if args.token_file:
+        try:
+            return Path(args.token_file).read_text().strip() or None
+        except OSError as error:
+            raise CommandFailed(f"cannot read the token file: {error}") from None
+    return os.environ.get("SUITECTL_TOKEN") or None
 
 
 def _channel(args: argparse.Namespace, service: ServiceTarget) -> grpc.aio.Channel:
@@ -138,14 +161,14 @@ async def _postiz_set_credentials(args: argparse.Namespace) -> None:
         base_url=args.base_url, api_key=_read_api_key()
     )
     async with _channel(args, SERVICE_BY_NAME["publisher"]) as channel:
-        with suite_client.profile_scope(args.profile):
+        with _acting_for(args.profile):
             stored = await suite_client.PublisherServiceStub(channel).SetPostizCredentials(request)
     print(f"profile {args.profile}: Postiz key {stored.api_key_fingerprint} for {stored.base_url}")
 
 
 async def _postiz_get_credentials(args: argparse.Namespace) -> None:
     async with _channel(args, SERVICE_BY_NAME["publisher"]) as channel:
-        with suite_client.profile_scope(args.profile):
+        with _acting_for(args.profile):
             stored = await suite_client.PublisherServiceStub(channel).GetPostizCredentials(
                 publisher_pb2.GetPostizCredentialsRequest()
             )
@@ -167,7 +190,7 @@ async def _postiz_get_credentials(args: argparse.Namespace) -> None:
 
 async def _postiz_delete_credentials(args: argparse.Namespace) -> None:
     async with _channel(args, SERVICE_BY_NAME["publisher"]) as channel:
-        with suite_client.profile_scope(args.profile):
+        with _acting_for(args.profile):
             await suite_client.PublisherServiceStub(channel).DeletePostizCredentials(
                 publisher_pb2.DeletePostizCredentialsRequest()
             )
@@ -213,7 +236,7 @@ async def _jobs_list(args: argparse.Namespace) -> None:
     jobs: list[jobs_pb2.Job] = []
     async with _channel(args, SERVICE_BY_NAME["jobs"]) as channel:
         stub = suite_client.JobServiceStub(channel)
-        with suite_client.profile_scope(args.profile):
+        with _acting_for(args.profile):
             while len(jobs) < args.limit:
                 page = await stub.ListJobs(request)
                 jobs.extend(page.jobs)
@@ -313,7 +336,7 @@ async def _costs_month(args: argparse.Namespace) -> None:
     request.start_time.FromDatetime(start)
     request.end_time.FromDatetime(end)
     async with _channel(args, SERVICE_BY_NAME["costs"]) as channel:
-        with suite_client.profile_scope(args.profile):
+        with _acting_for(args.profile):
             summary = await suite_client.CostServiceStub(channel).GetCostSummary(request)
     if args.json:
         print_json(as_json(summary))
@@ -374,6 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"the {service.name} service (${service.environment} if set)",
         )
     parser.add_argument("--tls", action="store_true", help="connect with TLS (system roots)")
+    parser.add_argument(
+        "--token-file",
+        metavar="PATH",
+        help="a file holding the bearer token to call with (AUTH_MODE=jwt): a profile's, or "
+        "one with scope operator for `jobs stats` and `jobs leases`; else $SUITECTL_TOKEN",
+    )
     parser.add_argument(
         "--timeout", type=float, default=30.0, metavar="SECONDS", help="deadline of each call"
     )
@@ -527,7 +556,10 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(os.environ.get("LOG_LEVEL", "WARNING"))
     command: Callable[[argparse.Namespace], Awaitable[None]] = args.run
     try:
-        asyncio.run(command(args))
+        token = _token(args)
+        caller = Caller("suitectl", authorization=f"Bearer {token}") if token else None
+        with suite_client.profile_scope(None, caller=caller):
+            asyncio.run(command(args))
         sys.stdout.flush()
     except (CommandFailed, suite_client.SuiteError) as error:
         print(f"suitectl: {error}", file=sys.stderr)

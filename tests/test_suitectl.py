@@ -11,7 +11,7 @@ import pytest
 from jobs.v1 import jobs_pb2
 from publisher.v1 import publisher_pb2
 
-from tests.conftest import as_profile, new_profile_id, record_tts
+from tests.conftest import as_profile, new_profile_id, record_tts, signed_in, token_for
 from tests.fake_postiz import api_root
 
 SUITECTL = Path(sys.executable).parent / "suitectl"
@@ -275,3 +275,34 @@ async def test_jobs_stats_and_leases_show_the_work_queue(targets, jobs_stub):
     assert leases.exit_code == 0, leases.stderr
     [mine] = [lease for lease in json.loads(leases.stdout) if lease["job_id"] == leased.job_id]
     assert (mine["worker"], mine["profile_id"]) == ("ctl-worker", profile_id)
+
+
+async def test_with_auth_mode_jwt_suitectl_calls_on_the_token_it_is_given(
+    jwt_jobs_service, jwt_jobs_stub, tmp_path
+):
+    target = f"--jobs-target=127.0.0.1:{jwt_jobs_service.port}"
+    profile_id = new_profile_id()
+    job = await jwt_jobs_stub.CreateJob(
+        jobs_pb2.CreateJobRequest(job=jobs_pb2.Job(kind="render")), metadata=signed_in(profile_id)
+    )
+    refused = await suitectl(target, "jobs", "list", "--profile", profile_id)
+    assert refused.exit_code == 1
+    assert "UNAUTHENTICATED" in refused.stderr
+    listed = await suitectl(
+        target,
+        "jobs",
+        "list",
+        "--profile",
+        profile_id,
+        "--json",
+        SUITECTL_TOKEN=token_for(profile_id),
+    )
+    assert listed.exit_code == 0, listed.stderr
+    assert [j["job_id"] for j in json.loads(listed.stdout)] == [job.job_id]
+    # An operator's token from a file, for the cross-profile view; never echoed.
+    token_file = tmp_path / "operator.token"
+    token_file.write_text(token_for(operator=True) + "\n")
+    stats = await suitectl(target, "--token-file", str(token_file), "jobs", "stats")
+    assert stats.exit_code == 0, stats.stderr
+    assert stats.stdout.splitlines()[0].split()[0] == "KIND"
+    assert token_file.read_text().strip() not in stats.stdout + stats.stderr
