@@ -109,6 +109,17 @@ def _channel(args: argparse.Namespace, service: ServiceTarget) -> grpc.aio.Chann
     )
 
 
+def _database_url_of_make_run() -> None:
+    """Without DATABASE_URL, the database `make run` serves from in this checkout, if any."""
+    from services.runtime.embedded_postgres import LOCAL_DATABASE_URL_FILE, local_database_url
+
+    if os.environ.get("DATABASE_URL"):
+        return
+    if url := local_database_url():
+        os.environ["DATABASE_URL"] = url
+        print(f"suitectl: DATABASE_URL from {LOCAL_DATABASE_URL_FILE} (make run)", file=sys.stderr)
+
+
 async def _migrate(args: argparse.Namespace) -> None:
     # Server code, imported only here: the other commands need nothing but the client.
     from services.costs.service import costs_definition
@@ -117,6 +128,7 @@ async def _migrate(args: argparse.Namespace) -> None:
     from services.runtime.server import migrate_only
     from services.runtime.settings import Settings
 
+    _database_url_of_make_run()
     for definition in (JOBS, costs_definition(), PUBLISHER):
         await migrate_only(definition, Settings.from_environment(definition.default_port))
         print(f"{definition.name}: migrations applied")

@@ -228,6 +228,26 @@ async def test_migrate_applies_every_services_migrations(database_url):
     ]
 
 
+async def test_migrate_without_database_url_uses_the_database_make_run_saved(
+    database_url, tmp_path
+):
+    (tmp_path / ".data").mkdir()
+    (tmp_path / ".data" / "database-url").write_text(database_url + "\n")
+    environment = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    process = await asyncio.create_subprocess_exec(
+        SUITECTL,
+        "migrate",
+        cwd=tmp_path,
+        env=environment,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, stderr.decode()
+    assert "DATABASE_URL from .data/database-url" in stderr.decode()
+    assert stdout.decode().splitlines()[0] == "jobs: migrations applied"
+
+
 async def test_costs_month_shows_the_profiles_spend_by_model(targets, costs_stub):
     profile_id = new_profile_id()
     await record_tts(costs_stub, as_profile(profile_id), characters=2000, request_id="a")

@@ -12,6 +12,17 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 DEFAULT_DATA_DIR = Path(".data/postgres")
+# Where `make run` leaves the URL of the database it serves from, for `suitectl migrate` and
+# people: the embedded server's URL names a socket directory nobody would guess.
+LOCAL_DATABASE_URL_FILE = Path(".data/database-url")
+
+
+def local_database_url() -> str | None:
+    """The database `make run` serves from in this checkout, if it has run."""
+    try:
+        return LOCAL_DATABASE_URL_FILE.read_text().strip() or None
+    except OSError:
+        return None
 
 
 def start_embedded_postgres(data_dir: Path = DEFAULT_DATA_DIR) -> str:

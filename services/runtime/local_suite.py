@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.runtime.embedded_postgres import start_embedded_postgres
+from services.runtime.embedded_postgres import LOCAL_DATABASE_URL_FILE, start_embedded_postgres
 from services.runtime.logs import configure_logging
 
 START_TIMEOUT_SECONDS = 60
@@ -53,6 +53,15 @@ The suite is up. Try it with grpcurl (installed in .venv/bin):
 Metrics: http://localhost:9091/metrics (Jobs), :9092 (Costs), :9093 (Publisher)
 Database: {database}
 Postiz: {postiz}
+
+As the Kubernetes manifests run it, every call with a token (AUTH_MODE=jwt; HS256 here):
+  export AUTH_JWT_SECRET=$(head -c 32 /dev/urandom | base64)
+  AUTH_MODE=jwt make run
+  TOKEN=$(.venv/bin/python -m services.runtime.auth mint --sub me --profiles store-1)
+  .venv/bin/grpcurl -plaintext -H 'x-profile-id: store-1' -H "authorization: Bearer $TOKEN" \
+      -d '{{"job": {{"kind": "video_render"}}}}' localhost:50051 jobs.v1.JobService/CreateJob
+  SUITECTL_TOKEN=$TOKEN .venv/bin/suitectl jobs list --profile store-1
+Auth now: {auth}
 Press Ctrl-C to stop.
 """
 
@@ -83,7 +92,10 @@ def _new_encryption_keys() -> str:
 
 async def main() -> int:
     configure_logging()
-    database_url = os.environ.get("DATABASE_URL") or start_embedded_postgres()
+    database_url = os.environ.get("DATABASE_URL")
+    if not database_url:
+        database_url = start_embedded_postgres()
+        LOCAL_DATABASE_URL_FILE.write_text(database_url + "\n")
     environment = os.environ | {
         "DATABASE_URL": database_url,
         "JOBS_TARGET": os.environ.get("JOBS_TARGET", "localhost:50051"),
@@ -110,7 +122,9 @@ async def main() -> int:
     exited = [asyncio.create_task(process.wait()) for process in processes]
     try:
         await asyncio.gather(*(_wait_until_serving(port) for _, _, port in SERVICES))
-        shown = database_url if "DATABASE_URL" in os.environ else "embedded PostgreSQL in .data/"
+        shown = database_url
+        if "DATABASE_URL" not in os.environ:
+            shown += f" (embedded; saved in {LOCAL_DATABASE_URL_FILE} for suitectl migrate)"
         trusted = environment["POSTIZ_TRUSTED_HOSTS"]
         postiz = (
             f"the Publisher may call {trusted} over http, loopback included "
@@ -118,7 +132,8 @@ async def main() -> int:
             if trusted
             else "the Publisher calls https on public addresses only"
         )
-        print(GRPCURL_EXAMPLE.format(database=shown, postiz=postiz), flush=True)
+        auth = os.environ.get("AUTH_MODE", "none")
+        print(GRPCURL_EXAMPLE.format(database=shown, postiz=postiz, auth=auth), flush=True)
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait([stopped, *exited], return_when=asyncio.FIRST_COMPLETED)
     finally:

@@ -154,7 +154,10 @@ class Settings:
     ) -> "Settings":
         database_url = os.environ.get("DATABASE_URL", "")
         if not database_url:
-            raise SystemExit("DATABASE_URL is required (make run sets it for you)")
+            raise SystemExit(
+                "DATABASE_URL is required (`make run` starts an embedded database and saves "
+                "its URL in .data/database-url, where `suitectl migrate` finds it)"
+            )
         return cls(
             database_url=database_url,
             host=os.environ.get("GRPC_HOST", cls.host),
