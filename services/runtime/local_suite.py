@@ -58,7 +58,7 @@ As the Kubernetes manifests run it, every call with a token (AUTH_MODE=jwt; HS25
   export AUTH_JWT_SECRET=$(head -c 32 /dev/urandom | base64)
   AUTH_MODE=jwt make run
   TOKEN=$(.venv/bin/python -m services.runtime.auth mint --sub me --profiles store-1)
-  .venv/bin/grpcurl -plaintext -H 'x-profile-id: store-1' -H "authorization: Bearer $TOKEN" \
+  .venv/bin/grpcurl -plaintext -H 'x-profile-id: store-1' -H "authorization: Bearer $TOKEN" \\
       -d '{{"job": {{"kind": "video_render"}}}}' localhost:50051 jobs.v1.JobService/CreateJob
   SUITECTL_TOKEN=$TOKEN .venv/bin/suitectl jobs list --profile store-1
 Auth now: {auth}
