@@ -14,6 +14,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf import json_format, timestamp_pb2
@@ -65,6 +66,19 @@ def as_json(message: Message) -> dict:
 def print_json(document: object) -> None:
     """One JSON document: a list prints as an array (`[]` when empty), as kubectl and gh do."""
     print(json.dumps(document, indent=2))
+
+
+def print_listing(
+    json_wanted: bool,
+    items: Sequence[Message],
+    header: Sequence[str],
+    row: Callable[[Any], Sequence[object]],
+) -> None:
+    """A list as one JSON array (--json), else as a table of `row(item)` under `header`."""
+    if json_wanted:
+        print_json([as_json(item) for item in items])
+    else:
+        print_table(header, [row(item) for item in items])
 
 
 def print_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
@@ -255,21 +269,16 @@ async def _jobs_list(args: argparse.Namespace) -> None:
                 if not page.next_page_token:
                     break
                 request.page_token = page.next_page_token
-    jobs = jobs[: args.limit]
-    if args.json:
-        print_json([as_json(job) for job in jobs])
-        return
-    print_table(
+    print_listing(
+        args.json,
+        jobs[: args.limit],
         ["JOB", "STATUS", "PROGRESS", "UPDATED (UTC)", "KIND"],
-        [
-            [
-                job.job_id,
-                jobs_pb2.JobStatus.Name(job.status),
-                f"{job.progress}%",
-                f"{job.update_time.ToDatetime():%Y-%m-%d %H:%M:%S}",
-                job.kind,
-            ]
-            for job in jobs
+        lambda job: [
+            job.job_id,
+            jobs_pb2.JobStatus.Name(job.status),
+            f"{job.progress}%",
+            f"{job.update_time.ToDatetime():%Y-%m-%d %H:%M:%S}",
+            job.kind,
         ],
     )
 
@@ -288,46 +297,38 @@ def _age(stamp: timestamp_pb2.Timestamp, now: datetime) -> str:
 
 async def _jobs_stats(args: argparse.Namespace) -> None:
     stats = await _queue_stats(args)
-    if args.json:
-        print_json([as_json(queue) for queue in stats.queues])
-        return
     now = datetime.now(UTC)
-    print_table(
+    print_listing(
+        args.json,
+        stats.queues,
         ["KIND", "PROFILE", "PENDING", "READY", "OLDEST", "LEASED"],
-        [
-            [
-                queue.kind,
-                queue.profile_id,
-                queue.pending,
-                queue.ready,
-                _age(queue.oldest_pending_create_time, now)
-                if queue.HasField("oldest_pending_create_time")
-                else "-",
-                queue.leased,
-            ]
-            for queue in stats.queues
+        lambda queue: [
+            queue.kind,
+            queue.profile_id,
+            queue.pending,
+            queue.ready,
+            _age(queue.oldest_pending_create_time, now)
+            if queue.HasField("oldest_pending_create_time")
+            else "-",
+            queue.leased,
         ],
     )
 
 
 async def _jobs_leases(args: argparse.Namespace) -> None:
     stats = await _queue_stats(args)
-    if args.json:
-        print_json([as_json(lease) for lease in stats.expiring_leases])
-        return
     now = datetime.now(UTC)
-    print_table(
+    print_listing(
+        args.json,
+        stats.expiring_leases,
         ["JOB", "PROFILE", "KIND", "WORKER", "EXPIRES IN", "ATTEMPT"],
-        [
-            [
-                lease.job_id,
-                lease.profile_id,
-                lease.kind,
-                lease.worker,
-                f"{(lease.expire_time.ToDatetime(tzinfo=UTC) - now).total_seconds():.0f}s",
-                lease.attempt,
-            ]
-            for lease in stats.expiring_leases
+        lambda lease: [
+            lease.job_id,
+            lease.profile_id,
+            lease.kind,
+            lease.worker,
+            f"{(lease.expire_time.ToDatetime(tzinfo=UTC) - now).total_seconds():.0f}s",
+            lease.attempt,
         ],
     )
 
