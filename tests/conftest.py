@@ -2,9 +2,11 @@
 stubs that speak for a profile."""
 
 import asyncio
+import contextlib
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -395,6 +397,7 @@ class DisposablePostgres:
         import pgserver
         from pgserver._commands import POSTGRES_BIN_PATH
 
+        self._data_dir = data_dir
         self._server = pgserver.get_server(data_dir, cleanup_mode="delete")
         self.url = self._server.get_uri()
         user = self._server.system_user
@@ -417,8 +420,15 @@ class DisposablePostgres:
         )
 
     def remove(self) -> None:
+        import psutil  # pgserver's own dependency
+
         subprocess.run([*self._pg_ctl, "-m", "immediate", "stop"], capture_output=True)
-        self._server.cleanup()
+        # After a test stopped and started the server, the postmaster pgserver started is
+        # gone, and its cleanup fails to signal it (unless the process lingers as a zombie):
+        # the data directory is then removed here.
+        with contextlib.suppress(psutil.NoSuchProcess):
+            self._server.cleanup()
+        shutil.rmtree(self._data_dir, ignore_errors=True)
 
 
 @pytest.fixture
