@@ -34,6 +34,9 @@ CREATE TABLE jobs.lease_turns (
     last_lease_time timestamptz NOT NULL DEFAULT '-infinity',
     PRIMARY KEY (profile_id, kind)
 );
+-- A lease reads only the turns of the kinds it asks for: a profile that makes jobs of
+-- thousands of kinds adds turns no other kind's lease walks past.
+CREATE INDEX lease_turns_by_kind ON jobs.lease_turns (kind);
 -- No index on last_lease_time: every lease moves the turns it served, and an index on the
 -- time would keep an entry for each move until vacuum, which a lease walking the turns in
 -- time order would step over. Unindexed, a move is a HOT update that the page prunes, and a
@@ -167,6 +170,39 @@ BEGIN
 END
 $$;
 
+-- What a change needs of the job, its row locked until the statement's transaction ends: its
+-- status and its lease, in one index lookup; SU404 when the profile has no such job, SU409
+-- when p_etag (if given) is not its version. Only these columns: a row variable would copy
+-- the job's data and result.
+CREATE FUNCTION jobs.locked_job(p_profile_id text, p_job_id uuid, p_etag bigint)
+RETURNS TABLE (
+    status text, lease_id uuid, lease_worker text, lease_expire_time timestamptz,
+    attempt integer
+) LANGUAGE plpgsql AS $$
+DECLARE
+    found_version bigint;
+BEGIN
+    SELECT j.status, j.version, j.lease_id, j.lease_worker, j.lease_expire_time, j.attempt
+    INTO status, found_version, lease_id, lease_worker, lease_expire_time, attempt
+    FROM jobs.jobs j WHERE j.profile_id = p_profile_id AND j.job_id = p_job_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'SU404', MESSAGE = format('job %s not found', p_job_id);
+    END IF;
+    IF p_etag IS NOT NULL AND p_etag <> found_version THEN
+        RAISE EXCEPTION USING ERRCODE = 'SU409', MESSAGE = format(
+            'job %s changed since it was read (etag %s, now %s); read it again and retry',
+            p_job_id, p_etag, found_version);
+    END IF;
+    RETURN NEXT;
+END
+$$;
+
+-- 0005's checks now live in jobs.locked_job: one place for them.
+CREATE OR REPLACE FUNCTION jobs.locked_status(p_profile_id text, p_job_id uuid, p_etag bigint)
+RETURNS text LANGUAGE sql AS $$
+    SELECT status FROM jobs.locked_job(p_profile_id, p_job_id, p_etag);
+$$;
+
 -- A held job (lease_expire_time set) takes updates from its holder only: p_lease_id must be
 -- its lease, and an update from the holder extends the lease, or ends it with a final
 -- status. A lease_id that is not the job's current lease is a stale holder's: refused.
@@ -183,9 +219,8 @@ DECLARE
     ends boolean;
 BEGIN
     PERFORM jobs.scope_to(p_profile_id);
-    current_status := jobs.locked_status(p_profile_id, p_job_id, p_etag);
-    SELECT j.lease_id, j.lease_worker, j.lease_expire_time, j.attempt INTO held
-    FROM jobs.jobs j WHERE j.profile_id = p_profile_id AND j.job_id = p_job_id;
+    SELECT * INTO held FROM jobs.locked_job(p_profile_id, p_job_id, p_etag);
+    current_status := held.status;
     IF p_lease_id IS NOT NULL
             AND (held.lease_id IS DISTINCT FROM p_lease_id OR held.lease_expire_time IS NULL) THEN
         RAISE EXCEPTION USING ERRCODE = 'SU412', MESSAGE = format(
