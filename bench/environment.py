@@ -164,6 +164,7 @@ async def start_suite(database_url: str, *, workers: int, noop: bool) -> AsyncIt
             JOBS_WATCHERS_PER_PROFILE="10000",
             # One profile drives each operation, as it drives the db ceiling's bare pool.
             DB_CONNECTIONS_PER_PROFILE="0",
+            PROFILE_CALLS_PER_SECOND="0",
         )
         channels = [await _channel(stack, jobs_port) for _ in range(CONNECTIONS)]
         await asyncio.gather(*(serving(channel) for channel in channels))
@@ -182,6 +183,7 @@ async def start_suite(database_url: str, *, workers: int, noop: bool) -> AsyncIt
                 MIGRATE_ON_START="false",
                 DB_POOL_MAX_SIZE=str(POOL_SIZE),
                 DB_CONNECTIONS_PER_PROFILE="0",
+                PROFILE_CALLS_PER_SECOND="0",
                 COSTS_SPOOL_PATH=str(log_dir / "spool.jsonl"),
             )
             costs_pid = costs.pid

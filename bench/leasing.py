@@ -269,6 +269,7 @@ async def run(options: Options) -> dict:
             MIGRATE_ON_START="false",
             # All workers lease as one caller (AUTH_MODE=none): no share of theirs binds.
             PROFILE_MAX_CALLS_IN_FLIGHT="0",
+            PROFILE_CALLS_PER_SECOND="0",
             DB_CONNECTIONS_PER_PROFILE="0",
         )
         channels = [await _channel(stack, port) for _ in range(4)]

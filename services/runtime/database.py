@@ -115,6 +115,7 @@ class TenantScopedPool:
         acquire_timeout_seconds: float = 5.0,
         statement_timeout_seconds: float = 10.0,
         connections_per_profile: int = 0,
+        traced: bool | None = None,
     ) -> None:
         self.pool = pool
         self.role = role
@@ -129,7 +130,7 @@ class TenantScopedPool:
             f"'{_milliseconds(statement_timeout_seconds)}', true)"
         )
         self._waiting = 0
-        self._traced = tracing_enabled()
+        self._traced = tracing_enabled() if traced is None else traced
         # Each profile's share of the pool (0 lets one profile take every connection). Its
         # callers past it wait within the acquire bounds; how many can wait is bounded before
         # they get here, by the profile's calls in flight.

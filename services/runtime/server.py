@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import asyncpg
 import grpc
@@ -31,6 +32,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from services.runtime import page_tokens
 from services.runtime.auth import authorizer_for
 from services.runtime.byte_rates import ProfileByteRates
+from services.runtime.call_rates import ProfileCallRates
 from services.runtime.database import CONNECTION_ERRORS, TenantScopedPool, create_pool
 from services.runtime.interceptors.handlers import (
     InterceptedHandlers,
@@ -51,6 +53,7 @@ from services.runtime.tracing import (
     configure_tracing,
     inner_server_interceptors,
     outer_server_interceptors,
+    tracing_enabled,
 )
 from services.runtime.workers import run_workers
 
@@ -113,17 +116,28 @@ class ServiceDefinition:
         return self.default_port - 50051 + 9091
 
 
-def profile_shares(
-    settings: Settings,
-) -> tuple[ProfileShares, ProfileShares, ProfileByteRates]:
-    """Each profile's share of a replica: its calls in flight, its response streams, and its
-    bytes a second in requests and replies."""
-    return (
+class ProfileLimits(NamedTuple):
+    """Each profile's share of a replica (see the README's fair shares)."""
+
+    calls: ProfileShares  # calls in flight
+    streams: ProfileShares  # response streams open
+    byte_rates: ProfileByteRates  # bytes a second in requests and replies
+    call_rates: ProfileCallRates  # calls a second
+
+
+def profile_shares(settings: Settings) -> ProfileLimits:
+    """Each profile's share of a replica, as the settings give it."""
+    return ProfileLimits(
         ProfileShares(settings.profile_max_calls_in_flight, settings.profile_queue_seconds),
         ProfileShares(settings.profile_max_streams, what="streams open"),
         ProfileByteRates(
             settings.profile_bytes_per_second,
             settings.profile_bytes_burst,
+            settings.profile_queue_seconds,
+        ),
+        ProfileCallRates(
+            settings.profile_calls_per_second,
+            settings.profile_calls_burst,
             settings.profile_queue_seconds,
         ),
     )
@@ -133,23 +147,21 @@ def suite_interceptor(
     authorize: Authorizer,
     cross_profile_methods: frozenset[str] = frozenset(),
     access_log: str = ACCESS_LOG_FAILURES,
-    shares: tuple[ProfileShares, ProfileShares, ProfileByteRates] | None = None,
+    shares: ProfileLimits | None = None,
     worker_methods: frozenset[str] = frozenset(),
+    traced: bool = False,
 ) -> InterceptorChain:
     """The suite's work around every handler, outermost first; `shares` as profile_shares
     makes them (no limits without)."""
-    calls, streams, rates = shares or (None, None, None)
     return InterceptorChain(
         ProfileInterceptor(
             authorize,
             cross_profile_methods,
             access_log,
-            calls=calls,
-            streams=streams,
-            rates=rates,
             worker_methods=worker_methods,
+            **(shares._asdict() if shares else {}),
         ),
-        *inner_server_interceptors(),
+        *inner_server_interceptors(traced),
     )
 
 
@@ -157,6 +169,7 @@ def new_server(
     interceptor: WrappingInterceptor,
     options: list[tuple[str, int]] | None = None,
     maximum_concurrent_rpcs: int | None = None,
+    traced: bool = False,
 ) -> tuple[grpc.aio.Server, InterceptedHandlers]:
     """A grpc.aio server and the registry its services register their handlers on; the
     suite's interceptor wraps each handler there, once. Only the tracing interceptor (when
@@ -166,7 +179,7 @@ def new_server(
     handler or interceptor runs: RESOURCE_EXHAUSTED "Concurrent RPC limit exceeded!"."""
     handlers = InterceptedHandlers(interceptor)
     server = grpc.aio.server(
-        interceptors=outer_server_interceptors(),
+        interceptors=outer_server_interceptors(traced),
         options=options,
         maximum_concurrent_rpcs=maximum_concurrent_rpcs,
     )
@@ -329,6 +342,7 @@ async def start_service(
     """Connects, migrates (unless disabled), registers everything and starts serving.
 
     `authorize` defaults to the authorizer settings.auth_mode names."""
+    traced = settings.trace_calls and tracing_enabled()
     raw_pool = await connect(settings, application_name=definition.name)
     if settings.migrate_on_start:
         async with raw_pool.acquire() as connection:
@@ -340,6 +354,7 @@ async def start_service(
         acquire_timeout_seconds=settings.db_acquire_timeout_seconds,
         statement_timeout_seconds=settings.db_statement_timeout_seconds,
         connections_per_profile=settings.db_connections_per_profile,
+        traced=traced,
     )
     if settings.page_token_key:
         page_tokens.use_key(settings.page_token_key.encode())
@@ -349,9 +364,10 @@ async def start_service(
         settings.access_log,
         profile_shares(settings),
         definition.worker_methods,
+        traced,
     )
     server, handlers = new_server(
-        interceptor, server_options(settings), settings.grpc_max_concurrent_rpcs or None
+        interceptor, server_options(settings), settings.grpc_max_concurrent_rpcs or None, traced
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, handlers)

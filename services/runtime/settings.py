@@ -110,6 +110,10 @@ class Settings:
             raise SystemExit(
                 "PROFILE_BYTES_PER_SECOND and PROFILE_BYTES_BURST must not be negative"
             )
+        if min(self.profile_calls_per_second, self.profile_calls_burst) < 0:
+            raise SystemExit(
+                "PROFILE_CALLS_PER_SECOND and PROFILE_CALLS_BURST must not be negative"
+            )
         if self.db_connections_per_profile < 0:
             raise SystemExit("DB_CONNECTIONS_PER_PROFILE must not be negative (0: no share)")
         if min(self.db_acquire_timeout_seconds, self.db_statement_timeout_seconds) <= 0:
@@ -117,6 +121,9 @@ class Settings:
                 "DB_ACQUIRE_TIMEOUT_SECONDS and DB_STATEMENT_TIMEOUT_SECONDS must be above 0"
             )
 
+    # Calls traced when a tracer provider is installed (OTEL_EXPORTER_OTLP_ENDPOINT); False
+    # keeps tracing off the call path whatever is installed (a test serving as deployed).
+    trace_calls: bool = True
     metrics_port: int | None = None  # None: no /metrics endpoint; 0: any free port
     # Which calls get an access line: "failures" (and slow unary calls) or "all".
     access_log: str = ACCESS_LOG_FAILURES
@@ -138,6 +145,9 @@ class Settings:
     # Each profile's bytes a second in requests and replies (runtime.byte_rates); 0: no limit.
     profile_bytes_per_second: int = 8 * 1024 * 1024
     profile_bytes_burst: int = 16 * 1024 * 1024
+    # Each profile's calls a second, however cheap (runtime.call_rates); 0: no limit.
+    profile_calls_per_second: int = 100
+    profile_calls_burst: int = 200
     # The page tokens' checksum key (runtime.page_tokens); required with AUTH_MODE=jwt.
     page_token_key: str = field(default="", repr=False)
     # DATABASE_URL reaches Postgres through a pooler in transaction mode (PgBouncer): asyncpg's
@@ -217,6 +227,10 @@ class Settings:
                 "PROFILE_BYTES_PER_SECOND", cls.profile_bytes_per_second
             ),
             profile_bytes_burst=env_int("PROFILE_BYTES_BURST", cls.profile_bytes_burst),
+            profile_calls_per_second=env_int(
+                "PROFILE_CALLS_PER_SECOND", cls.profile_calls_per_second
+            ),
+            profile_calls_burst=env_int("PROFILE_CALLS_BURST", cls.profile_calls_burst),
             page_token_key=os.environ.get("PAGE_TOKEN_KEY", "").strip(),
             db_transaction_pooler=env_bool("DB_TRANSACTION_POOLER", cls.db_transaction_pooler),
             database_listen_url=os.environ.get("DATABASE_LISTEN_URL", "").strip(),

@@ -49,15 +49,15 @@ def tracing_enabled() -> bool:
     )
 
 
-def outer_server_interceptors() -> list[grpc.aio.ServerInterceptor]:
+def outer_server_interceptors(traced: bool) -> list[grpc.aio.ServerInterceptor]:
     """The span of each call (from the caller's trace when it sends one); placed before the
     profile interceptor so that refused calls are traced too."""
-    return [aio_server_interceptor(filter_=_TRACED_CALLS)] if tracing_enabled() else []
+    return [aio_server_interceptor(filter_=_TRACED_CALLS)] if traced else []
 
 
-def inner_server_interceptors() -> list[WrappingInterceptor]:
+def inner_server_interceptors(traced: bool) -> list[WrappingInterceptor]:
     """Names the profile on the call's span; placed after the profile interceptor."""
-    return [_ProfileSpanInterceptor()] if tracing_enabled() else []
+    return [_ProfileSpanInterceptor()] if traced else []
 
 
 def client_interceptors() -> list[grpc.aio.ClientInterceptor]:

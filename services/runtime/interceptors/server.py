@@ -39,6 +39,7 @@ from services.runtime.call_context import (
     profile_id_from_metadata,
     remaining_seconds,
 )
+from services.runtime.call_rates import ProfileCallRates
 from services.runtime.interceptors.handlers import WrappingInterceptor
 from services.runtime.interceptors.metrics import MethodMetrics, counted
 from services.runtime.shares import CROSS_PROFILE_KEY, ProfileShares
@@ -133,7 +134,8 @@ class ProfileInterceptor(WrappingInterceptor):
         calls: ProfileShares | None = None,
         worker_methods: frozenset[str] = frozenset(),
         streams: ProfileShares | None = None,
-        rates: ProfileByteRates | None = None,
+        byte_rates: ProfileByteRates | None = None,
+        call_rates: ProfileCallRates | None = None,
     ) -> None:
         if access_log not in ACCESS_LOG_MODES:
             raise ValueError(f"access_log must be one of {', '.join(ACCESS_LOG_MODES)}")
@@ -144,7 +146,8 @@ class ProfileInterceptor(WrappingInterceptor):
         self._slow_call_seconds = slow_call_seconds
         self.calls = calls or ProfileShares(0)
         self.streams = streams or ProfileShares(0, what="streams open")
-        self.rates = rates or ProfileByteRates(0, 0, 0)
+        self.byte_rates = byte_rates or ProfileByteRates(0, 0, 0)
+        self.call_rates = call_rates or ProfileCallRates(0, 0, 0)
         self.turns = ProfileTurns()
 
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
@@ -161,7 +164,7 @@ class ProfileInterceptor(WrappingInterceptor):
             self.streams if handler.response_streaming else self.calls,
             for_workers=method in self._worker_methods,
         )
-        return _wrap_handler(handler, pipeline, self.turns, self.rates)
+        return _wrap_handler(handler, pipeline, self.turns, self.byte_rates, self.call_rates)
 
 
 class _CallPipeline:
@@ -319,11 +322,13 @@ def _wrap_handler(
     call: _CallPipeline,
     turns: ProfileTurns,
     rates: ProfileByteRates,
+    call_rates: ProfileCallRates,
 ) -> grpc.RpcMethodHandler:
-    """The same handler run inside the call pipeline; the call type is kept. The request is
-    decoded and the reply encoded here, in the profile's turn (runtime.turns), not by gRPC
-    before and after: a large message costs its own profile's turn, not everyone's. Each
-    message's bytes are charged to the profile's byte rate (runtime.byte_rates)."""
+    """The same handler run inside the call pipeline; the call type is kept. A call past its
+    profile's call rate (runtime.call_rates) is refused before its request is decoded. The
+    request is decoded and the reply encoded here, in the profile's turn (runtime.turns), not
+    by gRPC before and after: a large message costs its own profile's turn, not everyone's.
+    Each message's bytes are charged to the profile's byte rate (runtime.byte_rates)."""
     shares = call.shares
     deserialize = handler.request_deserializer
     if handler.response_streaming:
@@ -338,8 +343,11 @@ def _wrap_handler(
                 await call.refuse(context, error, started)
             code, logged = grpc.StatusCode.OK, False
             turn, turn_token = turns.enter(share)
-            entered = shares.try_enter(share)
+            entered = False
             try:
+                if wait := call_rates.reserve(share, context.time_remaining()):
+                    await asyncio.sleep(wait)
+                entered = shares.try_enter(share)
                 if not entered:
                     await call.take_share(share)
                     entered = True
@@ -384,8 +392,11 @@ def _wrap_handler(
                 await call.refuse(context, error, started)
             code, logged = grpc.StatusCode.OK, False
             turn, turn_token = turns.enter(share)
-            entered = shares.try_enter(share)
+            entered = False
             try:
+                if wait := call_rates.reserve(share, context.time_remaining()):
+                    await asyncio.sleep(wait)
+                entered = shares.try_enter(share)
                 if not entered:
                     await call.take_share(share)
                     entered = True
