@@ -136,7 +136,11 @@ async def measure(database_url: str, calls: int, services_from: Path) -> list[Fi
                 await hot.prepare(WARM_UP + 3 * calls)
             traced = servers[hot.service][0]
             figures.append(Figure(hot.name, await traced.per_call(calls, hot.call)))
-        for name, flags in (("no-op gRPC", []), ("no-op gRPC + interceptor", ["--interceptor"])):
+        for name, flags in (
+            ("no-op gRPC", []),
+            ("no-op gRPC + interceptor", ["--interceptor"]),
+            ("no-op refused (call rate)", ["--interceptor", "--refuse"]),
+        ):
             port = str(free_port())
             arguments = ["-m", "bench.noop_server", port, *flags]
             env = common | {"GRPC_PORT": port}
@@ -146,8 +150,13 @@ async def measure(database_url: str, calls: int, services_from: Path) -> list[Fi
             noop = channel.unary_unary("/bench.Noop/Call")
             await noop(b"", metadata=PROFILE, wait_for_ready=True, timeout=STARTUP_SECONDS)
 
-            def call(noop: grpc.aio.UnaryUnaryMultiCallable = noop) -> Awaitable[object]:
-                return noop(b"", metadata=PROFILE)
+            async def call(noop: grpc.aio.UnaryUnaryMultiCallable = noop) -> object:
+                try:
+                    return await noop(b"", metadata=PROFILE)
+                except grpc.aio.AioRpcError as error:  # --refuse: past the call rate
+                    if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        raise
+                    return error
 
             figures.append(Figure(name, await traced.per_call(calls, call)))
     return figures

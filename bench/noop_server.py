@@ -1,6 +1,7 @@
 """The gRPC ceiling: a no-op unary handler on grpc.aio, optionally behind the interceptor
 every service runs, on the services' event loop. `python -m bench.noop_server PORT
-[--interceptor [--access-log all]]`."""
+[--interceptor [--access-log all] [--refuse]]`; with --refuse every call after the first is
+past its profile's call rate: what a refused call costs."""
 
 import argparse
 
@@ -27,7 +28,9 @@ async def serve(port: int, interceptor: bool, access_log: str) -> None:
     handler = grpc.unary_unary_rpc_method_handler(_noop)
     if interceptor:
         # Registered as the services register theirs.
-        shares = profile_shares(Settings(database_url=""))  # the default limits
+        # The default limits; one profile drives every call, so its call rate is counted
+        # but set where it is never reached.
+        shares = profile_shares(Settings(database_url="", profile_calls_per_second=10**9))
         interceptor = suite_interceptor(allow_any_caller, access_log=access_log, shares=shares)
         server, handlers = new_server(interceptor)
         handlers.add_registered_method_handlers("bench.Noop", {"Call": handler})
@@ -47,9 +50,10 @@ def main() -> None:
     parser.add_argument("port", type=int)
     parser.add_argument("--interceptor", action="store_true")
     parser.add_argument("--access-log", choices=ACCESS_LOG_MODES, default=ACCESS_LOG_FAILURES)
+    parser.add_argument("--refuse", action="store_true")
     args = parser.parse_args()
     configure_logging()
-    uvloop.run(serve(args.port, args.interceptor, args.access_log))
+    uvloop.run(serve(args.port, args.interceptor, args.access_log, args.refuse))
 
 
 if __name__ == "__main__":
