@@ -28,6 +28,7 @@ POOLED_TESTS = [
     "tests/test_jobs_watch.py",
     "tests/test_jobs_struct_bytes.py",
     "tests/test_jobs_leasing.py",
+    "tests/test_jobs_retention.py",
     "tests/test_costs_recording.py",
     "tests/test_costs_budgets.py",
     "tests/test_costs_reading.py",

@@ -1,20 +1,15 @@
 """How leases are given and taken back (LeaseJobs, migration 0007): the policy a replica
 applies, read from the environment, and the sweep that ends expired leases.
 
-Every replica sweeps: jobs.reclaim_leases moves each expired job once however many sweeps
-run at the same moment, so there is nothing to elect.
+Every replica sweeps (services.jobs.sweeps): jobs.reclaim_leases moves each expired job
+once however many sweeps run at the same moment.
 """
 
-import asyncio
-import contextlib
-import logging
 from dataclasses import dataclass
 
 from services.jobs.store import JobStore
-from services.runtime.errors import DomainError
+from services.jobs.sweeps import Sweeper
 from services.runtime.settings import env_float, env_int
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,44 +39,14 @@ class LeasePolicy:
         )
 
 
-class LeaseSweeper:
-    """A task that ends expired leases every `policy.sweep_seconds`, and again at once while
-    it finds a full batch."""
+def lease_sweeper(store: JobStore, policy: LeasePolicy) -> Sweeper:
+    """Ends expired leases every `policy.sweep_seconds` (jobs.reclaim_leases)."""
 
-    def __init__(self, store: JobStore, policy: LeasePolicy) -> None:
-        self._store = store
-        self._policy = policy
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="jobs-lease-sweep")
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def sweep(self) -> int:
-        """One batch: how many jobs it moved."""
-        policy = self._policy
-        return await self._store.reclaim_leases(
+    async def sweep() -> int:
+        return await store.reclaim_leases(
             policy.sweep_batch, policy.retry_base_seconds, policy.retry_max_seconds
         )
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._policy.sweep_seconds)
-            moved = self._policy.sweep_batch
-            while moved == self._policy.sweep_batch:  # a backlog: the next batch at once
-                moved = await self._sweep_logged()
-
-    async def _sweep_logged(self) -> int:
-        try:
-            moved = await self.sweep()
-        except DomainError as error:  # the database is down or busy: next time
-            log.warning("lease sweep failed: %s", error)
-            return 0
-        if moved:
-            log.info("lease sweep: %d expired lease(s) ended", moved)
-        return moved
+    return Sweeper(
+        "lease sweep", policy.sweep_seconds, policy.sweep_batch, sweep, "%d expired lease(s) ended"
+    )

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from jobs.v1 import jobs_pb2_grpc
 
-from services.jobs.leasing import LeasePolicy, LeaseSweeper
+from services.jobs.leasing import LeasePolicy, lease_sweeper
+from services.jobs.retention import RetentionPolicy, retention_sweeper
 from services.jobs.servicer import JobServicer, job_message
 from services.jobs.store import JobStore
 from services.jobs.watch import JobWatchHub, WatchLimits
@@ -26,7 +27,9 @@ def watch_limits_from_environment() -> WatchLimits:
 
 
 def jobs_servicers(
-    watch_limits: WatchLimits | None, lease_policy: LeasePolicy | None
+    watch_limits: WatchLimits | None,
+    lease_policy: LeasePolicy | None,
+    retention_policy: RetentionPolicy | None,
 ) -> ServicersFactory:
     @asynccontextmanager
     async def servicers(
@@ -39,8 +42,11 @@ def jobs_servicers(
         watch_hub = JobWatchHub(listen_url, store, job_message, limits)
         await watch_hub.start()
         policy = lease_policy or LeasePolicy.from_environment()
-        sweeper = LeaseSweeper(store, policy)
-        sweeper.start()
+        retention = retention_policy or RetentionPolicy.from_environment()
+        sweepers = [lease_sweeper(store, policy), retention_sweeper(store, retention)]
+        sweepers = [sweeper for sweeper in sweepers if sweeper is not None]
+        for sweeper in sweepers:
+            sweeper.start()
         servicer = JobServicer(
             store,
             watch_hub,
@@ -52,23 +58,26 @@ def jobs_servicers(
             # WatchJob streams end as shutdown starts; the hub closes again, harmlessly, on exit.
             yield watch_hub.close
         finally:
-            await sweeper.close()
+            for sweeper in sweepers:
+                await sweeper.close()
             await watch_hub.close()
 
     return servicers
 
 
 def jobs_definition(
-    watch_limits: WatchLimits | None = None, lease_policy: LeasePolicy | None = None
+    watch_limits: WatchLimits | None = None,
+    lease_policy: LeasePolicy | None = None,
+    retention_policy: RetentionPolicy | None = None,
 ) -> ServiceDefinition:
-    """The service; the watch limits and lease policy default to the environment's, read at
-    start."""
+    """The service; the watch limits, lease and retention policies default to the
+    environment's, read at start."""
     return ServiceDefinition(
         name="jobs",
         grpc_service="jobs.v1.JobService",
         default_port=50051,
         migrations=Path(__file__).parent / "migrations",
-        servicers=jobs_servicers(watch_limits, lease_policy),
+        servicers=jobs_servicers(watch_limits, lease_policy, retention_policy),
         cross_profile_reads=("ListAllJobs", "GetQueueStats"),
         worker_leases=("LeaseJobs",),
         worker_updates=("UpdateJob", "GetJob"),

@@ -91,8 +91,9 @@ def _job(row: asyncpg.Record, lease_id: uuid.UUID | None = None) -> Job:
     )
 
 
-# The sweep's share of the pool: one key, whichever replica and however many jobs.
-_SWEEP_SHARE = "(lease sweep)"
+# The sweeps' share of the pool (expired leases, retention): one key, whichever replica and
+# however many jobs.
+_SWEEP_SHARE = "(sweeps)"
 
 
 def _not_found(job_id: uuid.UUID) -> NotFound:
@@ -371,6 +372,17 @@ class JobStore:
             retry_max,
         )
         return rows[0]["moved"]
+
+    async def delete_finished_jobs(self, before: datetime, limit: int) -> int:
+        """Deletes up to `limit` finished jobs of any profile last changed before `before`,
+        oldest first (jobs.delete_finished_jobs): how many."""
+        rows = await self._pool.call(
+            _SWEEP_SHARE,
+            "SELECT jobs.delete_finished_jobs($1, $2) AS deleted",
+            before,
+            limit,
+        )
+        return rows[0]["deleted"]
 
     async def queue_stats(
         self, limit: int, expiring_within_seconds: float
