@@ -8,6 +8,7 @@ import argparse
 import grpc
 import uvloop
 
+from services.runtime.call_rates import ProfileCallRates
 from services.runtime.interceptors.server import (
     ACCESS_LOG_FAILURES,
     ACCESS_LOG_MODES,
@@ -24,13 +25,15 @@ async def _noop(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
     return request
 
 
-async def serve(port: int, interceptor: bool, access_log: str) -> None:
+async def serve(port: int, interceptor: bool, access_log: str, refuse: bool = False) -> None:
     handler = grpc.unary_unary_rpc_method_handler(_noop)
     if interceptor:
-        # Registered as the services register theirs.
-        # The default limits; one profile drives every call, so its call rate is counted
-        # but set where it is never reached.
+        # Registered as the services register theirs, with the default limits; one profile
+        # drives every call, so its call rate is counted but set where it is never reached,
+        # or (--refuse) where one call passes in 11 days.
         shares = profile_shares(Settings(database_url="", profile_calls_per_second=10**9))
+        if refuse:
+            shares = shares._replace(call_rates=ProfileCallRates(1e-6, 1, 0))
         interceptor = suite_interceptor(allow_any_caller, access_log=access_log, shares=shares)
         server, handlers = new_server(interceptor)
         handlers.add_registered_method_handlers("bench.Noop", {"Call": handler})

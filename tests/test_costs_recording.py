@@ -12,7 +12,7 @@ import pytest
 from costs.v1 import costs_pb2
 
 from services.costs.model import read_catalog
-from services.costs.service import PRICE_CATALOG
+from services.costs.service import PRICE_CATALOG, load_price_catalog
 from tests.conftest import (
     as_profile,
     expect_status,
@@ -331,3 +331,65 @@ def test_catalog_line_whose_per_is_not_a_power_of_ten_is_refused_by_line(tmp_pat
 def test_the_catalog_in_the_repository_reads():
     prices = read_catalog(PRICE_CATALOG)
     assert {p.provider for p in prices} == {"elevenlabs", "gemini"}
+
+
+async def catalog_version(database_url: str) -> int:
+    connection = await asyncpg.connect(database_url)
+    try:
+        return await connection.fetchval("SELECT version FROM costs.catalog_version")
+    finally:
+        await connection.close()
+
+
+async def test_a_price_changed_in_sql_prices_the_next_line_though_the_catalog_was_held(
+    costs_stub, profile, database_url
+):
+    """Each process prices with the catalog it holds and records only if that catalog is
+    still current: a change made by hand is used by the very next line."""
+    provider = f"repriced-{uuid.uuid4().hex[:8]}"
+    connection = await asyncpg.connect(database_url)
+    try:
+        await connection.execute(
+            """
+            INSERT INTO costs.prices (provider, model, usage_type, unit, per, unit_price_usd,
+                prompt_tokens_over, effective_from, source, checked_on)
+            VALUES ($1, 'm', 'seconds', 'second', 1, 0.010, 0, '2025-01-01', 'test', '2025-01-01')
+            """,
+            provider,
+        )
+
+        async def record() -> costs_pb2.CostEntry:
+            request = costs_pb2.RecordUsageRequest(
+                request_id=request_id(),
+                provider=provider,
+                model="m",
+                unit="seconds",
+                quantity="10",
+                occurred_at=timestamp(datetime(2025, 6, 1, tzinfo=UTC)),
+            )
+            return (await costs_stub.RecordUsage(request, metadata=profile)).entry
+
+        assert Decimal((await record()).cost_usd) == Decimal("0.1")  # the catalog now held
+        before = await catalog_version(database_url)
+        await connection.execute(
+            "UPDATE costs.prices SET unit_price_usd = 0.020 WHERE provider = $1", provider
+        )
+        assert await catalog_version(database_url) > before
+        entry = await record()
+    finally:
+        await connection.close()
+    assert Decimal(entry.cost_usd) == Decimal("0.2")
+    assert Decimal(entry.applied_prices[0].unit_price_usd) == Decimal("0.02")
+
+
+async def test_loading_an_unchanged_catalog_file_moves_no_version(costs_service, database_url):
+    """A replica's start-up load rewrites no row that did not change, so the other replicas
+    keep the catalog they hold."""
+    connection = await asyncpg.connect(database_url)
+    try:
+        await load_price_catalog(connection)
+        before = await catalog_version(database_url)
+        await load_price_catalog(connection)
+    finally:
+        await connection.close()
+    assert await catalog_version(database_url) == before

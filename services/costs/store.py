@@ -25,7 +25,7 @@ from services.costs.model import (
     price_line,
 )
 from services.runtime.database import TenantScopedPool
-from services.runtime.errors import NotFound
+from services.runtime.errors import NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ _PRICE_COLUMNS = (
     "provider, model, usage_type, unit, per, unit_price_usd, prompt_tokens_over, effective_from, "
     "source, checked_on"
 )
+_PRICE_FIELDS = tuple(_PRICE_COLUMNS.split(", "))
 
 # How each summary dimension is computed over the union of rollup rows and edge lines.
 # Each is named after the SummaryRow field it fills.
@@ -87,6 +88,11 @@ async def load_catalog(connection: asyncpg.Connection, prices: Sequence[Price]) 
             DO UPDATE SET unit = EXCLUDED.unit, per = EXCLUDED.per,
                 unit_price_usd = EXCLUDED.unit_price_usd, source = EXCLUDED.source,
                 checked_on = EXCLUDED.checked_on
+            -- A row that did not change is not rewritten: it would move the catalog's version
+            -- (migration 0007) and make every replica read the catalog again.
+            WHERE (prices.unit, prices.per, prices.unit_price_usd, prices.source,
+                prices.checked_on) IS DISTINCT FROM (EXCLUDED.unit, EXCLUDED.per,
+                EXCLUDED.unit_price_usd, EXCLUDED.source, EXCLUDED.checked_on)
             """,
             [
                 (
@@ -143,9 +149,47 @@ def entries_query(
     return query, arguments
 
 
+def _priced_batch(lines: Sequence[UsageLine], catalog: Sequence[Price]) -> str:
+    """The lines priced, as the one JSON document costs.record_lines reads."""
+    # The batch travels as one JSON document, serialized in one call by orjson: per line,
+    # that costs less than three JSON columns and ten typed arrays encoded element by
+    # element. Decimals go as their exact text (str); times as RFC 3339 and UUIDs in their
+    # usual form, both of which Postgres reads.
+    pricings = [price_line(line, catalog) for line in lines]
+    return orjson.dumps(
+        [
+            {
+                "request_id": line.request_id,
+                "provider": line.provider,
+                "model": line.model,
+                "job_id": line.job_id,
+                "occurred_at": line.occurred_at,
+                "usage": line.usage,
+                "cost_usd": pricing.cost_usd,
+                "priced": pricing.priced,
+                "applied_prices": [applied.as_json() for applied in pricing.applied_prices],
+                "attributes": line.attributes,
+            }
+            for line, pricing in zip(lines, pricings, strict=True)
+        ],
+        default=str,
+    ).decode()
+
+
+# SQLSTATE of costs.record_priced when the catalog changed since the version a batch was
+# priced with (migration 0007).
+CATALOG_CHANGED = "SU205"
+# How many times a batch is priced again after the catalog changed under it, before the
+# call is told to retry: the catalog changes a few times a year.
+_REPRICINGS = 3
+
+
 class CostStore:
     def __init__(self, pool: TenantScopedPool) -> None:
         self._pool = pool
+        # The price catalog this process prices with, and its version; read at the first
+        # record and again whenever the database says it changed.
+        self._catalog: tuple[int, list[Price]] | None = None
 
     async def list_prices(self, profile_id: str, provider: str) -> list[Price]:
         async with self._pool.transaction(profile_id, readonly=True) as connection:
@@ -175,51 +219,29 @@ class CostStore:
     async def _record(
         self, profile_id: str, lines: Sequence[UsageLine], *, whole_rows: bool
     ) -> list[asyncpg.Record]:
-        """The lines priced and recorded in two statements (costs.prices_for, then
-        costs.record_lines: migration 0006); the rows of the lines, the thresholds crossed
-        logged. A batch's rows carry only request_ids."""
-        catalog = [
-            _price(row)
-            for row in await self._pool.call(
-                profile_id,
-                "SELECT * FROM costs.prices_for($1, $2, $3)",
-                profile_id,
-                [line.provider for line in lines],
-                [line.model for line in lines],
-            )
-        ]
-        # The batch travels as one JSON document, serialized in one call by orjson: per line,
-        # that costs less than three JSON columns and ten typed arrays encoded element by
-        # element. Decimals go as their exact text (str); times as RFC 3339 and UUIDs in their
-        # usual form, both of which Postgres reads.
-        pricings = [price_line(line, catalog) for line in lines]
-        batch = orjson.dumps(
-            [
-                {
-                    "request_id": line.request_id,
-                    "provider": line.provider,
-                    "model": line.model,
-                    "job_id": line.job_id,
-                    "occurred_at": line.occurred_at,
-                    "usage": line.usage,
-                    "cost_usd": pricing.cost_usd,
-                    "priced": pricing.priced,
-                    "applied_prices": [applied.as_json() for applied in pricing.applied_prices],
-                    "attributes": line.attributes,
-                }
-                for line, pricing in zip(lines, pricings, strict=True)
-            ],
-            default=str,
-        ).decode()
-        bounds = _period_days(datetime.now(UTC))
-        rows = await self._pool.call(
-            profile_id,
-            "SELECT * FROM costs.record_lines($1, $2, $3, $4, $5, $6, $7)",
-            profile_id,
-            batch,
-            whole_rows,
-            *bounds,
-        )
+        """The lines priced with the catalog this process holds and recorded in one statement,
+        if the catalog is still at that version (costs.record_priced, migration 0007); else
+        the catalog is read again and the lines priced again. The rows of the lines, the
+        thresholds crossed logged. A batch's rows carry only request_ids."""
+        for _ in range(_REPRICINGS):
+            version, catalog = self._catalog or await self._read_catalog(profile_id)
+            try:
+                rows = await self._pool.call(
+                    profile_id,
+                    "SELECT * FROM costs.record_priced($1, $2, $3, $4, $5, $6, $7, $8)",
+                    profile_id,
+                    version,
+                    _priced_batch(lines, catalog),
+                    whole_rows,
+                    *_period_days(datetime.now(UTC)),
+                )
+                break
+            except asyncpg.PostgresError as error:
+                if error.sqlstate != CATALOG_CHANGED:
+                    raise
+                self._catalog = None
+        else:
+            raise Unavailable("the price catalog is being changed; retry shortly")
         crossings = sorted(
             (row for row in rows if row["crossed_period"] is not None),
             key=lambda row: (row["crossed_period"], row["threshold"]),
@@ -233,6 +255,19 @@ class CostStore:
                 crossing["limit_usd"],
             )
         return [row for row in rows if row["crossed_period"] is None]
+
+    async def _read_catalog(self, profile_id: str) -> tuple[int, list[Price]]:
+        """The whole catalog and its version (costs.price_catalog), kept for what follows."""
+        rows = await self._pool.call(
+            profile_id, "SELECT * FROM costs.price_catalog($1)", profile_id
+        )
+        catalog = [
+            Price(**{name: row[name] for name in _PRICE_FIELDS})
+            for row in rows
+            if row["provider"] is not None
+        ]
+        self._catalog = (rows[0]["version"], catalog)
+        return self._catalog
 
     async def list_entries(
         self,
