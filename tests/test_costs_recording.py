@@ -330,7 +330,7 @@ def test_catalog_line_whose_per_is_not_a_power_of_ten_is_refused_by_line(tmp_pat
 
 def test_the_catalog_in_the_repository_reads():
     prices = read_catalog(PRICE_CATALOG)
-    assert {p.provider for p in prices} == {"elevenlabs", "gemini"}
+    assert {p.provider for p in prices} == {"elevenlabs", "gemini", "piper"}
 
 
 async def catalog_version(database_url: str) -> int:
@@ -393,3 +393,70 @@ async def test_loading_an_unchanged_catalog_file_moves_no_version(costs_service,
     finally:
         await connection.close()
     assert await catalog_version(database_url) == before
+
+
+def test_a_catalog_row_for_every_model_must_cost_nothing(tmp_path):
+    catalog = tmp_path / "prices.csv"
+    catalog.write_text(
+        "provider,model,usage_type,unit,per,unit_price_usd,prompt_tokens_over,effective_from,"
+        "source,checked_on\n"
+        "free,*,*,any,1,0,0,2025-01-01,test,2025-01-01\n"
+        "acme,*,seconds,second,1,0.5,0,2025-01-01,test,2025-01-01\n"
+    )
+    with pytest.raises(ValueError, match="data line 2: a row for every model"):
+        read_catalog(catalog)
+
+
+async def record_usage(costs_stub, profile, provider: str, model: str, unit: str):
+    request = costs_pb2.RecordUsageRequest(
+        request_id=request_id(),
+        provider=provider,
+        model=model,
+        unit=unit,
+        quantity="1200",
+        occurred_at=timestamp(datetime(2025, 6, 1, tzinfo=UTC)),
+    )
+    return (await costs_stub.RecordUsage(request, metadata=profile)).entry
+
+
+async def test_a_free_providers_lines_are_priced_at_zero_not_unpriced(costs_stub, profile):
+    entry = await record_usage(costs_stub, profile, "piper", "en_US-lessac-medium", "characters")
+    assert entry.priced
+    assert Decimal(entry.cost_usd) == 0
+    assert [(a.usage_type, Decimal(a.unit_price_usd)) for a in entry.applied_prices] == [
+        ("characters", 0)
+    ]
+    unknown = await record_usage(costs_stub, profile, "unknown-engine", "m", "characters")
+    assert not unknown.priced
+
+
+async def test_a_models_own_price_wins_over_its_providers_free_row(
+    costs_stub, profile, database_url
+):
+    provider = f"mixed-{uuid.uuid4().hex[:8]}"
+    connection = await asyncpg.connect(database_url)
+    try:
+        await connection.execute(
+            """
+            INSERT INTO costs.prices (provider, model, usage_type, unit, per, unit_price_usd,
+                prompt_tokens_over, effective_from, source, checked_on)
+            VALUES ($1, 'paid', 'seconds', 'second', 1, 0.01, 0, '2025-01-01', 't', '2025-01-01'),
+                   ($1, '*', '*', 'any', 1, 0, 0, '2025-01-01', 't', '2025-01-01')
+            """,
+            provider,
+        )
+        with pytest.raises(asyncpg.CheckViolationError):
+            await connection.execute(
+                """
+                INSERT INTO costs.prices (provider, model, usage_type, unit, per,
+                    unit_price_usd, prompt_tokens_over, effective_from, source, checked_on)
+                VALUES ($1, '*', 'seconds', 's', 1, 0.5, 0, '2025-01-01', 't', '2025-01-01')
+                """,
+                provider,
+            )
+    finally:
+        await connection.close()
+    paid = await record_usage(costs_stub, profile, provider, "paid", "seconds")
+    assert Decimal(paid.cost_usd) == Decimal("12")
+    free = await record_usage(costs_stub, profile, provider, "paid", "characters")
+    assert (free.priced, Decimal(free.cost_usd)) == (True, 0)

@@ -54,6 +54,33 @@ class Price:
     checked_on: date
 
 
+# A catalog row's model or usage type that stands for every one: only in rows that cost
+# nothing, for providers that charge nothing (a TTS engine run locally), so that their lines
+# are priced at zero rather than left unpriced.
+ANY = "*"
+
+
+@dataclass(frozen=True, slots=True)
+class Catalog:
+    """The price catalog at one version (costs.catalog_version), its rows by provider and
+    model: pricing a line looks only at its own model's rows and its provider's free rows."""
+
+    version: int
+    by_model: dict[tuple[str, str], tuple[Price, ...]]
+
+    @classmethod
+    def of(cls, version: int, prices: Iterable[Price]) -> "Catalog":
+        by_model: dict[tuple[str, str], list[Price]] = {}
+        for price in prices:
+            by_model.setdefault((price.provider, price.model), []).append(price)
+        return cls(version, {key: tuple(rows) for key, rows in by_model.items()})
+
+    def for_line(self, line: "UsageLine") -> tuple[Price, ...]:
+        return self.by_model.get((line.provider, line.model), ()) + self.by_model.get(
+            (line.provider, ANY), ()
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class AppliedPrice:
     usage_type: str
@@ -233,14 +260,15 @@ def price_line(line: UsageLine, catalog: Iterable[Price]) -> Pricing:
     """The cost of a line with the prices in effect at its occurred_at.
 
     A line is priced only when every usage type it bills for has a price; otherwise it is
-    kept at cost 0 and flagged, never dropped and never half-priced.
+    kept at cost 0 and flagged, never dropped and never half-priced. A row for the line's own
+    model and usage type wins over a free row for any (ANY).
     """
     day = line.occurred_at.astimezone(UTC).date()
     prices = [
         price
         for price in catalog
         if price.provider == line.provider
-        and price.model == line.model
+        and price.model in (line.model, ANY)
         and price.effective_from <= day
         and (price.prompt_tokens_over == 0 or line.prompt_tokens > price.prompt_tokens_over)
     ]
@@ -248,10 +276,18 @@ def price_line(line: UsageLine, catalog: Iterable[Price]) -> Pricing:
     for usage_type, quantity in sorted(line.billed.items()):
         if quantity == 0:
             continue
-        candidates = [price for price in prices if price.usage_type == usage_type]
+        candidates = [price for price in prices if price.usage_type in (usage_type, ANY)]
         if not candidates:
             return Pricing(Decimal(0), False, ())
-        price = max(candidates, key=lambda p: (p.prompt_tokens_over, p.effective_from))
+        price = max(
+            candidates,
+            key=lambda p: (
+                p.model != ANY,
+                p.usage_type != ANY,
+                p.prompt_tokens_over,
+                p.effective_from,
+            ),
+        )
         cost = EXACT.divide(EXACT.multiply(quantity, price.unit_price_usd), price.per)
         applied.append(
             AppliedPrice(
@@ -270,6 +306,11 @@ def read_catalog(path: Path) -> list[Price]:
             per = Decimal(row["per"])
             if per <= 0 or per.as_tuple().digits[0] != 1 or set(per.as_tuple().digits[1:]) - {0}:
                 raise ValueError(f"per must be a power of ten, got {row['per']}")
+            if ANY in (row["model"], row["usage_type"]) and Decimal(row["unit_price_usd"]):
+                raise ValueError(
+                    f"a row for every model or usage type ({ANY!r}) must cost 0: it is for "
+                    "providers that charge nothing"
+                )
             prices.append(
                 Price(
                     provider=row["provider"],

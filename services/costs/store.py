@@ -14,6 +14,7 @@ from services.costs.model import (
     Budget,
     BudgetPeriod,
     BudgetStatus,
+    Catalog,
     CostEntry,
     CostSummary,
     EntryFilter,
@@ -149,13 +150,13 @@ def entries_query(
     return query, arguments
 
 
-def _priced_batch(lines: Sequence[UsageLine], catalog: Sequence[Price]) -> str:
+def _priced_batch(lines: Sequence[UsageLine], catalog: Catalog) -> str:
     """The lines priced, as the one JSON document costs.record_lines reads."""
     # The batch travels as one JSON document, serialized in one call by orjson: per line,
     # that costs less than three JSON columns and ten typed arrays encoded element by
     # element. Decimals go as their exact text (str); times as RFC 3339 and UUIDs in their
     # usual form, both of which Postgres reads.
-    pricings = [price_line(line, catalog) for line in lines]
+    pricings = [price_line(line, catalog.for_line(line)) for line in lines]
     return orjson.dumps(
         [
             {
@@ -189,7 +190,7 @@ class CostStore:
         self._pool = pool
         # The price catalog this process prices with, and its version; read at the first
         # record and again whenever the database says it changed.
-        self._catalog: tuple[int, list[Price]] | None = None
+        self._catalog: Catalog | None = None
 
     async def list_prices(self, profile_id: str, provider: str) -> list[Price]:
         async with self._pool.transaction(profile_id, readonly=True) as connection:
@@ -224,13 +225,13 @@ class CostStore:
         the catalog is read again and the lines priced again. The rows of the lines, the
         thresholds crossed logged. A batch's rows carry only request_ids."""
         for _ in range(_REPRICINGS):
-            version, catalog = self._catalog or await self._read_catalog(profile_id)
+            catalog = self._catalog or await self._read_catalog(profile_id)
             try:
                 rows = await self._pool.call(
                     profile_id,
                     "SELECT * FROM costs.record_priced($1, $2, $3, $4, $5, $6, $7, $8)",
                     profile_id,
-                    version,
+                    catalog.version,
                     _priced_batch(lines, catalog),
                     whole_rows,
                     *_period_days(datetime.now(UTC)),
@@ -256,17 +257,17 @@ class CostStore:
             )
         return [row for row in rows if row["crossed_period"] is None]
 
-    async def _read_catalog(self, profile_id: str) -> tuple[int, list[Price]]:
+    async def _read_catalog(self, profile_id: str) -> Catalog:
         """The whole catalog and its version (costs.price_catalog), kept for what follows."""
         rows = await self._pool.call(
             profile_id, "SELECT * FROM costs.price_catalog($1)", profile_id
         )
-        catalog = [
+        prices = (
             Price(**{name: row[name] for name in _PRICE_FIELDS})
             for row in rows
             if row["provider"] is not None
-        ]
-        self._catalog = (rows[0]["version"], catalog)
+        )
+        self._catalog = Catalog.of(rows[0]["version"], prices)
         return self._catalog
 
     async def list_entries(

@@ -66,3 +66,9 @@ BEGIN
         p_daily_start, p_daily_end, p_monthly_start, p_monthly_end);
 END
 $$;
+
+-- A row for every model or usage type ('*') is for a provider that charges nothing (a TTS
+-- engine run locally): its lines are priced at zero rather than left unpriced. Only at zero:
+-- units differ from model to model.
+ALTER TABLE costs.prices ADD CONSTRAINT free_rows_cost_nothing
+    CHECK ((model <> '*' AND usage_type <> '*') OR unit_price_usd = 0);
