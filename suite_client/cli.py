@@ -345,7 +345,8 @@ async def _costs_month(args: argparse.Namespace) -> None:
         day=1, hour=0, minute=0, second=0, microsecond=0
     )
     end = (start + timedelta(days=32)).replace(day=1)
-    request = costs_pb2.GetCostSummaryRequest(group_by=[costs_pb2.PROVIDER, costs_pb2.MODEL])
+    group_by = [costs_pb2.PROVIDER, costs_pb2.MODEL, *([costs_pb2.VOICE] if args.by_voice else [])]
+    request = costs_pb2.GetCostSummaryRequest(group_by=group_by)
     request.start_time.FromDatetime(start)
     request.end_time.FromDatetime(end)
     async with _channel(args, SERVICE_BY_NAME["costs"]) as channel:
@@ -355,10 +356,15 @@ async def _costs_month(args: argparse.Namespace) -> None:
         print_json(as_json(summary))
         return
     print(f"profile {args.profile}, {start:%Y-%m}: {summary.total_cost_usd} USD")
+
+    def line(row: costs_pb2.CostSummaryRow, cost: str) -> list[object]:
+        voice = [row.voice_id or "-"] if args.by_voice else []
+        return [row.provider, row.model, *voice, cost, row.line_count]
+
     print_table(
-        ["PROVIDER", "MODEL", "COST (USD)", "LINES"],
-        [[row.provider, row.model, row.cost_usd, row.line_count] for row in summary.rows]
-        + [[row.provider, row.model, "unpriced", row.line_count] for row in summary.unpriced_rows],
+        ["PROVIDER", "MODEL", *(["VOICE"] if args.by_voice else []), "COST (USD)", "LINES"],
+        [line(row, row.cost_usd) for row in summary.rows]
+        + [line(row, "unpriced") for row in summary.unpriced_rows],
     )
 
 
@@ -559,6 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     month.add_argument("--profile", required=True, type=_profile_id, help="profile id")
     month.add_argument("--month", type=_month, metavar="YYYY-MM", help="the month (none: this one)")
+    month.add_argument(
+        "--by-voice", action="store_true", help="rows by ElevenLabs voice (voice_id) too"
+    )
     month.add_argument("--json", action="store_true", help="the summary as one JSON object")
     month.set_defaults(run=_costs_month)
     return parser

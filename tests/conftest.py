@@ -286,7 +286,7 @@ async def record_tts(
     request = costs_pb2.RecordElevenLabsTTSRequest(
         request_id=fields.pop("request_id", request_id()),
         model_id=fields.pop("model_id", "eleven_flash_v2_5"),
-        voice_id="voice-1",
+        voice_id=fields.pop("voice_id", "voice-1"),
         characters=characters,
         **fields,
     )

@@ -1,9 +1,11 @@
 """costs.v1.CostService reading: summaries from the rollup and the ragged edges, paged lines,
 and an exact total over a million lines."""
 
+import shutil
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 
 import asyncpg
 import grpc
@@ -11,9 +13,20 @@ import pytest
 from costs.v1 import costs_pb2
 
 from bench.seed import SYNTHETIC_LINE_COST, insert_synthetic_lines
-from tests.conftest import expect_status, new_profile_id, record_gemini, record_tts, timestamp
+from services.costs import service as costs_service_module
+from services.runtime.embedded_postgres import scratch_database
+from services.runtime.migrations import apply_migrations
+from tests.conftest import (
+    as_profile,
+    expect_status,
+    new_profile_id,
+    record_gemini,
+    record_tts,
+    timestamp,
+)
 
 Code = grpc.StatusCode
+COSTS_MIGRATIONS = Path(costs_service_module.__file__).parent / "migrations"
 MAY = datetime(2025, 5, 1, tzinfo=UTC)
 
 
@@ -176,3 +189,74 @@ async def test_page_token_reused_with_other_filters_is_invalid(costs_stub, profi
         Code.INVALID_ARGUMENT,
     )
     assert "other filters" in details
+
+
+async def test_summary_by_voice_splits_whole_days_and_edges_alike(costs_stub):
+    """Lines of two voices on whole days (from the rollup) and at the range's ragged edges
+    (from the lines), and a Gemini line, which has no voice."""
+    profile = as_profile(new_profile_id())
+    for day, hour, voice in [(1, 23, "v-a"), (2, 12, "v-a"), (2, 13, "v-b"), (3, 1, "v-b")]:
+        await record_tts(
+            costs_stub,
+            profile,
+            characters=1000,
+            voice_id=voice,
+            occurred_at=timestamp(at(day, hour)),
+        )
+    await record_gemini(
+        costs_stub,
+        profile,
+        model="gemini-2.0-flash",
+        prompt_tokens=1_000_000,
+        occurred_at=timestamp(at(2)),
+    )
+    result = await summary(
+        costs_stub, profile, at(1, 22), at(3, 2), costs_pb2.PROVIDER, costs_pb2.VOICE
+    )
+    rows = {(r.provider, r.voice_id): (Decimal(r.cost_usd), r.line_count) for r in result.rows}
+    assert rows == {
+        ("elevenlabs", "v-a"): (Decimal("0.10"), 2),
+        ("elevenlabs", "v-b"): (Decimal("0.10"), 2),
+        ("gemini", ""): (Decimal("0.10"), 1),
+    }
+
+
+async def test_a_rollup_made_before_voices_is_rebuilt_by_voice(admin_database_url, tmp_path):
+    """Migration 0008 rebuilds the daily rollup from the lines: rows rolled up before it
+    (without a voice) are split by voice, with the same totals."""
+    folder = tmp_path / "migrations"
+    folder.mkdir()
+    for path in sorted(COSTS_MIGRATIONS.glob("*.sql")):
+        if int(path.name[:4]) < 8:
+            shutil.copy(path, folder)
+    async with scratch_database(admin_database_url, "voices") as url:
+        connection = await asyncpg.connect(url)
+        try:
+            await apply_migrations(connection, "costs", folder)
+            async with connection.transaction():
+                await connection.execute("SELECT set_config('app.profile_id', 'store-v', true)")
+                await connection.execute(
+                    """
+                    INSERT INTO costs.entries (profile_id, request_id, provider, model,
+                        occurred_at, usage, cost_usd, priced, applied_prices, attributes)
+                    SELECT 'store-v', 'r' || n, 'elevenlabs', 'm', '2025-05-02 12:00+00',
+                        '{}', 0.25, true, '[]',
+                        jsonb_build_object('voice_id', CASE WHEN n < 3 THEN 'v-a' ELSE 'v-b' END)
+                    FROM generate_series(1, 4) AS n
+                    """
+                )
+            before = await connection.fetch("SELECT cost_usd, line_count FROM costs.daily_costs")
+            shutil.copy(COSTS_MIGRATIONS / "0008_voice_rollup.sql", folder)
+            assert await apply_migrations(connection, "costs", folder) == [8]
+            async with connection.transaction():
+                await connection.execute("SELECT set_config('app.profile_id', 'store-v', true)")
+                after = await connection.fetch(
+                    "SELECT voice_id, cost_usd, line_count FROM costs.daily_costs ORDER BY 1"
+                )
+        finally:
+            await connection.close()
+    assert [(row["cost_usd"], row["line_count"]) for row in before] == [(Decimal("1.00"), 4)]
+    assert [tuple(row) for row in after] == [
+        ("v-a", Decimal("0.50"), 2),
+        ("v-b", Decimal("0.50"), 2),
+    ]

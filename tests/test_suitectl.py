@@ -260,6 +260,20 @@ async def test_costs_month_shows_the_profiles_spend_by_model(targets, costs_stub
     assert [row.split() for row in rows] == [["elevenlabs", "eleven_flash_v2_5", "0.1", "1"]]
 
 
+async def test_costs_month_by_voice_has_a_row_per_voice(targets, costs_stub):
+    profile_id = new_profile_id()
+    for voice in ("v-a", "v-b", "v-b"):
+        await record_tts(costs_stub, as_profile(profile_id), characters=1000, voice_id=voice)
+    outcome = await suitectl(*targets, "costs", "month", "--profile", profile_id, "--by-voice")
+    assert outcome.exit_code == 0, outcome.stderr
+    _, header, *rows = outcome.stdout.splitlines()
+    assert header.split() == ["PROVIDER", "MODEL", "VOICE", "COST", "(USD)", "LINES"]
+    assert [row.split() for row in rows] == [
+        ["elevenlabs", "eleven_flash_v2_5", "v-a", "0.05", "1"],
+        ["elevenlabs", "eleven_flash_v2_5", "v-b", "0.1", "2"],
+    ]
+
+
 async def test_costs_of_a_month_without_spend_is_zero(targets):
     outcome = await suitectl(
         *targets, "costs", "month", "--profile", new_profile_id(), "--month", "2020-01", "--json"

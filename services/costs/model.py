@@ -337,6 +337,7 @@ class GroupBy(enum.StrEnum):
     MONTH = "MONTH"
     JOB = "JOB"
     PROFILE = "PROFILE"
+    VOICE = "VOICE"
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,6 +351,7 @@ class SummaryRow:
     month: str = ""
     job_id: uuid.UUID | None = None
     profile_id: str = ""
+    voice_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

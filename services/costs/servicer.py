@@ -268,6 +268,7 @@ def _row_message(row: SummaryRow) -> costs_pb2.CostSummaryRow:
         cost_usd=decimal_text(row.cost_usd),
         line_count=row.line_count,
         profile_id=row.profile_id,
+        voice_id=row.voice_id,
     )
 
 

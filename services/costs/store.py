@@ -49,6 +49,7 @@ _GROUP_COLUMNS = {
     GroupBy.MONTH: ("to_char(day, 'YYYY-MM')", "month"),
     GroupBy.JOB: ("job_id", "job_id"),
     GroupBy.PROFILE: ("profile_id", "profile_id"),
+    GroupBy.VOICE: ("coalesce(voice_id, '')", "voice_id"),
 }
 
 
@@ -309,12 +310,13 @@ class CostStore:
         positions = ", ".join(str(n) for n in range(1, len(group_by) + 2))
         query = f"""
             WITH lines AS (
-                SELECT profile_id, day, provider, model, job_id, priced, cost_usd, line_count
+                SELECT profile_id, day, provider, model, job_id, voice_id, priced, cost_usd,
+                       line_count
                 FROM costs.daily_costs
                 WHERE {profile_condition} AND day >= $2 AND day < $3 {job_condition}
                 UNION ALL
                 SELECT profile_id, (occurred_at AT TIME ZONE 'UTC')::date, provider, model,
-                       job_id, priced, cost_usd, 1
+                       job_id, attributes ->> 'voice_id', priced, cost_usd, 1
                 FROM costs.entries
                 WHERE {profile_condition} {job_condition}
                   AND ((occurred_at >= $4 AND occurred_at < $5)
