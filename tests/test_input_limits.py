@@ -292,7 +292,7 @@ _REPEATED = [
     ("jobs", "ListJobs", "statuses", MAX_STATUSES,
      lambda n: jobs_pb2.ListJobsRequest(statuses=[jobs_pb2.PENDING] * n)),
     ("jobs", "UpdateJob", "update_mask.paths", 6, _update_with_paths),
-    ("costs", "GetCostSummary", "group_by", 6,
+    ("costs", "GetCostSummary", "group_by", 7,
      lambda n: costs_pb2.GetCostSummaryRequest(
          start_time={"seconds": 0}, end_time={"seconds": 1}, group_by=[costs_pb2.MODEL] * n)),
     ("costs", "SetBudget", "alert_thresholds", MAX_ALERT_THRESHOLDS,
