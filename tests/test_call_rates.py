@@ -3,18 +3,21 @@ is refused before its request is decoded, with a retry delay spread over a secon
 another profile is served at once."""
 
 import asyncio
+import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 import suite_client
 from services.runtime.call_rates import MIN_RETRY_SECONDS, ProfileCallRates
 from services.runtime.errors import ResourceExhausted
 from services.runtime.interceptors.handlers import InterceptorChain
-from services.runtime.interceptors.server import ProfileInterceptor
+from services.runtime.interceptors.server import ProfileInterceptor, RefusalLines
 from services.runtime.server import new_server
 from services.runtime.settings import Settings
 from tests.conftest import as_profile
@@ -145,3 +148,42 @@ async def test_a_call_within_the_wait_is_served_once_its_token_comes():
         elapsed = time.monotonic() - started
     assert replies == [b"x"] * 3
     assert elapsed >= 0.18  # the second and third waited 0.1 s and 0.2 s for their tokens
+
+
+async def test_a_flood_of_refusals_writes_one_access_line_a_second_and_counts_them_all(
+    caplog,
+):
+    method = "/test.Service/Echo"
+    handled = {
+        "grpc_type": "unary",
+        "grpc_service": "test.Service",
+        "grpc_method": "Echo",
+        "grpc_code": "RESOURCE_EXHAUSTED",
+    }
+    before = REGISTRY.get_sample_value("grpc_server_handled_total", handled) or 0
+    profile = as_profile(f"store-flood-{uuid.uuid4().hex[:8]}")
+    async with serving(ProfileCallRates(rate=1e-6, burst=1, max_wait=0)) as (channel, _):
+        echo = channel.unary_unary(method)
+        await echo(b"x", metadata=profile)
+        with caplog.at_level(logging.INFO, logger="services.access"):
+            for _ in range(30):
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await echo(b"x", metadata=profile)
+    lines = [
+        r
+        for r in caplog.records
+        if r.name == "services.access" and "RESOURCE_EXHAUSTED" in r.getMessage()
+    ]
+    assert len(lines) == 1
+    counted = REGISTRY.get_sample_value("grpc_server_handled_total", handled) - before
+    assert counted == 30
+
+
+def test_the_line_after_a_quiet_second_says_how_many_refusals_went_unwritten():
+    lines = RefusalLines(seconds=0.05)
+    key = ("store-1", "/x.Y/Z")
+    assert lines.admit(key) == 0
+    assert [lines.admit(key) for _ in range(5)] == [None] * 5
+    assert lines.admit(("store-2", "/x.Y/Z")) == 0  # another profile has lines of its own
+    time.sleep(0.06)
+    assert lines.admit(key) == 5

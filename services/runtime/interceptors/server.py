@@ -36,6 +36,7 @@ from services.runtime.call_context import (
     Caller,
     CallScope,
     current_caller,
+    current_profile_id,
     profile_id_from_metadata,
     remaining_seconds,
 )
@@ -76,6 +77,46 @@ ACCESS_LOG_ALL = "all"
 ACCESS_LOG_FAILURES = "failures"
 ACCESS_LOG_MODES = (ACCESS_LOG_ALL, ACCESS_LOG_FAILURES)
 SLOW_CALL_SECONDS = 1.0
+
+
+class RefusalLines:
+    """At most one access line a second for each profile's calls to a method refused past a
+    fair share (RESOURCE_EXHAUSTED). A profile flooding a replica past its limits would
+    otherwise have a line written, and the CPU to write it spent, for every refusal, in a log
+    every profile shares. Every call is still counted in the metrics, and the next line says
+    how many refusals went unwritten before it."""
+
+    __slots__ = ("_prune_at", "_seconds", "_seen")
+
+    def __init__(self, seconds: float = 1.0) -> None:
+        self._seconds = seconds
+        # (profile, method) → [when its last line was written, refusals unwritten since]
+        self._seen: dict[tuple[str, str], list] = {}
+        self._prune_at = _REFUSALS_PRUNE_AT_LEAST
+
+    def admit(self, key: tuple[str, str]) -> int | None:
+        """None: no line for this refusal; otherwise how many went unwritten before it."""
+        now = time.monotonic()
+        seen = self._seen.get(key)
+        if seen is not None and now - seen[0] < self._seconds:
+            seen[1] += 1
+            return None
+        self._seen[key] = [now, 0]
+        if len(self._seen) >= self._prune_at:
+            self._forget_quiet(now)
+        return 0 if seen is None else seen[1]
+
+    def _forget_quiet(self, now: float) -> None:
+        """Drops keys whose last line is older than the window (their unwritten count too:
+        the metrics hold it)."""
+        for key in [k for k, seen in self._seen.items() if now - seen[0] >= self._seconds]:
+            del self._seen[key]
+        self._prune_at = max(_REFUSALS_PRUNE_AT_LEAST, 2 * len(self._seen))
+
+
+_REFUSALS_PRUNE_AT_LEAST = 1024
+REFUSAL_LINES = RefusalLines()
+
 
 ANONYMOUS_CROSS_PROFILE = Caller(subject="anonymous (AUTH_MODE=none)", operator=True, worker=True)
 
@@ -304,20 +345,25 @@ class _CallPipeline:
             and (self._slow_seconds is None or elapsed < self._slow_seconds)
         ):
             return
+        unwritten = 0
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+            admitted = REFUSAL_LINES.admit((current_profile_id() or "", self.method))
+            if admitted is None:
+                return
+            unwritten = admitted
         elapsed_ms = elapsed * 1000
         caller = current_caller()
         fields = {"method": self.method, "status": code.name, "duration_ms": round(elapsed_ms, 2)}
-        if caller is None:
-            access_log.info("%s %s %.1fms", self.method, code.name, elapsed_ms, extra=fields)
-        else:
-            access_log.info(
-                "%s %s %.1fms caller=%s",
-                self.method,
-                code.name,
-                elapsed_ms,
-                caller.subject,
-                extra=fields | {"caller": caller.subject},
-            )
+        line, arguments = "%s %s %.1fms", [self.method, code.name, elapsed_ms]
+        if caller is not None:
+            line += " caller=%s"
+            arguments.append(caller.subject)
+            fields["caller"] = caller.subject
+        if unwritten:
+            line += " (%d more refused since the last line)"
+            arguments.append(unwritten)
+            fields["refused_unwritten"] = unwritten
+        access_log.info(line, *arguments, extra=fields)
 
 
 def _wrap_handler(
