@@ -51,9 +51,14 @@ migrate: $(VENV)/.installed
 	$(BIN)/python -m services.publisher migrate
 	$(BIN)/python -m services.costs migrate
 
+# uv installs in seconds what pip takes a minute for (the same versions); pip is the way back
+# wherever uv cannot be had or cannot reach the index.
+UV_INSTALL := $(BIN)/uv pip install --quiet --native-tls --python $(BIN)/python
+
 $(VENV)/.deps: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	($(BIN)/pip install --quiet uv && $(UV_INSTALL) -e '.[dev]') \
+		|| $(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
 # Generated code lives in gen/, apart from written code, and is never edited.
@@ -67,7 +72,7 @@ gen/.stamp: $(PROTOS) $(VENV)/.deps
 
 # Re-run the editable install once gen/ exists, so its packages are importable.
 $(VENV)/.installed: gen/.stamp
-	$(BIN)/pip install --quiet --no-deps -e .
+	$(UV_INSTALL) --no-deps -e . || $(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
 clean:
