@@ -41,8 +41,9 @@ from services.runtime.embedded_postgres import (
     scratch_database,
     start_embedded_postgres,
 )
+from services.runtime.interceptors.handlers import InterceptorChain, WrappingInterceptor
 from services.runtime.logs import configure_logging
-from services.runtime.server import RunningService, ServiceDefinition, start_service
+from services.runtime.server import RunningService, ServiceDefinition, new_server, start_service
 from services.runtime.settings import Settings
 from tests.fake_postiz import FakePostiz, Organization, api_root, serve_fake_postiz
 
@@ -126,6 +127,24 @@ async def running(
         yield service
     finally:
         await service.stop(grace=1)
+
+
+@asynccontextmanager
+async def serving_test_service(
+    interceptor: WrappingInterceptor, methods: dict[str, grpc.RpcMethodHandler]
+) -> AsyncIterator[grpc.aio.Channel]:
+    """`methods` as test.Service behind `interceptor` (registered as the services register
+    theirs) on a loopback port, and a channel to it."""
+    server, handlers = new_server(InterceptorChain(interceptor))
+    handlers.add_registered_method_handlers("test.Service", methods)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield channel
+    finally:
+        await channel.close()
+        await server.stop(None)
 
 
 @pytest.fixture(scope="session")

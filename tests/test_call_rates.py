@@ -16,11 +16,9 @@ from prometheus_client import REGISTRY
 import suite_client
 from services.runtime.call_rates import MIN_RETRY_SECONDS, ProfileCallRates
 from services.runtime.errors import ResourceExhausted
-from services.runtime.interceptors.handlers import InterceptorChain
 from services.runtime.interceptors.server import ProfileInterceptor, RefusalLines
-from services.runtime.server import new_server
 from services.runtime.settings import Settings
-from tests.conftest import as_profile
+from tests.conftest import as_profile, serving_test_service
 
 ECHO = "/test.Service/Echo"
 
@@ -107,19 +105,10 @@ async def serving(rates: ProfileCallRates) -> AsyncIterator[tuple[grpc.aio.Chann
     async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return request
 
-    server, handlers = new_server(InterceptorChain(ProfileInterceptor(call_rates=rates)))
-    handlers.add_registered_method_handlers(
-        "test.Service",
-        {"Echo": grpc.unary_unary_rpc_method_handler(echo, request_deserializer=deserialize)},
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    try:
+    handler = grpc.unary_unary_rpc_method_handler(echo, request_deserializer=deserialize)
+    interceptor = ProfileInterceptor(call_rates=rates)
+    async with serving_test_service(interceptor, {"Echo": handler}) as channel:
         yield channel, decoded
-    finally:
-        await channel.close()
-        await server.stop(None)
 
 
 async def test_a_profile_past_its_rate_is_refused_undecoded_and_another_is_served():

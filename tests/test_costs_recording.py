@@ -3,7 +3,7 @@ models, exact money and answers to bad input."""
 
 import asyncio
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
 import asyncpg
@@ -145,21 +145,33 @@ async def test_line_before_a_model_had_a_price_is_unpriced(costs_stub, profile):
     assert not entry.priced
 
 
+async def add_prices(
+    connection: asyncpg.Connection,
+    provider: str,
+    *rows: tuple[str, str, str, Decimal, date],
+) -> None:
+    """Catalog rows (model, usage_type, unit, unit price per 1 unit, effective from) of a
+    provider, added as an operator would, in SQL."""
+    await connection.executemany(
+        """
+        INSERT INTO costs.prices (provider, model, usage_type, unit, per, unit_price_usd,
+            prompt_tokens_over, effective_from, source, checked_on)
+        VALUES ($1, $2, $3, $4, 1, $5, 0, $6, 'test', '2025-01-01')
+        """,
+        [(provider, *row) for row in rows],
+    )
+
+
 @pytest.fixture(scope="module")
 async def acme_prices(costs_service, database_url: str) -> str:
     """Two versions of a price for a provider of the tests' own, added as an operator would."""
     connection = await asyncpg.connect(database_url)
     try:
-        await connection.executemany(
-            """
-            INSERT INTO costs.prices (provider, model, usage_type, unit, per, unit_price_usd,
-                prompt_tokens_over, effective_from, source, checked_on)
-            VALUES ('acme', 'voice-1', 'seconds', 'second', 1, $1, 0, $2, 'test', '2025-01-01')
-            """,
-            [
-                (Decimal("0.010"), datetime(2025, 1, 1).date()),
-                (Decimal("0.015"), datetime(2025, 3, 1).date()),
-            ],
+        await add_prices(
+            connection,
+            "acme",
+            ("voice-1", "seconds", "second", Decimal("0.010"), date(2025, 1, 1)),
+            ("voice-1", "seconds", "second", Decimal("0.015"), date(2025, 3, 1)),
         )
     finally:
         await connection.close()
@@ -349,13 +361,8 @@ async def test_a_price_changed_in_sql_prices_the_next_line_though_the_catalog_wa
     provider = f"repriced-{uuid.uuid4().hex[:8]}"
     connection = await asyncpg.connect(database_url)
     try:
-        await connection.execute(
-            """
-            INSERT INTO costs.prices (provider, model, usage_type, unit, per, unit_price_usd,
-                prompt_tokens_over, effective_from, source, checked_on)
-            VALUES ($1, 'm', 'seconds', 'second', 1, 0.010, 0, '2025-01-01', 'test', '2025-01-01')
-            """,
-            provider,
+        await add_prices(
+            connection, provider, ("m", "seconds", "second", Decimal("0.010"), date(2025, 1, 1))
         )
 
         async def record() -> costs_pb2.CostEntry:
@@ -436,23 +443,15 @@ async def test_a_models_own_price_wins_over_its_providers_free_row(
     provider = f"mixed-{uuid.uuid4().hex[:8]}"
     connection = await asyncpg.connect(database_url)
     try:
-        await connection.execute(
-            """
-            INSERT INTO costs.prices (provider, model, usage_type, unit, per, unit_price_usd,
-                prompt_tokens_over, effective_from, source, checked_on)
-            VALUES ($1, 'paid', 'seconds', 'second', 1, 0.01, 0, '2025-01-01', 't', '2025-01-01'),
-                   ($1, '*', '*', 'any', 1, 0, 0, '2025-01-01', 't', '2025-01-01')
-            """,
+        await add_prices(
+            connection,
             provider,
+            ("paid", "seconds", "second", Decimal("0.01"), date(2025, 1, 1)),
+            ("*", "*", "any", Decimal(0), date(2025, 1, 1)),
         )
         with pytest.raises(asyncpg.CheckViolationError):
-            await connection.execute(
-                """
-                INSERT INTO costs.prices (provider, model, usage_type, unit, per,
-                    unit_price_usd, prompt_tokens_over, effective_from, source, checked_on)
-                VALUES ($1, '*', 'seconds', 's', 1, 0.5, 0, '2025-01-01', 't', '2025-01-01')
-                """,
-                provider,
+            await add_prices(
+                connection, provider, ("*", "seconds", "s", Decimal("0.5"), date(2025, 1, 1))
             )
     finally:
         await connection.close()

@@ -10,10 +10,8 @@ from dataclasses import dataclass, field
 import grpc
 
 from services.runtime.interceptors import ProfileInterceptor
-from services.runtime.interceptors.handlers import InterceptorChain
-from services.runtime.server import new_server
 from services.runtime.turns import cpu_turn
-from tests.conftest import as_profile
+from tests.conftest import as_profile, serving_test_service
 
 COSTLY = "/test.Service/Costly"
 SHARED = "/test.Service/Shared"
@@ -63,24 +61,14 @@ class SharedReply:
 @asynccontextmanager
 async def serving(sections: Sections, shared: SharedReply):
     interceptor = ProfileInterceptor()
-    server, handlers = new_server(InterceptorChain(interceptor))
-    handlers.add_registered_method_handlers(
-        "test.Service",
-        {
-            "Costly": grpc.unary_unary_rpc_method_handler(sections.costly),
-            "Shared": grpc.unary_stream_rpc_method_handler(
-                shared.stream, response_serializer=shared.encode
-            ),
-        },
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    try:
+    methods = {
+        "Costly": grpc.unary_unary_rpc_method_handler(sections.costly),
+        "Shared": grpc.unary_stream_rpc_method_handler(
+            shared.stream, response_serializer=shared.encode
+        ),
+    }
+    async with serving_test_service(interceptor, methods) as channel:
         yield channel, interceptor
-    finally:
-        await channel.close()
-        await server.stop(None)
 
 
 async def test_a_profiles_costly_sections_take_turns_while_another_profiles_run_beside():
