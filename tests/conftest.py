@@ -34,6 +34,7 @@ from publisher.v1 import publisher_pb2, publisher_pb2_grpc
 from bench.round_trips import via
 from services.costs.service import costs_definition
 from services.jobs.service import JOBS
+from services.publisher.fake_postiz import FakePostiz, Organization, api_root, serve_fake_postiz
 from services.publisher.service import publisher_definition
 from services.publisher.settings import PostizLimits, PublisherSettings
 from services.runtime.auth import mint_token
@@ -45,7 +46,6 @@ from services.runtime.interceptors.handlers import InterceptorChain, WrappingInt
 from services.runtime.logs import configure_logging
 from services.runtime.server import RunningService, ServiceDefinition, new_server, start_service
 from services.runtime.settings import Settings
-from tests.fake_postiz import FakePostiz, Organization, api_root, serve_fake_postiz
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -4,7 +4,7 @@ every other request with headers and a body sent one byte at a time, a byte ever
 request's total time does.
 
 Served on a loopback address of its own (127.0.0.2 by default), so that it is another host
-than the fake Postiz of tests/fake_postiz.py (127.0.0.1).
+than the fake Postiz of services/publisher/fake_postiz.py (127.0.0.1).
 """
 
 import asyncio
@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from tests.fake_postiz import PREFIX
+from services.publisher.fake_postiz import PREFIX
 
 _CONNECTED = b'{"connected":true}'
 _PROMISED_BYTES = 1_000_000

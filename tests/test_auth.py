@@ -22,6 +22,7 @@ from jobs.v1 import jobs_pb2, jobs_pb2_grpc
 from publisher.v1 import publisher_pb2, publisher_pb2_grpc
 
 from services.jobs.service import JOBS
+from services.publisher.fake_postiz import api_root
 from services.publisher.service import publisher_definition
 from services.runtime.auth import JwtAuthorizer, mint_token
 from services.runtime.call_context import Caller, profile_scope
@@ -39,7 +40,6 @@ from tests.conftest import (
     signed_in,
     token_for,
 )
-from tests.fake_postiz import api_root
 
 Code = grpc.StatusCode
 SECRET = TEST_JWT_SECRET

@@ -24,6 +24,7 @@ from jobs.v1 import jobs_pb2, jobs_pb2_grpc
 from publisher.v1 import publisher_pb2, publisher_pb2_grpc
 
 from services.jobs.service import JOBS
+from services.publisher.fake_postiz import FakePostiz, Organization, api_root, serve_fake_postiz
 from services.publisher.service import publisher_definition
 from tests.conftest import (
     TEST_TRUSTED_HOSTS,
@@ -35,7 +36,6 @@ from tests.conftest import (
     server_process,
     settings_for,
 )
-from tests.fake_postiz import FakePostiz, Organization, api_root, serve_fake_postiz
 from tests.publisher_requests import post_request
 
 Code = grpc.StatusCode

@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from jobs.v1 import jobs_pb2
 from publisher.v1 import publisher_pb2
 
+from services.publisher.fake_postiz import api_root
 from tests.conftest import as_profile, connect_profile, new_profile_id
-from tests.fake_postiz import api_root
 from tests.hostile import (
     CLIENT_LOST_THE_STATUS,
     DELIBERATE,

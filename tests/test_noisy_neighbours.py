@@ -36,13 +36,13 @@ from publisher.v1 import publisher_pb2, publisher_pb2_grpc
 from services.costs.service import costs_definition
 from services.jobs.service import JOBS, jobs_definition
 from services.jobs.watch import WatchLimits
+from services.publisher.fake_postiz import api_root, serve_fake_postiz
 from services.publisher.service import publisher_definition
 from services.publisher.settings import PostizLimits, PublisherSettings
 from services.runtime.fields import MAX_STRUCT_VALUES
 from services.runtime.interceptors.server import ACCESS_LOG_FAILURES
 from services.runtime.server import RunningService, settle_garbage_collector
 from tests.conftest import REPO, Metadata, as_profile, new_profile_id, running, settings_for
-from tests.fake_postiz import api_root, serve_fake_postiz
 from tests.noisy_attacker import UNIQUE
 from tests.slow_postiz import serve_slow_postiz
 

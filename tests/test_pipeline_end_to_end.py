@@ -27,6 +27,7 @@ from publisher.v1 import publisher_pb2, publisher_pb2_grpc
 from services.costs.service import costs_definition
 from services.jobs.leasing import LeasePolicy
 from services.jobs.service import jobs_definition
+from services.publisher.fake_postiz import FakePostiz, api_root, serve_fake_postiz
 from services.publisher.service import publisher_definition
 from tests.conftest import (
     REPO,
@@ -38,7 +39,6 @@ from tests.conftest import (
     signed_in,
     token_for,
 )
-from tests.fake_postiz import FakePostiz, api_root, serve_fake_postiz
 from tests.fake_providers import CountingServer, fake_providers
 
 KIND = "video_render_e2e"

@@ -5,8 +5,8 @@ import grpc
 import pytest
 from publisher.v1 import publisher_pb2
 
+from services.publisher.fake_postiz import api_root
 from tests.conftest import as_profile, connect_profile, new_profile_id
-from tests.fake_postiz import api_root
 
 Code = grpc.StatusCode
 

@@ -12,6 +12,7 @@ import pytest
 from publisher.v1 import publisher_pb2, publisher_pb2_grpc
 
 from services.publisher.egress import AddressRefused, EgressPolicy
+from services.publisher.fake_postiz import PREFIX, api_root
 from services.publisher.model import PostizAccount
 from services.publisher.postiz import PostizClient
 from services.publisher.service import publisher_definition
@@ -24,7 +25,6 @@ from tests.conftest import (
     running,
     settings_for,
 )
-from tests.fake_postiz import PREFIX, api_root
 from tests.publisher_requests import expect_status
 from tests.test_publisher_publish_job import completed_job, publish_request
 

@@ -17,6 +17,7 @@ import grpc
 import pytest
 from publisher.v1 import publisher_pb2, publisher_pb2_grpc
 
+from services.publisher.fake_postiz import FakePostiz, Organization, api_root
 from services.publisher.reencryption import reencrypt
 from services.publisher.service import publisher_definition
 from services.publisher.settings import PublisherSettings
@@ -30,7 +31,6 @@ from tests.conftest import (
     running,
     settings_for,
 )
-from tests.fake_postiz import FakePostiz, Organization, api_root
 from tests.test_suitectl import suitectl
 
 K1, K2 = secrets.token_bytes(32), secrets.token_bytes(32)

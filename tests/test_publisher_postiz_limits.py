@@ -12,6 +12,7 @@ import pytest
 from publisher.v1 import publisher_pb2, publisher_pb2_grpc
 from starlette.responses import Response
 
+from services.publisher.fake_postiz import FakePostiz, dribbling, serve_fake_postiz, streamed
 from services.publisher.service import publisher_definition
 from tests.conftest import (
     TEST_POSTIZ_LIMITS,
@@ -21,7 +22,6 @@ from tests.conftest import (
     running,
     settings_for,
 )
-from tests.fake_postiz import FakePostiz, dribbling, serve_fake_postiz, streamed
 from tests.publisher_requests import expect_status, post_request
 
 Code = grpc.StatusCode

@@ -11,8 +11,8 @@ import pytest
 from jobs.v1 import jobs_pb2
 from publisher.v1 import publisher_pb2
 
+from services.publisher.fake_postiz import api_root
 from tests.conftest import as_profile, new_profile_id, record_tts, signed_in, token_for
-from tests.fake_postiz import api_root
 
 SUITECTL = Path(sys.executable).parent / "suitectl"
 

@@ -4,6 +4,7 @@ installed), and scratch databases made on a server for one run and dropped after
 
 import logging
 import secrets
+import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -30,12 +31,17 @@ def start_embedded_postgres(data_dir: Path = DEFAULT_DATA_DIR) -> str:
 
     The server stops when the last process that started it exits.
     """
-    import pgserver  # a development dependency: production always sets DATABASE_URL
+    # pgserver keeps its lock under the user's runtime folder, which platformdirs finds in
+    # XDG_RUNTIME_DIR and otherwise warns it does not (as root in a container, say) before
+    # falling back to /tmp: nothing a newcomer can act on, so not shown.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+        import pgserver  # a development dependency: production always sets DATABASE_URL
 
-    # pgserver narrates every pg_ctl call, even from atexit after logging has shut down.
-    logging.getLogger("pgserver").setLevel(logging.WARNING)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(data_dir.resolve(), cleanup_mode="stop")
+        # pgserver narrates every pg_ctl call, even from atexit after logging has shut down.
+        logging.getLogger("pgserver").setLevel(logging.WARNING)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        server = pgserver.get_server(data_dir.resolve(), cleanup_mode="stop")
     return server.get_uri()
 
 

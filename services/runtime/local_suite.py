@@ -1,11 +1,14 @@
 """`make run`: every service of the suite on this machine, each as its own process.
 
-Uses DATABASE_URL when set, otherwise an embedded PostgreSQL under `.data/`. Stops all
-services on Ctrl-C or SIGTERM.
+Uses DATABASE_URL when set, otherwise an embedded PostgreSQL under `.data/`. Starts a fake
+Postiz on 127.0.0.1 (FAKE_POSTIZ_PORT, 50060; `off`: none) for trying the Publisher, with one
+organization whose API key is kept in `.data/fake-postiz-key`. Stops all services on Ctrl-C
+or SIGTERM.
 """
 
 import asyncio
 import base64
+import contextlib
 import os
 import secrets
 import signal
@@ -16,6 +19,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.publisher.fake_postiz import PREFIX, serve_fake_postiz
 from services.runtime.embedded_postgres import LOCAL_DATABASE_URL_FILE, start_embedded_postgres
 from services.runtime.logs import configure_logging
 
@@ -29,6 +33,10 @@ SERVICES = [
 ]
 DEV_KEY_FILE = Path(".data/publisher-dev-key")
 DEV_PAGE_TOKEN_KEY_FILE = Path(".data/page-token-key")
+FAKE_POSTIZ_KEY_FILE = Path(".data/fake-postiz-key")
+FAKE_POSTIZ_PORT = 50060
+# What the fake Postiz serves as a finished video at /files/sample.mp4: an MP4's first box.
+SAMPLE_VIDEO = b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom" + bytes(1000)
 # Locally a Postiz (or a fake of it) may run on this machine: the Publisher may call these
 # hosts over http and on loopback. Deployments leave POSTIZ_TRUSTED_HOSTS unset.
 LOCAL_TRUSTED_HOSTS = "127.0.0.1,localhost,::1"
@@ -50,6 +58,7 @@ The suite is up. Try it with grpcurl (installed in .venv/bin):
   .venv/bin/suitectl jobs list --profile store-1
   .venv/bin/suitectl costs month --profile store-1
 
+{fake_postiz}
 Metrics: http://localhost:9091/metrics (Jobs), :9092 (Costs), :9093 (Publisher)
 Database: {database}
 Postiz: {postiz}
@@ -90,8 +99,37 @@ def _new_encryption_keys() -> str:
     return "dev:" + base64.b64encode(os.urandom(32)).decode()
 
 
+FAKE_POSTIZ_EXAMPLE = """A fake Postiz for trying the Publisher: {api}
+(its API key is in .data/fake-postiz-key):
+  .venv/bin/grpcurl -plaintext -H 'x-profile-id: store-1' \\
+      -d "{{\\"base_url\\": \\"{api}\\", \\"api_key\\": \\"$(cat .data/fake-postiz-key)\\"}}" \\
+      localhost:50053 publisher.v1.PublisherService/SetPostizCredentials
+  (then the README's Publisher walkthrough; a video to publish: {video})
+"""
+
+
+def _fake_postiz_port() -> int | None:
+    value = os.environ.get("FAKE_POSTIZ_PORT", str(FAKE_POSTIZ_PORT))
+    return None if value in ("", "off") else int(value)
+
+
 async def main() -> int:
     configure_logging()
+    async with contextlib.AsyncExitStack() as stack:
+        port = _fake_postiz_port()
+        fake_postiz = "No fake Postiz (FAKE_POSTIZ_PORT=off)."
+        if port is not None:
+            fake = await stack.enter_async_context(serve_fake_postiz(port))
+            key = _development_secret(FAKE_POSTIZ_KEY_FILE, lambda: secrets.token_hex(32))
+            fake.add_organization(api_key=key)
+            fake.files["sample.mp4"] = SAMPLE_VIDEO
+            fake_postiz = FAKE_POSTIZ_EXAMPLE.format(
+                api=fake.base_url + PREFIX, video=f"{fake.base_url}/files/sample.mp4"
+            )
+        return await _serve(fake_postiz)
+
+
+async def _serve(fake_postiz: str) -> int:
     database_url = os.environ.get("DATABASE_URL")
     if not database_url:
         database_url = start_embedded_postgres()
@@ -133,7 +171,10 @@ async def main() -> int:
             else "the Publisher calls https on public addresses only"
         )
         auth = os.environ.get("AUTH_MODE", "none")
-        print(GRPCURL_EXAMPLE.format(database=shown, postiz=postiz, auth=auth), flush=True)
+        banner = GRPCURL_EXAMPLE.format(
+            database=shown, postiz=postiz, auth=auth, fake_postiz=fake_postiz
+        )
+        print(banner, flush=True)
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait([stopped, *exited], return_when=asyncio.FIRST_COMPLETED)
     finally:

@@ -1,13 +1,14 @@
-"""A fake Postiz public API over real HTTP on loopback, faithful to what the Publisher relies
-on: the `Authorization: <key>` header (no "Bearer"), one organization per key, status codes and
-body shapes (`{msg}` from handlers, `{statusCode, message: [...]}` from validation), the
-POST /posts rate limit with `X-RateLimit-*` and `Retry-After`, `DELETE /posts/:id` answering
-`{error: true}` when it worked, multipart uploads, a "now" post dated by Postiz's own clock to
-the minute, and switches that make POST /posts hang, answer slowly, or fail half-way after it
-has stored posts. A hostile or broken Postiz is played by answering a request with any
-response (`answer_once_with`: a dribbled, huge or HTML answer) or by holding every request of
-an organization until released (`stall`). (GET /posts here also lists each post's `image`,
-which Postiz leaves out.)
+"""A fake Postiz public API over real HTTP on loopback, for the tests and for trying the
+Publisher locally (`make run` starts one: services/runtime/local_suite.py), faithful to what
+the Publisher relies on: the `Authorization: <key>` header (no "Bearer"), one organization per
+key, status codes and body shapes (`{msg}` from handlers, `{statusCode, message: [...]}` from
+validation), the POST /posts rate limit with `X-RateLimit-*` and `Retry-After`, `DELETE
+/posts/:id` answering `{error: true}` when it worked, multipart uploads, a "now" post dated by
+Postiz's own clock to the minute, and switches that make POST /posts hang, answer slowly, or
+fail half-way after it has stored posts. A hostile or broken Postiz is played by answering a
+request with any response (`answer_once_with`: a dribbled, huge or HTML answer) or by holding
+every request of an organization until released (`stall`). (GET /posts here also lists each
+post's `image`, which Postiz leaves out.)
 
 Every request is recorded with the key it carried, so tests can prove which key was used.
 """
@@ -118,8 +119,10 @@ class FakePostiz:
 
     # Test controls
 
-    def add_organization(self, posts_per_hour: int = 30, integrations: int = 2) -> Organization:
-        api_key = uuid.uuid4().hex + uuid.uuid4().hex
+    def add_organization(
+        self, posts_per_hour: int = 30, integrations: int = 2, api_key: str = ""
+    ) -> Organization:
+        api_key = api_key or uuid.uuid4().hex + uuid.uuid4().hex
         organization = Organization(
             api_key=api_key,
             posts_per_hour=posts_per_hour,
@@ -461,11 +464,12 @@ def _store_post(
 
 
 @asynccontextmanager
-async def serve_fake_postiz() -> AsyncIterator[FakePostiz]:
-    """The fake on an ephemeral loopback port until the block ends."""
+async def serve_fake_postiz(port: int = 0) -> AsyncIterator[FakePostiz]:
+    """The fake on a loopback port (0: an ephemeral one) until the block ends."""
     fake = FakePostiz()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
     sock.listen(128)  # connections queue here until uvicorn accepts them
     port = sock.getsockname()[1]
     fake.base_url = f"http://127.0.0.1:{port}"
