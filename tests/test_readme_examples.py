@@ -1,0 +1,105 @@
+"""The README's runnable examples, run as written: the grpcurl tour of Jobs and the
+Publisher's walkthrough against the fake Postiz, each a shell block pasted into bash.
+
+The services run as `make run` starts them, on ports of the test's own: the blocks' ports,
+the fake Postiz's address, its key file and the profile (a fresh one) are the only things
+replaced. A block that fails (a renamed field, a changed reply) fails the test with its
+output.
+"""
+
+import asyncio
+import os
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from services.publisher.fake_postiz import serve_fake_postiz
+from services.runtime.local_suite import SAMPLE_VIDEO
+from services.runtime.server import RunningService
+from tests.conftest import REPO, new_profile_id
+
+README = REPO / "README.md"
+
+
+def shell_blocks(after: str, count: int) -> list[str]:
+    """The first `count` ```sh blocks of the README after the line `after` starts."""
+    text = README.read_text()
+    start = text.index(after)
+    return re.findall(r"```sh\n(.*?)```", text[start:], re.DOTALL)[:count]
+
+
+async def run_blocks(blocks: list[str], replacements: dict[str, str]) -> str:
+    """The blocks run one after the other in one bash, from the repository's root."""
+    script = "\n".join(blocks)
+    for old, new in replacements.items():
+        script = script.replace(old, new)
+    process = await asyncio.create_subprocess_exec(
+        "bash",
+        "-euo",
+        "pipefail",
+        "-c",
+        script,
+        cwd=REPO,
+        env=os.environ | {"PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}"},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode == 0, output.decode()[-4000:]
+    return output.decode()
+
+
+def ports(jobs: RunningService, costs: RunningService, publisher: RunningService) -> dict[str, str]:
+    return {
+        "localhost:50051": f"127.0.0.1:{jobs.port}",
+        "localhost:50052": f"127.0.0.1:{costs.port}",
+        "localhost:50053": f"127.0.0.1:{publisher.port}",
+    }
+
+
+async def test_the_grpcurl_tour_of_jobs_runs_as_written(
+    jobs_service, costs_service, publisher_service
+):
+    profile_id = new_profile_id()
+    (tour,) = shell_blocks("## Trying it with grpcurl", 1)
+    output = await run_blocks(
+        [tour],
+        ports(jobs_service, costs_service, publisher_service) | {"store-1": profile_id},
+    )
+    assert f'"profile_id": "{profile_id}"' in output
+    assert '"progress": 40' in output
+    assert output.count('"status": "COMPLETED"') >= 2  # the update's reply, and the watch
+    assert '"status": "SERVING"' in output
+
+
+@pytest.fixture
+async def local_fake_postiz(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
+    """A fake Postiz as `make run` starts it: its base URL, and the file holding its key."""
+    async with serve_fake_postiz() as fake:
+        organization = fake.add_organization()
+        fake.files["sample.mp4"] = SAMPLE_VIDEO
+        key_file = tmp_path / "fake-postiz-key"
+        key_file.write_text(organization.api_key + "\n")
+        yield fake.base_url, key_file
+
+
+async def test_the_publishers_walkthrough_runs_as_written(
+    jobs_service, costs_service, publisher_service, local_fake_postiz
+):
+    base_url, key_file = local_fake_postiz
+    profile_id = new_profile_id()
+    blocks = shell_blocks("**Try it locally.**", 2)
+    output = await run_blocks(
+        blocks,
+        ports(jobs_service, costs_service, publisher_service)
+        | {
+            "store-1": profile_id,
+            "http://127.0.0.1:50060": base_url,
+            ".data/fake-postiz-key": str(key_file),
+        },
+    )
+    assert '"api_key_fingerprint": "sha256:' in output
+    assert '"state": "PUBLICATION_STATE_ACCEPTED"' in output
+    assert '"publication": {' in output  # written back into the job's result
