@@ -1,5 +1,6 @@
-"""The README's runnable examples, run as written: the grpcurl tour of Jobs and the
-Publisher's walkthrough against the fake Postiz, each a shell block pasted into bash.
+"""The README's runnable examples, run as written: the grpcurl tour of Jobs, a worker's
+lease, the Costs calls and the Publisher's walkthrough against the fake Postiz, each a shell
+block pasted into bash.
 
 The services run as `make run` starts them, on ports of the test's own: the blocks' ports,
 the fake Postiz's address, its key file and the profile (a fresh one) are the only things
@@ -10,6 +11,7 @@ output.
 import asyncio
 import os
 import re
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -72,6 +74,31 @@ async def test_the_grpcurl_tour_of_jobs_runs_as_written(
     assert '"progress": 40' in output
     assert output.count('"status": "COMPLETED"') >= 2  # the update's reply, and the watch
     assert '"status": "SERVING"' in output
+
+
+async def test_a_workers_lease_runs_as_written(jobs_service, costs_service, publisher_service):
+    """Its kind is made the test's own: leasing takes pending jobs of every profile."""
+    profile_id, kind = new_profile_id(), f"readme-{uuid.uuid4().hex[:12]}"
+    (lease,) = shell_blocks("A worker's side, as pasted", 1)
+    output = await run_blocks(
+        [lease],
+        ports(jobs_service, costs_service, publisher_service)
+        | {"store-1": profile_id, "video_render": kind},
+    )
+    assert '"progress": 50' in output
+    assert '"worker": "render-1"' in output  # the attempt the lease made, ended
+    assert '"outcome": "COMPLETED"' in output
+    assert '"video_url": "https://cdn.example/v.mp4"' in output
+
+
+async def test_the_costs_calls_run_as_written(jobs_service, costs_service, publisher_service):
+    profile_id = new_profile_id()
+    (costs,) = shell_blocks("As pasted (the summary covers this calendar month", 1)
+    output = await run_blocks(
+        [costs], ports(jobs_service, costs_service, publisher_service) | {"store-1": profile_id}
+    )
+    assert '"voice_id": "21m00Tcm4TlvDq8ikWAM"' in output  # the summary's row by voice
+    assert '"allowed": true' in output
 
 
 @pytest.fixture
