@@ -1,8 +1,10 @@
 -- Finished jobs past the deployment's retention (JOBS_RETENTION_DAYS), deleted in batches by
 -- a sweep every replica runs (services/jobs/retention.py).
 
--- The sweep walks the oldest finished jobs first, across profiles.
-CREATE INDEX jobs_finished ON jobs.jobs (update_time)
+-- The sweep walks the oldest finished jobs first, across profiles. IF NOT EXISTS: on a large
+-- table an operator may build it CONCURRENTLY by hand first, rather than hold writes while
+-- this migration builds it.
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs.jobs (update_time)
     WHERE status IN ('COMPLETED', 'FAILED', 'CANCELLED');
 
 -- What the sweep may see across profiles: finished jobs, and only inside
