@@ -52,12 +52,13 @@ migrate: $(VENV)/.installed
 	$(BIN)/python -m services.costs migrate
 
 # uv installs in seconds what pip takes a minute for (the same versions); pip is the way back
-# wherever uv cannot be had or cannot reach the index.
+# wherever uv cannot be had or cannot reach the index, and then says why (getting uv is quiet:
+# pip warns of every index folder a machine's pip.conf names and lacks).
 UV_INSTALL := $(BIN)/uv pip install --quiet --native-tls --python $(BIN)/python
 
 $(VENV)/.deps: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	($(BIN)/pip install --quiet uv && $(UV_INSTALL) -e '.[dev]') \
+	($(BIN)/pip install --quiet uv 2>/dev/null && $(UV_INSTALL) -e '.[dev]') \
 		|| $(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
