@@ -466,10 +466,14 @@ def _store_post(
 @asynccontextmanager
 async def serve_fake_postiz(port: int = 0) -> AsyncIterator[FakePostiz]:
     """The fake on a loopback port (0: an ephemeral one) until the block ends."""
-    fake = FakePostiz()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        sock.close()
+        raise
+    fake = FakePostiz()
     sock.listen(128)  # connections queue here until uvicorn accepts them
     port = sock.getsockname()[1]
     fake.base_url = f"http://127.0.0.1:{port}"

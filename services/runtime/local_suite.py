@@ -119,7 +119,13 @@ async def main() -> int:
         port = _fake_postiz_port()
         fake_postiz = "No fake Postiz (FAKE_POSTIZ_PORT=off)."
         if port is not None:
-            fake = await stack.enter_async_context(serve_fake_postiz(port))
+            try:
+                fake = await stack.enter_async_context(serve_fake_postiz(port))
+            except OSError as error:  # the port is taken: the suite runs without the fake
+                return await _serve(
+                    f"No fake Postiz: port {port} is taken ({error.strerror}); "
+                    "FAKE_POSTIZ_PORT picks another."
+                )
             key = _development_secret(FAKE_POSTIZ_KEY_FILE, lambda: secrets.token_hex(32))
             fake.add_organization(api_key=key)
             fake.files["sample.mp4"] = SAMPLE_VIDEO
