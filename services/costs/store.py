@@ -241,7 +241,8 @@ class CostStore:
             except asyncpg.PostgresError as error:
                 if error.sqlstate != CATALOG_CHANGED:
                     raise
-                self._catalog = None
+                if self._catalog is catalog:  # not one a concurrent call read since
+                    self._catalog = None
         else:
             raise Unavailable("the price catalog is being changed; retry shortly")
         crossings = sorted(
