@@ -375,6 +375,10 @@ def _profile_id(value: str) -> str:
         raise argparse.ArgumentTypeError(f"a profile id is {PROFILE_ID_RULE}") from None
 
 
+def _profile_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--profile", required=True, type=_profile_id, help="profile id")
+
+
 def _service_name(value: str) -> str:
     if value not in SERVICE_BY_NAME:
         raise argparse.ArgumentTypeError(f"one of {', '.join(SERVICE_BY_NAME)}")
@@ -464,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  pass show postiz/store-1 | suitectl postiz set-credentials \\\n"
         "      --profile store-1 --base-url https://api.postiz.com/public/v1",
     )
-    credentials.add_argument("--profile", required=True, type=_profile_id, help="profile id")
+    _profile_option(credentials)
     credentials.add_argument(
         "--base-url",
         required=True,
@@ -478,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="The Postiz base URL a profile uses, its API key's fingerprint and when "
         "Postiz last accepted it; the key itself is never shown.",
     )
-    shown.add_argument("--profile", required=True, type=_profile_id, help="profile id")
+    _profile_option(shown)
     shown.add_argument("--json", action="store_true", help="as one JSON object")
     shown.set_defaults(run=_postiz_get_credentials)
     deleted = _command(
@@ -487,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="delete a profile's Postiz credentials",
         description="Delete the profile's stored Postiz URL and key; its posts stay.",
     )
-    deleted.add_argument("--profile", required=True, type=_profile_id, help="profile id")
+    _profile_option(deleted)
     deleted.set_defaults(run=_postiz_delete_credentials)
     reencrypt = _command(
         postiz_commands,
@@ -514,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="list a profile's jobs, newest first",
         description="List a profile's jobs, newest first: id, status, progress, last change, kind.",
     )
-    listing.add_argument("--profile", required=True, type=_profile_id, help="profile id")
+    _profile_option(listing)
     listing.add_argument(
         "--status",
         action="append",
@@ -563,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Total and rows by provider and model for one UTC calendar month; usage "
         "the price catalog had no price for is listed apart as unpriced.",
     )
-    month.add_argument("--profile", required=True, type=_profile_id, help="profile id")
+    _profile_option(month)
     month.add_argument("--month", type=_month, metavar="YYYY-MM", help="the month (none: this one)")
     month.add_argument(
         "--by-voice", action="store_true", help="rows by ElevenLabs voice (voice_id) too"
