@@ -1,8 +1,9 @@
-"""`python -m bench.instructions [--calls N] [--services-from PATH]`: server instructions per
-call of each hot call, counted by valgrind's callgrind: a figure that does not move with the
-machine's speed or load, unlike microseconds.
+"""`python -m bench.instructions [--calls N] [--services-from PATH] [--noop-only]`: server
+instructions per call of each hot call, counted by valgrind's callgrind: a figure that does
+not move with the machine's speed or load, unlike microseconds.
 
-Jobs, Costs and the no-op gRPC servers (without and with the interceptor) run under callgrind,
+Jobs, Costs and the no-op gRPC servers (without and with the interceptor; behind it, a call
+refused past its profile's call rate, untraced and traced) run under callgrind,
 each a process of its own. For each call, after a warm-up, the server's counters are zeroed,
 N calls made and the counters dumped, then again for 2N calls: (I(2N) - I(N)) / N is what one
 call costs, whatever a window costs besides (the dump itself, timers). Every thread of the
@@ -108,7 +109,9 @@ async def _traced(
         await process.wait()
 
 
-async def measure(database_url: str, calls: int, services_from: Path) -> list[Figure]:
+async def measure(
+    database_url: str, calls: int, services_from: Path, noop_only: bool = False
+) -> list[Figure]:
     common = {
         "DATABASE_URL": database_url,
         "GRPC_HOST": "127.0.0.1",
@@ -121,7 +124,8 @@ async def measure(database_url: str, calls: int, services_from: Path) -> list[Fi
     figures = []
     async with AsyncExitStack() as stack:
         servers = {}
-        for name, module in (("jobs", "services.jobs"), ("costs", "services.costs")):
+        services = () if noop_only else (("jobs", "services.jobs"), ("costs", "services.costs"))
+        for name, module in services:
             env = common | {"GRPC_PORT": str(free_port())}
             if name == "costs":
                 spool = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "spool.jsonl"
@@ -129,9 +133,7 @@ async def measure(database_url: str, calls: int, services_from: Path) -> list[Fi
             servers[name] = await stack.enter_async_context(
                 _traced(stack, name, ["-m", module], env, services_from)
             )
-        await serving(servers["jobs"][1], STARTUP_SECONDS)
-        await serving(servers["costs"][1], STARTUP_SECONDS)
-        for hot in await hot_calls(servers["jobs"][1], servers["costs"][1]):
+        for hot in [] if noop_only else await _hot_calls(servers):
             if hot.prepare is not None:
                 await hot.prepare(WARM_UP + 3 * calls)
             traced = servers[hot.service][0]
@@ -140,6 +142,7 @@ async def measure(database_url: str, calls: int, services_from: Path) -> list[Fi
             ("no-op gRPC", []),
             ("no-op gRPC + interceptor", ["--interceptor"]),
             ("no-op refused (call rate)", ["--interceptor", "--refuse"]),
+            ("no-op refused, traced", ["--interceptor", "--refuse", "--traced"]),
         ):
             port = str(free_port())
             arguments = ["-m", "bench.noop_server", port, *flags]
@@ -162,12 +165,18 @@ async def measure(database_url: str, calls: int, services_from: Path) -> list[Fi
     return figures
 
 
-async def _run(calls: int, services_from: Path) -> list[Figure]:
+async def _hot_calls(servers: dict) -> list:
+    await serving(servers["jobs"][1], STARTUP_SECONDS)
+    await serving(servers["costs"][1], STARTUP_SECONDS)
+    return await hot_calls(servers["jobs"][1], servers["costs"][1])
+
+
+async def _run(calls: int, services_from: Path, noop_only: bool) -> list[Figure]:
     admin_url = os.environ.get("DATABASE_URL") or start_embedded_postgres(
         REPO / ".data/bench-postgres"
     )
     async with scratch_database(admin_url, "instructions") as url:
-        return await measure(url, calls, services_from)
+        return await measure(url, calls, services_from, noop_only)
 
 
 def main(argv: list[str]) -> int:
@@ -179,8 +188,13 @@ def main(argv: list[str]) -> int:
         default=REPO,
         help="the checkout whose services run (default: this one)",
     )
+    parser.add_argument(
+        "--noop-only",
+        action="store_true",
+        help="only the no-op rows (the interceptor's own cost, served, refused, traced)",
+    )
     args = parser.parse_args(argv)
-    figures = uvloop.run(_run(args.calls, args.services_from.resolve()))
+    figures = uvloop.run(_run(args.calls, args.services_from.resolve(), args.noop_only))
     print(f"{'operation':<28} {'server instructions/call':>24}")
     for figure in figures:
         print(f"{figure.operation:<28} {figure.instructions_per_call:>24,.0f}")
