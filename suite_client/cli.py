@@ -9,7 +9,7 @@ import getpass
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -114,12 +114,14 @@ def _token(args: argparse.Namespace) -> str | None:
     return os.environ.get("SUITECTL_TOKEN") or None
 
 
-def _channel(args: argparse.Namespace, service: ServiceTarget) -> grpc.aio.Channel:
+def _channel(
+    args: argparse.Namespace, service: ServiceTarget, deadline_seconds: float | None = None
+) -> grpc.aio.Channel:
     return suite_client.suite_channel(
         getattr(args, f"{service.name}_target"),
         service.grpc_service,
         tls=args.tls,
-        deadline_seconds=args.timeout,
+        deadline_seconds=deadline_seconds or args.timeout,
     )
 
 
@@ -368,6 +370,112 @@ async def _costs_month(args: argparse.Namespace) -> None:
     )
 
 
+# ExportProfile's messages: (the field of each, the kind of record it holds).
+_EXPORTED = {
+    "jobs": [("jobs", "job")],
+    "costs": [("budgets", "budget"), ("entries", "cost_entry")],
+    "publisher": [("credentials", "postiz_credentials"), ("publications", "publication")],
+}
+
+
+def _stub(channel: grpc.aio.Channel, service: str) -> Any:
+    stubs = {
+        "jobs": suite_client.JobServiceStub,
+        "costs": suite_client.CostServiceStub,
+        "publisher": suite_client.PublisherServiceStub,
+    }
+    return stubs[service](channel)
+
+
+_MESSAGES = {"jobs": jobs_pb2, "costs": costs_pb2, "publisher": publisher_pb2}
+
+
+def _exported_records(service: str, page: Message) -> Iterator[tuple[str, Message]]:
+    """(kind, record) of each record an ExportProfile message holds."""
+    for field, kind in _EXPORTED[service]:
+        value = getattr(page, field)
+        if not isinstance(value, Message):  # a repeated field
+            yield from ((kind, record) for record in value)
+        elif page.HasField(field):
+            yield kind, value
+
+
+async def _profile_export(args: argparse.Namespace) -> None:
+    """One JSON object a line: {"service", "kind", "record"}, the record as grpcurl shows it."""
+    # A command-line tool with nothing else to do meanwhile: blocking writes are fine.
+    output = open(args.output, "x") if args.output else sys.stdout  # noqa: ASYNC230, SIM115
+    counts: dict[str, int] = {}
+    try:
+        for service in SERVICES:
+            request = _MESSAGES[service.name].ExportProfileRequest()
+            async with _channel(args, service, args.deadline) as channel:
+                with _acting_for(args.profile_id):
+                    async for page in _stub(channel, service.name).ExportProfile(request):
+                        for kind, record in _exported_records(service.name, page):
+                            line = {"service": service.name, "kind": kind}
+                            output.write(json.dumps(line | {"record": as_json(record)}) + "\n")
+                            counts[kind] = counts.get(kind, 0) + 1
+    finally:
+        if output is not sys.stdout:
+            output.close()
+    summary = ", ".join(f"{count} {kind}" for kind, count in counts.items()) or "nothing"
+    print(f"suitectl: profile {args.profile_id}: exported {summary}", file=sys.stderr)
+
+
+# What each service's DeleteProfile counts: (its reply's field, what the field counts).
+# Deleting goes in this order: the Publisher first, so that nothing more is published.
+_DELETED = {
+    "publisher": [("credentials", "Postiz credentials"), ("publications", "publications")],
+    "jobs": [("jobs", "jobs")],
+    "costs": [("budgets", "budgets"), ("cost_entries_kept", "cost lines (kept)")],
+}
+
+
+async def _profile_counts(
+    args: argparse.Namespace, validate_only: bool
+) -> list[tuple[str, str, int]]:
+    """(service, what, count) from every service's DeleteProfile, each called until it says
+    it is done."""
+    rows: list[tuple[str, str, int]] = []
+    with _acting_for(args.profile_id):
+        for name, fields in _DELETED.items():
+            request = _MESSAGES[name].DeleteProfileRequest(validate_only=validate_only)
+            async with _channel(args, SERVICE_BY_NAME[name]) as channel:
+                stub = _stub(channel, name)
+                totals = {field: 0 for field, _ in fields}
+                while True:
+                    reply = await stub.DeleteProfile(request)
+                    for field in totals:
+                        totals[field] += getattr(reply, field)
+                    if reply.done:
+                        break
+            rows += [(name, what, totals[field]) for field, what in fields]
+    return rows
+
+
+def _confirmed(args: argparse.Namespace) -> bool:
+    """--yes, or the profile id typed back at a terminal."""
+    if args.yes:
+        return True
+    if not sys.stdin.isatty():
+        raise CommandFailed("nothing deleted: add --yes to delete without being asked")
+    answer = input(f"Type the profile id ({args.profile_id}) to delete its data: ")
+    return answer.strip() == args.profile_id
+
+
+async def _profile_delete(args: argparse.Namespace) -> None:
+    header = ["SERVICE", "WHAT", "COUNT"]
+    print(f"profile {args.profile_id} holds:")
+    print_table(header, await _profile_counts(args, validate_only=True))
+    if args.dry_run:
+        return
+    if not _confirmed(args):
+        raise CommandFailed("nothing deleted: the id typed was not the profile's")
+    deleted = await _profile_counts(args, validate_only=False)
+    print(f"profile {args.profile_id}: deleted")
+    print_table(header, deleted)
+
+
 def _profile_id(value: str) -> str:
     try:
         return validate_profile_id(value)
@@ -424,7 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--token-file",
         metavar="PATH",
         help="a file holding the bearer token to call with (AUTH_MODE=jwt): a profile's, or "
-        "one with scope operator for `jobs stats` and `jobs leases`; else $SUITECTL_TOKEN",
+        "one with scope operator for `jobs stats`, `jobs leases` and `profile`; else "
+        "$SUITECTL_TOKEN",
     )
     parser.add_argument(
         "--timeout", type=float, default=30.0, metavar="SECONDS", help="deadline of each call"
@@ -574,6 +683,53 @@ def build_parser() -> argparse.ArgumentParser:
     )
     month.add_argument("--json", action="store_true", help="the summary as one JSON object")
     month.set_defaults(run=_costs_month)
+
+    profile = _command(
+        commands, "profile", help="a profile's whole data: export, delete (operator scope)"
+    )
+    profile_commands = profile.add_subparsers(
+        dest="profile_command", required=True, metavar="ACTION"
+    )
+    export = _command(
+        profile_commands,
+        "export",
+        lines_kept=True,
+        help="write everything the suite holds for a profile, as JSON lines",
+        description="Everything the three services hold for one profile, through their\n"
+        "ExportProfile calls: its jobs, cost lines, budgets, publications and the Postiz\n"
+        "credentials' fingerprint (never the key), one JSON object a line:\n"
+        '  {"service": "jobs", "kind": "job", "record": {...}}\n'
+        "each record as grpcurl prints it. Needs a token with scope operator (AUTH_MODE=jwt);\n"
+        "each service logs who exported which profile.",
+        epilog="example:\n  suitectl profile export store-1 --output store-1.jsonl",
+    )
+    export.add_argument("profile_id", type=_profile_id, metavar="PROFILE", help="profile id")
+    export.add_argument("--output", metavar="PATH", help="a new file to write (none: stdout)")
+    export.add_argument(
+        "--deadline",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="the most each service's export may take",
+    )
+    export.set_defaults(run=_profile_export)
+    delete = _command(
+        profile_commands,
+        "delete",
+        lines_kept=True,
+        help="delete a profile's data across the suite (operator scope)",
+        description="Show what the suite holds for a profile, then, once confirmed (the\n"
+        "profile id typed back, or --yes), delete its Postiz credentials and publications,\n"
+        "its jobs and its budgets. Its cost lines are kept, for accounting: they hold what\n"
+        "was used and what it cost. Posts already on the social networks stay there.\n"
+        "Safe to run again after a failure. Needs a token with scope operator\n"
+        "(AUTH_MODE=jwt); each service logs who deleted what.",
+        epilog="example:\n  suitectl profile delete store-1 --dry-run",
+    )
+    delete.add_argument("profile_id", type=_profile_id, metavar="PROFILE", help="profile id")
+    delete.add_argument("--dry-run", action="store_true", help="show, delete nothing")
+    delete.add_argument("--yes", action="store_true", help="delete without asking")
+    delete.set_defaults(run=_profile_delete)
     return parser
 
 

@@ -50,7 +50,7 @@ def targets(jobs_service, costs_service, publisher_service) -> list[str]:
 async def test_help_names_every_command():
     outcome = await suitectl("--help")
     assert outcome.exit_code == 0
-    for command in ("migrate", "health", "postiz", "jobs", "costs"):
+    for command in ("migrate", "health", "postiz", "jobs", "costs", "profile"):
         assert command in outcome.stdout
 
 

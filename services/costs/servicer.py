@@ -46,6 +46,7 @@ from services.runtime.fields import (
     timestamp_message,
     without_controls,
 )
+from services.runtime.lifecycle import EXPORT_PAGE_ROWS, log_deleted
 from services.runtime.page_tokens import decode_page_token, page_size
 from services.runtime.paging import encoded_page
 
@@ -486,4 +487,35 @@ class CostServicer(costs_pb2_grpc.CostServiceServicer):
         )
         return costs_pb2.CheckBudgetResponse(
             allowed=not refusing, budgets=[budget_message(s) for s in statuses], reason=reason
+        )
+
+    async def ExportProfile(
+        self, request: costs_pb2.ExportProfileRequest, context: ServicerContext
+    ) -> AsyncIterator[costs_pb2.ExportProfileResponse]:
+        profile_id = require_profile_id()
+        statuses = await self._store.budget_statuses(profile_id)
+        budgets = [budget_message(status) for status in statuses]
+        after = None
+        while True:
+            entries = await self._store.list_entries(
+                profile_id, EntryFilter(), EXPORT_PAGE_ROWS + 1, after
+            )
+            page = entries[:EXPORT_PAGE_ROWS]
+            yield costs_pb2.ExportProfileResponse(
+                entries=[entry_message(entry) for entry in page], budgets=budgets
+            )
+            if len(entries) <= EXPORT_PAGE_ROWS:
+                return
+            budgets, after = [], (page[-1].occurred_at, page[-1].entry_id)
+
+    async def DeleteProfile(
+        self, request: costs_pb2.DeleteProfileRequest, context: ServicerContext
+    ) -> costs_pb2.DeleteProfileResponse:
+        profile_id = require_profile_id()
+        budgets, entries = await self._store.count_for_deletion(profile_id)
+        if not request.validate_only:
+            budgets = await self._store.delete_budgets(profile_id)
+            log_deleted(f"{budgets} budgets (its {entries} cost lines are kept)", True)
+        return costs_pb2.DeleteProfileResponse(
+            budgets=budgets, cost_entries_kept=entries, done=True
         )

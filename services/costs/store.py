@@ -389,6 +389,28 @@ class CostStore:
             (status,) = await _statuses(connection.fetch, profile_id, budget.period)
             return status
 
+    async def count_for_deletion(self, profile_id: str) -> tuple[int, int]:
+        """(budgets, cost lines) the profile holds."""
+        async with self._pool.transaction(profile_id, readonly=True) as connection:
+            row = await connection.fetchrow(
+                "SELECT (SELECT count(*) FROM costs.budgets WHERE profile_id = $1) AS budgets, "
+                "(SELECT count(*) FROM costs.entries WHERE profile_id = $1) AS entries",
+                profile_id,
+            )
+        return row["budgets"], row["entries"]
+
+    async def delete_budgets(self, profile_id: str) -> int:
+        """Deletes the profile's budgets and their crossings: how many budgets."""
+        async with self._pool.transaction(profile_id) as connection:
+            await connection.execute(
+                "DELETE FROM costs.budget_crossings WHERE profile_id = $1", profile_id
+            )
+            return await connection.fetchval(
+                "WITH deleted AS (DELETE FROM costs.budgets WHERE profile_id = $1 RETURNING 1) "
+                "SELECT count(*) FROM deleted",
+                profile_id,
+            )
+
     async def get_budget(self, profile_id: str, period: BudgetPeriod) -> BudgetStatus:
         statuses = await self.budget_statuses(profile_id, period)
         if not statuses:

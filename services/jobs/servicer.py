@@ -37,6 +37,7 @@ from services.runtime.fields import (
     timestamp_datetime,
     timestamp_message,
 )
+from services.runtime.lifecycle import EXPORT_PAGE_ROWS, delete_in_batches, log_deleted
 from services.runtime.page_tokens import decode_page_token, page_size
 from services.runtime.paging import encoded_page
 from services.runtime.turns import cpu_turn
@@ -355,6 +356,35 @@ class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     ) -> empty_pb2.Empty:
         await self._store.delete(require_profile_id(), parse_job_id(request.job_id))
         return empty_pb2.Empty()
+
+    async def ExportProfile(
+        self, request: jobs_pb2.ExportProfileRequest, context: ServicerContext
+    ) -> AsyncIterator[jobs_pb2.ExportProfileResponse]:
+        profile_id = require_profile_id()
+        after = None
+        while True:
+            jobs, more = await self._store.list(
+                profile_id, JobFilter(), EXPORT_PAGE_ROWS, after, max_bytes=self._reply_bytes
+            )
+            async with cpu_turn():
+                page = jobs_pb2.ExportProfileResponse(jobs=[job_message(job) for job in jobs])
+            yield page
+            if not more:
+                return
+            after = (jobs[-1].create_time, jobs[-1].job_id)
+
+    async def DeleteProfile(
+        self, request: jobs_pb2.DeleteProfileRequest, context: ServicerContext
+    ) -> jobs_pb2.DeleteProfileResponse:
+        profile_id = require_profile_id()
+        if request.validate_only:
+            count = await self._store.count(profile_id)
+            return jobs_pb2.DeleteProfileResponse(jobs=count, done=True)
+        deleted, done = await delete_in_batches(
+            lambda limit: self._store.delete_some(profile_id, limit)
+        )
+        log_deleted(f"{deleted} jobs", done)
+        return jobs_pb2.DeleteProfileResponse(jobs=deleted, done=done)
 
     async def LeaseJobs(
         self, request: jobs_pb2.LeaseJobsRequest, context: ServicerContext

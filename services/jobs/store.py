@@ -455,6 +455,31 @@ class JobStore:
         if deleted is None:
             raise _not_found(job_id)
 
+    async def count(self, profile_id: str) -> int:
+        """How many jobs the profile holds, whatever their status."""
+        async with self._pool.transaction(profile_id, readonly=True) as connection:
+            return await connection.fetchval(
+                "SELECT count(*) FROM jobs.jobs WHERE profile_id = $1", profile_id
+            )
+
+    async def delete_some(self, profile_id: str, limit: int) -> int:
+        """Deletes up to `limit` of the profile's jobs, whatever their status: how many. The
+        profile's turns in the work queue go at the next lease that finds them without work."""
+        async with self._pool.transaction(profile_id) as connection:
+            return await connection.fetchval(
+                """
+                WITH deleted AS (
+                    DELETE FROM jobs.jobs WHERE profile_id = $1 AND job_id IN (
+                        SELECT job_id FROM jobs.jobs WHERE profile_id = $1 LIMIT $2
+                    )
+                    RETURNING 1
+                )
+                SELECT count(*) FROM deleted
+                """,
+                profile_id,
+                limit,
+            )
+
     async def list(
         self,
         profile_id: str | None,

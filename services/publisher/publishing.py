@@ -39,6 +39,7 @@ from services.runtime.errors import (
     NotFound,
 )
 from services.runtime.fields import shifted_time
+from services.runtime.lifecycle import delete_in_batches
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,38 @@ class Publisher:
     async def delete_credentials(self, profile_id: str) -> None:
         await self._store.delete_credentials(profile_id)
         log.info("Postiz credentials deleted")
+
+    # A profile's lifecycle (operators)
+
+    async def export_pages(
+        self, profile_id: str, page_rows: int
+    ) -> AsyncIterator[tuple[StoredCredentials | None, list[Publication]]]:
+        """The credentials (in the first page only) and every publication, a page at a time."""
+        credentials = await self._store.get_credentials(profile_id)
+        after = ""
+        while True:
+            page = await self._store.publications_page(profile_id, after, page_rows + 1)
+            yield credentials, page[:page_rows]
+            if len(page) <= page_rows:
+                return
+            credentials, after = None, page[page_rows - 1].request_id
+
+    async def count_for_deletion(self, profile_id: str) -> tuple[int, int]:
+        """(credentials: 0 or 1, publications) the profile holds."""
+        return await self._store.count_for_deletion(profile_id)
+
+    async def delete_profile(self, profile_id: str) -> tuple[int, int, bool]:
+        """Deletes the credentials first (so that nothing more is published), then the
+        publications in batches: (credentials, publications deleted, whether none is left)."""
+        try:
+            await self._store.delete_credentials(profile_id)
+            credentials = 1
+        except NotFound:
+            credentials = 0
+        publications, done = await delete_in_batches(
+            lambda limit: self._store.delete_publications(profile_id, limit)
+        )
+        return credentials, publications, done
 
     async def _account(self, profile_id: str) -> PostizAccount:
         """The profile's Postiz account; FailedPrecondition when it has none."""

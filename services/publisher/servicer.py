@@ -15,9 +15,11 @@ from services.runtime.fields import (
     at_most,
     optional_datetime,
     struct_dict,
+    struct_message,
     text,
     timestamp_message,
 )
+from services.runtime.lifecycle import EXPORT_PAGE_ROWS, log_deleted
 from services.runtime.page_tokens import decode_page_token, page_size
 from services.runtime.paging import encoded_page
 
@@ -351,3 +353,34 @@ class PublisherServicer(publisher_pb2_grpc.PublisherServiceServicer):
             settings=_job_settings(request.settings),
         )
         return publication_message(publication)
+
+    async def ExportProfile(
+        self, request: publisher_pb2.ExportProfileRequest, context: ServicerContext
+    ) -> AsyncIterator[publisher_pb2.ExportProfileResponse]:
+        pages = self._publisher.export_pages(require_profile_id(), EXPORT_PAGE_ROWS)
+        async for credentials, publications in pages:
+            yield publisher_pb2.ExportProfileResponse(
+                credentials=None if credentials is None else credentials_message(credentials),
+                publications=[
+                    publisher_pb2.ExportedPublication(
+                        publication=publication_message(publication),
+                        postiz_request=struct_message(publication.postiz_request),
+                    )
+                    for publication in publications
+                ],
+            )
+
+    async def DeleteProfile(
+        self, request: publisher_pb2.DeleteProfileRequest, context: ServicerContext
+    ) -> publisher_pb2.DeleteProfileResponse:
+        profile_id = require_profile_id()
+        if request.validate_only:
+            credentials, publications = await self._publisher.count_for_deletion(profile_id)
+            return publisher_pb2.DeleteProfileResponse(
+                credentials=credentials, publications=publications, done=True
+            )
+        credentials, publications, done = await self._publisher.delete_profile(profile_id)
+        log_deleted(f"Postiz credentials ({credentials}) and {publications} publications", done)
+        return publisher_pb2.DeleteProfileResponse(
+            credentials=credentials, publications=publications, done=done
+        )

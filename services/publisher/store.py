@@ -195,6 +195,51 @@ class PublisherStore:
 
     # Publications
 
+    async def publications_page(
+        self, profile_id: str, after_request_id: str, limit: int
+    ) -> list[Publication]:
+        """Up to `limit` of the profile's publications, in request_id order after the one
+        given."""
+        async with self._pool.transaction(profile_id, readonly=True) as connection:
+            rows = await connection.fetch(
+                f"SELECT {_PUBLICATION_COLUMNS} FROM publisher.publications p "
+                "WHERE p.profile_id = $1 AND p.request_id > $2 ORDER BY p.request_id LIMIT $3",
+                profile_id,
+                after_request_id,
+                limit,
+            )
+        return [_publication(row) for row in rows]
+
+    async def count_for_deletion(self, profile_id: str) -> tuple[int, int]:
+        """(credentials: 0 or 1, publications) the profile holds."""
+        async with self._pool.transaction(profile_id, readonly=True) as connection:
+            row = await connection.fetchrow(
+                "SELECT (SELECT count(*) FROM publisher.postiz_credentials WHERE profile_id = $1)"
+                " AS credentials, "
+                "(SELECT count(*) FROM publisher.publications WHERE profile_id = $1)"
+                " AS publications",
+                profile_id,
+            )
+        return row["credentials"], row["publications"]
+
+    async def delete_publications(self, profile_id: str, limit: int) -> int:
+        """Deletes up to `limit` of the profile's publications with their attempts: how many."""
+        async with self._pool.transaction(profile_id) as connection:
+            return await connection.fetchval(
+                """
+                WITH deleted AS (
+                    DELETE FROM publisher.publications WHERE profile_id = $1 AND request_id IN (
+                        SELECT request_id FROM publisher.publications WHERE profile_id = $1
+                        LIMIT $2
+                    )
+                    RETURNING 1
+                )
+                SELECT count(*) FROM deleted
+                """,
+                profile_id,
+                limit,
+            )
+
     async def get_publication(self, profile_id: str, request_id: str) -> Publication | None:
         async with self._pool.transaction(profile_id, readonly=True) as connection:
             row = await connection.fetchrow(

@@ -90,6 +90,9 @@ class ServiceDefinition:
     # x-profile-id), and those a worker may call for the profile of a job it holds.
     worker_leases: tuple[str, ...] = ()
     worker_updates: tuple[str, ...] = ()
+    # RPC names an operator calls for one profile (x-profile-id): operator scope only, each
+    # call logged with who made it.
+    profile_lifecycle: tuple[str, ...] = ("ExportProfile", "DeleteProfile")
     # True while the service still takes writes with its database unreachable (Costs, while
     # its spool has room): its health then stays SERVING, so callers keep sending them.
     accepts_writes_without_database: Callable[[], bool] = lambda: False
@@ -109,6 +112,10 @@ class ServiceDefinition:
     @property
     def worker_methods(self) -> frozenset[str]:
         return self._methods(self.worker_leases, self.worker_updates)
+
+    @property
+    def operator_methods(self) -> frozenset[str]:
+        return self._methods(self.profile_lifecycle)
 
     @property
     def default_metrics_port(self) -> int:
@@ -150,6 +157,7 @@ def suite_interceptor(
     shares: ProfileLimits | None = None,
     worker_methods: frozenset[str] = frozenset(),
     traced: bool = False,
+    operator_methods: frozenset[str] = frozenset(),
 ) -> InterceptorChain:
     """The suite's work around every handler, outermost first; `shares` as profile_shares
     makes them (no limits without)."""
@@ -159,6 +167,7 @@ def suite_interceptor(
             cross_profile_methods,
             access_log,
             worker_methods=worker_methods,
+            operator_methods=operator_methods,
             **(shares._asdict() if shares else {}),
         ),
         *inner_server_interceptors(traced),
@@ -365,6 +374,7 @@ async def start_service(
         profile_shares(settings),
         definition.worker_methods,
         traced,
+        definition.operator_methods,
     )
     server, handlers = new_server(
         interceptor, server_options(settings), settings.grpc_max_concurrent_rpcs or None, traced

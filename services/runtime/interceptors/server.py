@@ -15,7 +15,8 @@ reflection are exempt so that probes and `grpcurl list` need no profile. The ser
 cross-profile calls take no profile: its reads only an operator may call, and an operator
 nothing else; its work queue (LeaseJobs) only a pipeline worker, which may then call, for a
 job's profile, only the methods it acts on the jobs it holds with (UpdateJob, with the lease
-the database checks).
+the database checks). A profile's lifecycle (ExportProfile, DeleteProfile) is for operators
+only, for the profile its x-profile-id names, each call logged with who made it.
 """
 
 import asyncio
@@ -177,12 +178,14 @@ class ProfileInterceptor(WrappingInterceptor):
         streams: ProfileShares | None = None,
         byte_rates: ProfileByteRates | None = None,
         call_rates: ProfileCallRates | None = None,
+        operator_methods: frozenset[str] = frozenset(),
     ) -> None:
         if access_log not in ACCESS_LOG_MODES:
             raise ValueError(f"access_log must be one of {', '.join(ACCESS_LOG_MODES)}")
         self._authorize = authorize
         self._cross_profile_methods = cross_profile_methods
         self._worker_methods = worker_methods
+        self._operator_methods = operator_methods
         self._log_every_call = access_log == ACCESS_LOG_ALL
         self._slow_call_seconds = slow_call_seconds
         self.calls = calls or ProfileShares(0)
@@ -204,6 +207,7 @@ class ProfileInterceptor(WrappingInterceptor):
             None if handler.response_streaming else self._slow_call_seconds,
             self.streams if handler.response_streaming else self.calls,
             for_workers=method in self._worker_methods,
+            for_operators=method in self._operator_methods,
         )
         return _wrap_handler(handler, pipeline, self.turns, self.byte_rates, self.call_rates)
 
@@ -217,6 +221,7 @@ class _CallPipeline:
         "_log_every_call",
         "_slow_seconds",
         "cross_profile",
+        "for_operators",
         "for_workers",
         "method",
         "metrics",
@@ -233,9 +238,11 @@ class _CallPipeline:
         slow_seconds: float | None = None,
         shares: ProfileShares | None = None,
         for_workers: bool = False,
+        for_operators: bool = False,
     ) -> None:
         self.method = method
         self.for_workers = for_workers
+        self.for_operators = for_operators
         self.metrics = metrics
         self._authorize = authorize
         self.cross_profile = cross_profile
@@ -252,6 +259,11 @@ class _CallPipeline:
         caller = self._authorize(profile_id, context, self.method)
         self._check_scope(caller)
         if profile_id is not None:
+            if self.for_operators:
+                who = ANONYMOUS_CROSS_PROFILE.subject if caller is None else caller.subject
+                operator_log.info(
+                    "operator %s calls %s for profile %s", who, self.method, profile_id
+                )
             return CallScope(profile_id, context.time_remaining(), caller), profile_id
         assert caller is not None  # _check_scope refuses a cross-profile call without one
         scope = CallScope(None, context.time_remaining(), caller)
@@ -271,10 +283,18 @@ class _CallPipeline:
         self.end(context, *status_for(error), started)
 
     def _check_scope(self, caller: Caller | None) -> None:
-        """Operator scope is for the cross-profile reads, and only for them; worker scope for
-        the work queue's methods, and only for them."""
+        """Operator scope is for the cross-profile reads and a profile's lifecycle, and only
+        for them; worker scope for the work queue's methods, and only for them. With nobody to
+        prove (AUTH_MODE=none) anyone may call either."""
         operator = caller is not None and caller.operator
         worker = caller is not None and caller.worker
+        if self.for_operators:
+            if caller is not None and not operator:
+                raise errors.PermissionDenied(
+                    f"{self.method} acts on a profile's whole data: it needs a token with "
+                    "scope operator"
+                )
+            return
         if self.cross_profile:
             if self.for_workers and not worker:
                 raise errors.PermissionDenied(
@@ -295,7 +315,8 @@ class _CallPipeline:
                 + (
                     "a worker leases jobs (LeaseJobs) and updates the jobs it holds"
                     if worker
-                    else "an operator token may call only the cross-profile reads"
+                    else "an operator token may call only the cross-profile reads and a "
+                    "profile's ExportProfile and DeleteProfile"
                 )
             )
 
