@@ -15,12 +15,16 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import pytest
+from jobs.v1 import jobs_pb2, jobs_pb2_grpc
 
+from services.jobs.service import JOBS
 from services.publisher.fake_postiz import serve_fake_postiz
 from services.runtime.local_suite import SAMPLE_VIDEO
 from services.runtime.server import RunningService
-from tests.conftest import REPO, new_profile_id
+from services.runtime.settings import Settings
+from tests.conftest import REPO, new_profile_id, running, settings_for, signed_in
 
 README = REPO / "README.md"
 
@@ -32,8 +36,9 @@ def shell_blocks(after: str, count: int) -> list[str]:
     return re.findall(r"```sh\n(.*?)```", text[start:], re.DOTALL)[:count]
 
 
-async def run_blocks(blocks: list[str], replacements: dict[str, str]) -> str:
-    """The blocks run one after the other in one bash, from the repository's root."""
+async def run_blocks(blocks: list[str], replacements: dict[str, str], cwd: Path = REPO) -> str:
+    """The blocks run one after the other in one bash, from the repository's root unless
+    another directory is given."""
     script = "\n".join(blocks)
     for old, new in replacements.items():
         script = script.replace(old, new)
@@ -43,7 +48,7 @@ async def run_blocks(blocks: list[str], replacements: dict[str, str]) -> str:
         "pipefail",
         "-c",
         script,
-        cwd=REPO,
+        cwd=cwd,
         env=os.environ | {"PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}"},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
@@ -130,3 +135,53 @@ async def test_the_publishers_walkthrough_runs_as_written(
     assert '"api_key_fingerprint": "sha256:' in output
     assert '"state": "PUBLICATION_STATE_ACCEPTED"' in output
     assert '"publication": {' in output  # written back into the job's result
+
+
+def _jwt_jobs_settings(database_url: str, public_keys: Path) -> Settings:
+    """Jobs as the manifests configure it: ES256 public keys, their audience and issuer."""
+    return settings_for(
+        database_url,
+        auth_mode="jwt",
+        auth_jwt_public_key=str(public_keys),
+        auth_jwt_audience="jobs.v1.JobService",
+        auth_jwt_issuer="video-pipeline",
+    )
+
+
+async def test_the_token_examples_run_as_written(database_url, tmp_path):
+    """The keys block makes a key pair and a token and calls with it; the operator's block
+    mints an operator token with the same key and reads across profiles. The services start
+    once the block has made their public keys (where the block's `kubectl` line would hand
+    them to a cluster, which is the one line not run)."""
+    profile_id = new_profile_id()
+    (keys,) = shell_blocks("**Keys stay with whoever mints.**", 1)
+    (operator,) = shell_blocks("**Operator scope.**", 1)
+    before, kubectl, after = re.split(r"^(kubectl .*)$", keys, maxsplit=1, flags=re.M)
+    assert "create configmap auth-jwt" in kubectl
+    await run_blocks([before], {}, cwd=tmp_path)
+    async with running(
+        JOBS, _jwt_jobs_settings(database_url, tmp_path / "public-keys.json")
+    ) as jobs:
+        target = {"localhost:50051": f"127.0.0.1:{jobs.port}", "store-1": profile_id}
+        output = await run_blocks([after, operator], target, cwd=tmp_path)
+    assert output.count(f'"profile_id": "{profile_id}"') == 2  # made, then listed by the operator
+    assert (tmp_path / "token-key-1.pem").stat().st_mode & 0o777 == 0o600
+
+
+async def test_the_dev_overlays_token_example_is_accepted_by_the_dev_overlays_keys(
+    database_url,
+):
+    """The dev overlay's signing key, as the README mints with it, makes tokens the public
+    keys the overlay gives its services accept."""
+    (mint,) = shell_blocks("The dev overlay gives the services", 1)
+    profile_id = new_profile_id()
+    token = (await run_blocks([mint], {"store-1": profile_id})).strip()
+    public_keys = REPO / "deploy/k8s/overlays/dev/auth-jwt-dev-public-keys.json"
+    async with (
+        running(JOBS, _jwt_jobs_settings(database_url, public_keys)) as jobs,
+        grpc.aio.insecure_channel(f"127.0.0.1:{jobs.port}") as channel,
+    ):
+        listed = await jobs_pb2_grpc.JobServiceStub(channel).ListJobs(
+            jobs_pb2.ListJobsRequest(), metadata=signed_in(profile_id, token)
+        )
+    assert list(listed.jobs) == []
