@@ -9,34 +9,54 @@ output.
 """
 
 import asyncio
+import json
 import os
 import re
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import grpc
 import pytest
 from jobs.v1 import jobs_pb2, jobs_pb2_grpc
 
+import suite_client
+from services.costs.service import costs_definition
 from services.jobs.service import JOBS
 from services.publisher.fake_postiz import serve_fake_postiz
+from services.publisher.service import publisher_definition
 from services.runtime.local_suite import SAMPLE_VIDEO
 from services.runtime.server import RunningService
 from services.runtime.settings import Settings
-from tests.conftest import REPO, new_profile_id, running, settings_for, signed_in
+from tests.conftest import (
+    REPO,
+    new_profile_id,
+    publisher_config,
+    running,
+    settings_for,
+    signed_in,
+)
+
+COSTS_SERVICE, PUBLISHER_SERVICE = suite_client.COSTS_SERVICE, suite_client.PUBLISHER_SERVICE
 
 README = REPO / "README.md"
+OPERATIONS = REPO / "docs/operations.md"
 
 
-def shell_blocks(after: str, count: int) -> list[str]:
-    """The first `count` ```sh blocks of the README after the line `after` starts."""
-    text = README.read_text()
+def shell_blocks(after: str, count: int, document: Path = README) -> list[str]:
+    """The first `count` ```sh blocks of the document after the line `after` starts."""
+    text = document.read_text()
     start = text.index(after)
     return re.findall(r"```sh\n(.*?)```", text[start:], re.DOTALL)[:count]
 
 
-async def run_blocks(blocks: list[str], replacements: dict[str, str], cwd: Path = REPO) -> str:
+async def run_blocks(
+    blocks: list[str],
+    replacements: dict[str, str],
+    cwd: Path = REPO,
+    env: dict[str, str] | None = None,
+) -> str:
     """The blocks run one after the other in one bash, from the repository's root unless
     another directory is given."""
     script = "\n".join(blocks)
@@ -49,7 +69,7 @@ async def run_blocks(blocks: list[str], replacements: dict[str, str], cwd: Path 
         "-c",
         script,
         cwd=cwd,
-        env=os.environ | {"PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}"},
+        env=os.environ | {"PATH": f"{REPO / '.venv/bin'}:{os.environ['PATH']}"} | (env or {}),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
@@ -137,35 +157,65 @@ async def test_the_publishers_walkthrough_runs_as_written(
     assert '"publication": {' in output  # written back into the job's result
 
 
-def _jwt_jobs_settings(database_url: str, public_keys: Path) -> Settings:
-    """Jobs as the manifests configure it: ES256 public keys, their audience and issuer."""
+def _jwt_settings(
+    database_url: str, public_keys: Path, audience: str = "jobs.v1.JobService"
+) -> Settings:
+    """A service as the manifests configure it: ES256 public keys, its audience, the issuer."""
     return settings_for(
         database_url,
         auth_mode="jwt",
         auth_jwt_public_key=str(public_keys),
-        auth_jwt_audience="jobs.v1.JobService",
+        auth_jwt_audience=audience,
         auth_jwt_issuer="video-pipeline",
     )
 
 
-async def test_the_token_examples_run_as_written(database_url, tmp_path):
-    """The keys block makes a key pair and a token and calls with it; the operator's block
-    mints an operator token with the same key and reads across profiles. The services start
-    once the block has made their public keys (where the block's `kubectl` line would hand
-    them to a cluster, which is the one line not run)."""
+@asynccontextmanager
+async def jwt_suite(
+    database_url: str, public_keys: Path, spool: Path
+) -> AsyncIterator[tuple[RunningService, RunningService, RunningService]]:
+    """The three services with AUTH_MODE=jwt, checking tokens with `public_keys`."""
+    async with running(JOBS, _jwt_settings(database_url, public_keys)) as jobs:
+        costs = costs_definition(spool_path=spool)
+        publisher = publisher_definition(publisher_config(jobs))
+        async with (
+            running(costs, _jwt_settings(database_url, public_keys, COSTS_SERVICE)) as costs,
+            running(
+                publisher, _jwt_settings(database_url, public_keys, PUBLISHER_SERVICE)
+            ) as publisher,
+        ):
+            yield jobs, costs, publisher
+
+
+async def test_the_token_and_profile_examples_run_as_written(database_url, tmp_path):
+    """The README's keys block makes a key pair and a token and calls with it; its operator's
+    block mints an operator token with the same key and reads across profiles; then
+    docs/operations.md's block exports and deletes the profile with suitectl. The services
+    start once the keys block has made their public keys (where its `kubectl` line would
+    hand them to a cluster, the one line not run)."""
     profile_id = new_profile_id()
     (keys,) = shell_blocks("**Keys stay with whoever mints.**", 1)
     (operator,) = shell_blocks("**Operator scope.**", 1)
+    (lifecycle,) = shell_blocks("## A profile's data", 1, OPERATIONS)
     before, kubectl, after = re.split(r"^(kubectl .*)$", keys, maxsplit=1, flags=re.M)
     assert "create configmap auth-jwt" in kubectl
     await run_blocks([before], {}, cwd=tmp_path)
-    async with running(
-        JOBS, _jwt_jobs_settings(database_url, tmp_path / "public-keys.json")
-    ) as jobs:
-        target = {"localhost:50051": f"127.0.0.1:{jobs.port}", "store-1": profile_id}
-        output = await run_blocks([after, operator], target, cwd=tmp_path)
-    assert output.count(f'"profile_id": "{profile_id}"') == 2  # made, then listed by the operator
+    suite = jwt_suite(database_url, tmp_path / "public-keys.json", tmp_path / "spool.jsonl")
+    async with suite as (jobs, costs, publisher):
+        replacements = ports(jobs, costs, publisher) | {"store-1": profile_id}
+        targets = {
+            "JOBS_TARGET": replacements["localhost:50051"],
+            "COSTS_TARGET": replacements["localhost:50052"],
+            "PUBLISHER_TARGET": replacements["localhost:50053"],
+        }
+        made = await run_blocks([after, operator], replacements, cwd=tmp_path)
+        deleted = await run_blocks([lifecycle], replacements, cwd=tmp_path, env=targets)
+    assert made.count(f'"profile_id": "{profile_id}"') == 2  # made, then listed by the operator
     assert (tmp_path / "token-key-1.pem").stat().st_mode & 0o777 == 0o600
+    [exported] = (tmp_path / f"{profile_id}.jsonl").read_text().splitlines()
+    assert json.loads(exported)["record"]["profile_id"] == profile_id
+    counts = re.findall(r"^jobs +jobs +(\d+)$", deleted, re.M)
+    assert counts == ["1", "1", "1"]  # the dry run, then what was there and was deleted
 
 
 async def test_the_dev_overlays_token_example_is_accepted_by_the_dev_overlays_keys(
@@ -178,7 +228,7 @@ async def test_the_dev_overlays_token_example_is_accepted_by_the_dev_overlays_ke
     token = (await run_blocks([mint], {"store-1": profile_id})).strip()
     public_keys = REPO / "deploy/k8s/overlays/dev/auth-jwt-dev-public-keys.json"
     async with (
-        running(JOBS, _jwt_jobs_settings(database_url, public_keys)) as jobs,
+        running(JOBS, _jwt_settings(database_url, public_keys)) as jobs,
         grpc.aio.insecure_channel(f"127.0.0.1:{jobs.port}") as channel,
     ):
         listed = await jobs_pb2_grpc.JobServiceStub(channel).ListJobs(
