@@ -27,13 +27,18 @@ class HotCall:
 
 
 async def hot_calls(
-    jobs_channel: grpc.aio.Channel, costs_channel: grpc.aio.Channel
+    jobs_channel: grpc.aio.Channel | None, costs_channel: grpc.aio.Channel | None
 ) -> list[HotCall]:
-    jobs = jobs_pb2_grpc.JobServiceStub(jobs_channel)
-    costs = costs_pb2_grpc.CostServiceStub(costs_channel)
-    await costs.SetBudget(
-        costs_pb2.SetBudgetRequest(period=costs_pb2.MONTHLY, limit_usd="100"), metadata=PROFILE
-    )
+    """The calls of the services whose channels are given (None: a service not running)."""
+    calls = []
+    if jobs_channel is not None:
+        calls += await _jobs_calls(jobs_pb2_grpc.JobServiceStub(jobs_channel))
+    if costs_channel is not None:
+        calls += await _costs_calls(costs_pb2_grpc.CostServiceStub(costs_channel))
+    return calls
+
+
+async def _jobs_calls(jobs: jobs_pb2_grpc.JobServiceStub) -> list[HotCall]:
 
     def create() -> Awaitable[jobs_pb2.Job]:
         request = jobs_pb2.CreateJobRequest(job=jobs_pb2.Job(kind="render"))
@@ -49,6 +54,27 @@ async def hot_calls(
     update = jobs_pb2.UpdateJobRequest(
         job=jobs_pb2.Job(job_id=job_id, progress=50),
         update_mask=field_mask_pb2.FieldMask(paths=["progress"]),
+    )
+
+    get = jobs_pb2.GetJobRequest(job_id=job_id)
+    return [
+        HotCall("CreateJob", "jobs", create),
+        HotCall("GetJob", "jobs", lambda: jobs.GetJob(get, metadata=PROFILE)),
+        HotCall("UpdateJob", "jobs", lambda: jobs.UpdateJob(update, metadata=PROFILE)),
+        HotCall(
+            "CancelJob",
+            "jobs",
+            lambda: jobs.CancelJob(
+                jobs_pb2.CancelJobRequest(job_id=to_cancel.pop()), metadata=PROFILE
+            ),
+            make_cancellable,
+        ),
+    ]
+
+
+async def _costs_calls(costs: costs_pb2_grpc.CostServiceStub) -> list[HotCall]:
+    await costs.SetBudget(
+        costs_pb2.SetBudgetRequest(period=costs_pb2.MONTHLY, limit_usd="100"), metadata=PROFILE
     )
 
     def record_tts() -> Awaitable[object]:
@@ -72,19 +98,7 @@ async def hot_calls(
 
     check = costs_pb2.CheckBudgetRequest(estimated_cost_usd="0.01")
     budget = costs_pb2.GetBudgetRequest(period=costs_pb2.MONTHLY)
-    get = jobs_pb2.GetJobRequest(job_id=job_id)
     return [
-        HotCall("CreateJob", "jobs", create),
-        HotCall("GetJob", "jobs", lambda: jobs.GetJob(get, metadata=PROFILE)),
-        HotCall("UpdateJob", "jobs", lambda: jobs.UpdateJob(update, metadata=PROFILE)),
-        HotCall(
-            "CancelJob",
-            "jobs",
-            lambda: jobs.CancelJob(
-                jobs_pb2.CancelJobRequest(job_id=to_cancel.pop()), metadata=PROFILE
-            ),
-            make_cancellable,
-        ),
         HotCall("RecordElevenLabsTTS", "costs", record_tts),
         HotCall("RecordGeminiUsage", "costs", record_gemini),
         HotCall("CheckBudget", "costs", lambda: costs.CheckBudget(check, metadata=PROFILE)),

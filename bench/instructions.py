@@ -1,6 +1,6 @@
-"""`python -m bench.instructions [--calls N] [--services-from PATH] [--noop-only]`: server
-instructions per call of each hot call, counted by valgrind's callgrind: a figure that does
-not move with the machine's speed or load, unlike microseconds.
+"""`python -m bench.instructions [--calls N] [--services-from PATH] [--noop-only]
+[--only NAME ...]`: server instructions per call of each hot call, counted by valgrind's
+callgrind: a figure that does not move with the machine's speed or load, unlike microseconds.
 
 Jobs, Costs and the no-op gRPC servers (without and with the interceptor; behind it, a call
 refused past its profile's call rate, untraced and traced) run under callgrind,
@@ -9,7 +9,8 @@ N calls made and the counters dumped, then again for 2N calls: (I(2N) - I(N)) / 
 call costs, whatever a window costs besides (the dump itself, timers). Every thread of the
 server process counts (gRPC's own included). `--services-from` runs the servers from another
 checkout of the repository (the same database and calls), to measure before and after a change
-in one session.
+in one session. `--only` measures just the rows whose names contain one of the words given
+(case-insensitive), and starts only the servers they need.
 """
 
 import argparse
@@ -109,9 +110,31 @@ async def _traced(
         await process.wait()
 
 
+NOOP_ROWS = (
+    ("no-op gRPC", []),
+    ("no-op gRPC + interceptor", ["--interceptor"]),
+    ("no-op refused (call rate)", ["--interceptor", "--refuse"]),
+    ("no-op refused, traced", ["--interceptor", "--refuse", "--traced"]),
+)
+HOT_ROWS = {
+    "jobs": ("CreateJob", "GetJob", "UpdateJob", "CancelJob"),
+    "costs": ("RecordElevenLabsTTS", "RecordGeminiUsage", "CheckBudget", "GetBudget"),
+}
+
+
+def _chosen(name: str, only: list[str]) -> bool:
+    """Whether row `name` is measured: every row without `--only`."""
+    return not only or any(word.lower() in name.lower() for word in only)
+
+
 async def measure(
-    database_url: str, calls: int, services_from: Path, noop_only: bool = False
+    database_url: str,
+    calls: int,
+    services_from: Path,
+    noop_only: bool = False,
+    only: list[str] | None = None,
 ) -> list[Figure]:
+    only = only or []
     common = {
         "DATABASE_URL": database_url,
         "GRPC_HOST": "127.0.0.1",
@@ -126,6 +149,8 @@ async def measure(
         servers = {}
         services = () if noop_only else (("jobs", "services.jobs"), ("costs", "services.costs"))
         for name, module in services:
+            if not any(_chosen(row, only) for row in HOT_ROWS[name]):
+                continue
             env = common | {"GRPC_PORT": str(free_port())}
             if name == "costs":
                 spool = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "spool.jsonl"
@@ -133,17 +158,16 @@ async def measure(
             servers[name] = await stack.enter_async_context(
                 _traced(stack, name, ["-m", module], env, services_from)
             )
-        for hot in [] if noop_only else await _hot_calls(servers):
+        for hot in await _hot_calls(servers):
+            if not _chosen(hot.name, only):
+                continue
             if hot.prepare is not None:
                 await hot.prepare(WARM_UP + 3 * calls)
             traced = servers[hot.service][0]
             figures.append(Figure(hot.name, await traced.per_call(calls, hot.call)))
-        for name, flags in (
-            ("no-op gRPC", []),
-            ("no-op gRPC + interceptor", ["--interceptor"]),
-            ("no-op refused (call rate)", ["--interceptor", "--refuse"]),
-            ("no-op refused, traced", ["--interceptor", "--refuse", "--traced"]),
-        ):
+        for name, flags in NOOP_ROWS:
+            if not _chosen(name, only):
+                continue
             port = str(free_port())
             arguments = ["-m", "bench.noop_server", port, *flags]
             env = common | {"GRPC_PORT": port}
@@ -166,17 +190,22 @@ async def measure(
 
 
 async def _hot_calls(servers: dict) -> list:
-    await serving(servers["jobs"][1], STARTUP_SECONDS)
-    await serving(servers["costs"][1], STARTUP_SECONDS)
-    return await hot_calls(servers["jobs"][1], servers["costs"][1])
+    channels = {}
+    for name in ("jobs", "costs"):
+        if name in servers:
+            channels[name] = servers[name][1]
+            await serving(channels[name], STARTUP_SECONDS)
+    if not channels:
+        return []
+    return await hot_calls(channels.get("jobs"), channels.get("costs"))
 
 
-async def _run(calls: int, services_from: Path, noop_only: bool) -> list[Figure]:
+async def _run(calls: int, services_from: Path, noop_only: bool, only: list[str]) -> list[Figure]:
     admin_url = os.environ.get("DATABASE_URL") or start_embedded_postgres(
         REPO / ".data/bench-postgres"
     )
     async with scratch_database(admin_url, "instructions") as url:
-        return await measure(url, calls, services_from, noop_only)
+        return await measure(url, calls, services_from, noop_only, only)
 
 
 def main(argv: list[str]) -> int:
@@ -193,8 +222,15 @@ def main(argv: list[str]) -> int:
         action="store_true",
         help="only the no-op rows (the interceptor's own cost, served, refused, traced)",
     )
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="only the rows whose names contain NAME (repeatable; e.g. GetJob, interceptor)",
+    )
     args = parser.parse_args(argv)
-    figures = uvloop.run(_run(args.calls, args.services_from.resolve(), args.noop_only))
+    figures = uvloop.run(_run(args.calls, args.services_from.resolve(), args.noop_only, args.only))
     print(f"{'operation':<28} {'server instructions/call':>24}")
     for figure in figures:
         print(f"{figure.operation:<28} {figure.instructions_per_call:>24,.0f}")
