@@ -6,7 +6,7 @@ import enum
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from services.runtime.errors import InvalidArgument
 
@@ -29,8 +29,12 @@ TERMINAL_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.
 UPDATABLE_FIELDS = ("status", "progress", "message", "data", "result", "error")
 
 
-@dataclass(frozen=True, slots=True)
-class Document:
+# A Job, and the parts it is made of, are named tuples: immutable as a frozen dataclass is,
+# and made in a fraction of its CPU (a frozen dataclass sets each field through
+# object.__setattr__), which counts on every call that returns a job.
+
+
+class Document(NamedTuple):
     """A job's `data` or `result`: a JSON object, and the protobuf Struct bytes it travels as.
 
     A reply is built from the bytes when they are known: protobuf's own conversion of a dict
@@ -47,8 +51,7 @@ class Document:
 EMPTY_DOCUMENT = Document(values={}, encoded=b"")
 
 
-@dataclass(frozen=True, slots=True)
-class Schedule:
+class Schedule(NamedTuple):
     """When and in what order a job is leased (LeaseJobs), and how many leases it may have."""
 
     run_after: datetime | None = None
@@ -56,8 +59,7 @@ class Schedule:
     max_attempts: int = 5
 
 
-@dataclass(frozen=True, slots=True)
-class Lease:
+class Lease(NamedTuple):
     """The lease a job is held under. `lease_id`, the holder's proof, is known only to
     LeaseJobs' reply."""
 
@@ -66,8 +68,7 @@ class Lease:
     lease_id: uuid.UUID | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Attempt:
+class Attempt(NamedTuple):
     """One lease of a job, as its history keeps it."""
 
     attempt: int
@@ -102,8 +103,7 @@ class HeldLease:
     attempt: int
 
 
-@dataclass(frozen=True, slots=True)
-class Job:
+class Job(NamedTuple):
     job_id: uuid.UUID
     profile_id: str
     kind: str

@@ -69,13 +69,17 @@ def _attempt(entry: dict[str, Any]) -> Attempt:
     )
 
 
+# A row's status as its JobStatus: a lookup, where JobStatus(value) runs Python per call.
+_STATUSES = {status.value: status for status in JobStatus}
+
+
 def _job(row: asyncpg.Record, lease_id: uuid.UUID | None = None) -> Job:
     expire_time = row["lease_expire_time"]
     return Job(
         job_id=row["job_id"],
         profile_id=row["profile_id"],
         kind=row["kind"],
-        status=JobStatus(row["status"]),
+        status=_STATUSES[row["status"]],
         progress=row["progress"],
         message=row["message"],
         data=Document(row["data"], row["data_pb"]),
