@@ -222,6 +222,8 @@ class JobWatchHub(Generic[Reply]):
         self._listener = connection
 
     def _on_notification(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        if not self._watched:  # every change of every job comes here: read none unwatched
+            return
         change = json.loads(payload)
         self._changed((change["profile_id"], uuid.UUID(change["job_id"])), change["deleted"])
 
