@@ -235,7 +235,7 @@ class CostStore:
                     catalog.version,
                     _priced_batch(lines, catalog),
                     whole_rows,
-                    *_period_days(datetime.now(UTC)),
+                    *_period_days(_period_bounds(datetime.now(UTC))),
                 )
                 break
             except asyncpg.PostgresError as error:
@@ -436,13 +436,12 @@ async def _statuses(
 ) -> list[BudgetStatus]:
     """The profile's budgets and their spend now, read by costs.budget_statuses through
     `fetch` (one statement on its own, or one of a transaction's)."""
-    now = datetime.now(UTC)
-    bounds = {p: p.bounds(now) for p in BudgetPeriod}
+    bounds = _period_bounds(datetime.now(UTC))
     rows = await fetch(
         "SELECT * FROM costs.budget_statuses($1, $2, $3, $4, $5, $6)",
         profile_id,
         None if period is None else str(period),
-        *_period_days(now),
+        *_period_days(bounds),
     )
     statuses = []
     for row in rows:
@@ -451,17 +450,25 @@ async def _statuses(
     return statuses
 
 
-def _period_days(now: datetime) -> tuple[date, date, date, date]:
+def _period_bounds(now: datetime) -> dict[BudgetPeriod, tuple[datetime, datetime]]:
+    """Each period's current [start, end) (BudgetPeriod.bounds), worked out once a call."""
+    return {period: period.bounds(now) for period in BudgetPeriod}
+
+
+def _period_days(bounds: dict[BudgetPeriod, tuple[datetime, datetime]]) -> tuple[date, ...]:
     """The current daily and monthly periods as [start, end) days: the bounds the schema's
-    budget functions take (BudgetPeriod.bounds, UTC)."""
-    daily = BudgetPeriod.DAILY.bounds(now)
-    monthly = BudgetPeriod.MONTHLY.bounds(now)
+    budget functions take (UTC)."""
+    daily, monthly = bounds[BudgetPeriod.DAILY], bounds[BudgetPeriod.MONTHLY]
     return daily[0].date(), daily[1].date(), monthly[0].date(), monthly[1].date()
+
+
+# A row's period as its BudgetPeriod: a lookup, where BudgetPeriod(value) runs Python per call.
+_PERIODS = {period.value: period for period in BudgetPeriod}
 
 
 def _budget(row: asyncpg.Record) -> Budget:
     return Budget(
-        period=BudgetPeriod(row["period"]),
+        period=_PERIODS[row["period"]],
         limit_usd=row["limit_usd"],
         alert_thresholds=tuple(row["alert_thresholds"]),
     )
