@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from services.runtime.errors import InvalidArgument
 
@@ -81,8 +81,12 @@ class Catalog:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class AppliedPrice:
+# What each call makes several of (a price applied per usage type, the pricing, the entry, a
+# budget's status) are named tuples: immutable as a frozen dataclass is, and made in a
+# fraction of its CPU (a frozen dataclass sets each field through object.__setattr__).
+
+
+class AppliedPrice(NamedTuple):
     usage_type: str
     quantity: Decimal
     unit_price_usd: Decimal
@@ -112,8 +116,7 @@ class AppliedPrice:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class Pricing:
+class Pricing(NamedTuple):
     cost_usd: Decimal
     priced: bool
     applied_prices: tuple[AppliedPrice, ...]
@@ -163,8 +166,7 @@ class UsageLine:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class CostEntry:
+class CostEntry(NamedTuple):
     entry_id: uuid.UUID
     request_id: str
     provider: str
@@ -466,8 +468,7 @@ class Budget:
         ]
 
 
-@dataclass(frozen=True, slots=True)
-class BudgetStatus:
+class BudgetStatus(NamedTuple):
     budget: Budget
     spent_usd: Decimal
     period_start: datetime
