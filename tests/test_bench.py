@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from bench.line_costs import VARIANTS
 from tests.conftest import REPO
 
 
@@ -78,3 +79,22 @@ async def test_input_costs_measures_the_value_budget_and_the_refusal():
     assert len(lines) == 5
     assert "240,000 empty lists" in lines[-1]
     assert lines[-1].endswith("refused")
+
+
+async def test_line_costs_measures_each_schema_variant(admin_database_url):
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.line_costs",
+        "--quick",
+        cwd=REPO,
+        env=os.environ | {"DATABASE_URL": admin_database_url},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), timeout=120)
+    assert process.returncode == 0, output.decode()
+    header, *rows = output.decode().splitlines()
+    assert header.split()[0] == "schema"
+    assert [row.rsplit(maxsplit=2)[0].strip() for row in rows] == list(VARIANTS)
+    assert all(row.endswith(" µs") for row in rows)
