@@ -17,10 +17,8 @@ turn, the other profiles run.
 
 import asyncio
 import contextlib
-from collections import deque
 from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar, Token
-from typing import Any
 
 # Outside a call (a test, a start-up task) there is nothing to share.
 _NO_TURN = contextlib.nullcontext()
@@ -32,78 +30,22 @@ def cpu_turn() -> AbstractAsyncContextManager:
     return _current_turn.get()
 
 
-def _done() -> asyncio.Future:
-    """A future that is already done (with None): awaiting it returns at once, in C."""
-    future = asyncio.Future(loop=asyncio.new_event_loop())
-    future.set_result(None)
-    future.get_loop().close()
-    return future
-
-
-_DONE = _done()
-
-
-class Turn:
-    """A profile's turn: a lock whose sections run one at a time, first come first served, as
-    with asyncio.Lock. A section that finds the turn free (nobody holds it, nobody waits) takes
-    it without a coroutine: `__aenter__` and `__aexit__` then return a future already done.
-    Most sections do: they do not yield while they hold the turn."""
-
-    __slots__ = ("_held", "_waiters")
-
-    def __init__(self) -> None:
-        self._held = False
-        self._waiters: deque[asyncio.Future[None]] = deque()
-
-    def __aenter__(self) -> Any:
-        if self._held or self._waiters:
-            return self._wait()
-        self._held = True
-        return _DONE
-
-    def __aexit__(self, *exc_info: object) -> Any:
-        self._held = False
-        if self._waiters:
-            self._wake_first()
-        return _DONE
-
-    async def _wait(self) -> None:
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            try:
-                await waiter
-            finally:
-                self._waiters.remove(waiter)
-        except asyncio.CancelledError:
-            if not self._held:
-                self._wake_first()  # the turn this waiter was woken for passes on
-            raise
-        self._held = True
-
-    def _wake_first(self) -> None:
-        """Wakes the oldest waiter, unless it is woken already (or cancelled: it then wakes
-        the next as it leaves)."""
-        if self._waiters and not self._waiters[0].done():
-            self._waiters[0].set_result(None)
-
-
 class ProfileTurns:
-    """One turn per profile with calls in flight; a profile's entry lives as long as it has a
-    call in `entered`."""
+    """One turn (a lock) per profile with calls in flight; a profile's entry lives as long as
+    it has a call in `entered`."""
 
     __slots__ = ("_turns",)
 
     def __init__(self) -> None:
-        # key → [its turn, calls that entered and have not left]
+        # key → [its lock, calls that entered and have not left]
         self._turns: dict[str, list] = {}
 
-    def enter(self, key: str) -> tuple[Turn, Token]:
+    def enter(self, key: str) -> tuple[asyncio.Lock, Token]:
         """The profile's turn, made the running call's `cpu_turn()` until `leave`, which the
         call must reach once with the token returned."""
         entry = self._turns.get(key)
         if entry is None:
-            entry = self._turns[key] = [Turn(), 0]
+            entry = self._turns[key] = [asyncio.Lock(), 0]
         entry[1] += 1
         return entry[0], _current_turn.set(entry[0])
 
