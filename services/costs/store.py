@@ -390,11 +390,14 @@ class CostStore:
             return status
 
     async def count_for_deletion(self, profile_id: str) -> tuple[int, int]:
-        """(budgets, cost lines) the profile holds."""
+        """(budgets, cost lines) the profile holds. The lines are counted from the daily
+        rollup, which counts every line as it is recorded: a row per day, model and job, not
+        per line, so the count stays quick for a profile with millions of lines."""
         async with self._pool.transaction(profile_id, readonly=True) as connection:
             row = await connection.fetchrow(
                 "SELECT (SELECT count(*) FROM costs.budgets WHERE profile_id = $1) AS budgets, "
-                "(SELECT count(*) FROM costs.entries WHERE profile_id = $1) AS entries",
+                "(SELECT coalesce(sum(line_count), 0)::bigint FROM costs.daily_costs "
+                "WHERE profile_id = $1) AS entries",
                 profile_id,
             )
         return row["budgets"], row["entries"]
