@@ -277,6 +277,18 @@ def costs_stub(costs_channel: grpc.aio.Channel) -> costs_pb2_grpc.CostServiceStu
     return costs_pb2_grpc.CostServiceStub(costs_channel)
 
 
+@pytest.fixture
+def targets(
+    jobs_service: RunningService, costs_service: RunningService, publisher_service: RunningService
+) -> list[str]:
+    """suitectl's options naming the three services."""
+    return [
+        f"--jobs-target=127.0.0.1:{jobs_service.port}",
+        f"--costs-target=127.0.0.1:{costs_service.port}",
+        f"--publisher-target=127.0.0.1:{publisher_service.port}",
+    ]
+
+
 def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromDatetime(value)

@@ -305,15 +305,6 @@ async def test_an_operators_deletion_is_logged_with_who_and_what(jwt_jobs_stub, 
     assert "operator test-caller deleted the profile's 2 jobs" in lines
 
 
-@pytest.fixture
-def targets(jobs_service, costs_service, publisher_service) -> list[str]:
-    return [
-        f"--jobs-target=127.0.0.1:{jobs_service.port}",
-        f"--costs-target=127.0.0.1:{costs_service.port}",
-        f"--publisher-target=127.0.0.1:{publisher_service.port}",
-    ]
-
-
 async def test_suitectl_exports_a_profile_as_json_lines(
     targets, jobs_stub, costs_stub, publisher_stub, fake_postiz, tmp_path
 ):

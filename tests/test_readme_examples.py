@@ -21,13 +21,12 @@ import grpc
 import pytest
 from jobs.v1 import jobs_pb2, jobs_pb2_grpc
 
-import suite_client
 from services.costs.service import costs_definition
 from services.jobs.service import JOBS
 from services.publisher.fake_postiz import serve_fake_postiz
 from services.publisher.service import publisher_definition
 from services.runtime.local_suite import SAMPLE_VIDEO
-from services.runtime.server import RunningService
+from services.runtime.server import RunningService, ServiceDefinition
 from services.runtime.settings import Settings
 from tests.conftest import (
     REPO,
@@ -37,8 +36,6 @@ from tests.conftest import (
     settings_for,
     signed_in,
 )
-
-COSTS_SERVICE, PUBLISHER_SERVICE = suite_client.COSTS_SERVICE, suite_client.PUBLISHER_SERVICE
 
 README = REPO / "README.md"
 OPERATIONS = REPO / "docs/operations.md"
@@ -158,14 +155,15 @@ async def test_the_publishers_walkthrough_runs_as_written(
 
 
 def _jwt_settings(
-    database_url: str, public_keys: Path, audience: str = "jobs.v1.JobService"
+    database_url: str, public_keys: Path, definition: ServiceDefinition = JOBS
 ) -> Settings:
-    """A service as the manifests configure it: ES256 public keys, its audience, the issuer."""
+    """A service as the manifests configure it: ES256 public keys, its own gRPC name as the
+    audience, the issuer."""
     return settings_for(
         database_url,
         auth_mode="jwt",
         auth_jwt_public_key=str(public_keys),
-        auth_jwt_audience=audience,
+        auth_jwt_audience=definition.grpc_service,
         auth_jwt_issuer="video-pipeline",
     )
 
@@ -179,12 +177,10 @@ async def jwt_suite(
         costs = costs_definition(spool_path=spool)
         publisher = publisher_definition(publisher_config(jobs))
         async with (
-            running(costs, _jwt_settings(database_url, public_keys, COSTS_SERVICE)) as costs,
-            running(
-                publisher, _jwt_settings(database_url, public_keys, PUBLISHER_SERVICE)
-            ) as publisher,
+            running(costs, _jwt_settings(database_url, public_keys, costs)) as costs_up,
+            running(publisher, _jwt_settings(database_url, public_keys, publisher)) as publisher_up,
         ):
-            yield jobs, costs, publisher
+            yield jobs, costs_up, publisher_up
 
 
 async def test_the_token_and_profile_examples_run_as_written(database_url, tmp_path):

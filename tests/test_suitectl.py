@@ -7,7 +7,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 from jobs.v1 import jobs_pb2
 from publisher.v1 import publisher_pb2
 
@@ -36,15 +35,6 @@ async def suitectl(*args: str, stdin: str = "", **env: str) -> Outcome:
     stdout, stderr = await asyncio.wait_for(process.communicate(stdin.encode()), 60)
     assert process.returncode is not None
     return Outcome(process.returncode, stdout.decode(), stderr.decode())
-
-
-@pytest.fixture
-def targets(jobs_service, costs_service, publisher_service) -> list[str]:
-    return [
-        f"--jobs-target=127.0.0.1:{jobs_service.port}",
-        f"--costs-target=127.0.0.1:{costs_service.port}",
-        f"--publisher-target=127.0.0.1:{publisher_service.port}",
-    ]
 
 
 async def test_help_names_every_command():
